@@ -1,0 +1,61 @@
+"""Chunk files on disk, named by the sha256 of their bytes.
+
+A chunk is written under `tmp/`, then renamed into `chunks/ab/abcdef...`:
+rename is atomic, so a reader (or a restart after `kill -9`) never sees a
+partial chunk. Identical bytes land on the same name and are stored once.
+All methods are synchronous; callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class ChunkStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._chunks = root / "chunks"
+        self._tmp = root / "tmp"
+        self._chunks.mkdir(parents=True, exist_ok=True)
+        # Left-overs of a crash are incomplete by definition: drop them.
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, digest: str) -> Path:
+        return self._chunks / digest[:2] / digest
+
+    def put(self, data: bytes) -> str:
+        """Store `data`; return its hex sha256 (its name)."""
+        digest = hashlib.sha256(data).hexdigest()
+        final = self.path_for(digest)
+        if final.exists():
+            return digest
+        final.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=digest[:16] + ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.rename(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest
+
+    def read(self, digest: str, offset: int, length: int) -> bytes | None:
+        """`length` bytes at `offset` of a chunk, or None when its file is gone."""
+        try:
+            fd = os.open(self.path_for(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def count(self) -> int:
+        """Number of chunk files (walks the tree: for tests and `cache ls`, not hot paths)."""
+        return sum(len(files) for _, _, files in os.walk(self._chunks))

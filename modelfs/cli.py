@@ -1,0 +1,161 @@
+"""`modelfs` command line (click).
+
+`mount` without `--foreground` starts the daemon as a detached child and
+returns once the mount answers (exit 0), or prints the child's one-line
+reason (exit 1) with nothing left mounted. The child reports over a pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import trio
+
+from .config import build_mount_config
+from .errors import ModelfsError
+
+log = logging.getLogger("modelfs")
+
+READY = b"READY\n"
+START_TIMEOUT = 300.0
+
+
+class _Redact(logging.Filter):
+    """Last line of defence: scrub the token from any log record."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if self._secret in msg:
+            record.msg, record.args = msg.replace(self._secret, "***"), None
+        return True
+
+
+def setup_logging(level: str, log_file: Path | None, secret: str | None) -> None:
+    handler: logging.Handler
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if secret:
+        handler.addFilter(_Redact(secret))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request at INFO; keep that for --log-level debug only.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
+    logging.getLogger("httpcore").setLevel(max(root.level, logging.INFO))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="modelfs")
+def main() -> None:
+    """Mount remote model repositories as a read-only directory, fetched on demand."""
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--repo", "repos", multiple=True, metavar="ORG/NAME[@REV]",
+              help="Repo to mount (repeatable). @REV pins a branch, tag or commit.")
+@click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co).")
+@click.option("--cache-dir", help="Chunk cache and index directory.")
+@click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN).")
+@click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
+@click.option("--chunk-size", help="Cache chunk size, a power of two (default 4MiB).")
+@click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help="Log here (default: stderr with --foreground, else CACHE_DIR/modelfs.log).")
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(mountpoint: str, repos: tuple[str, ...], endpoint: str | None, cache_dir: str | None,
+          token_file: str | None, allow_other: bool, chunk_size: str | None, foreground: bool,
+          log_level: str, log_file: str | None, ready_fd: int | None) -> None:
+    """Mount REPOs at MOUNTPOINT."""
+    try:
+        config = build_mount_config(
+            mountpoint=mountpoint, repos=repos, endpoint=endpoint, cache_dir=cache_dir,
+            token_file=token_file, allow_other=allow_other, chunk_size=chunk_size)
+    except ModelfsError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not foreground:
+        default_log = config.cache_dir / "modelfs.log"
+        sys.exit(_spawn_daemon(sys.argv[2:], Path(log_file) if log_file else default_log))
+
+    setup_logging(log_level, Path(log_file) if log_file else None, config.token)
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+
+    from .daemon import serve  # pyfuse3 is only needed by the daemon itself
+
+    try:
+        trio.run(serve, config, ready)
+    except ModelfsError as exc:
+        log.error("%s", exc)
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERROR {exc}\n".encode())
+        click.echo(f"modelfs: {exc}", err=True)
+        sys.exit(1)
+
+
+def _spawn_daemon(args: list[str], log_file: Path) -> int:
+    """Run `modelfs mount ARGS --foreground` detached; wait until it is ready."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    rfd, wfd = os.pipe()
+    cmd = [sys.executable, "-m", "modelfs", "mount", *args, "--foreground",
+           "--ready-fd", str(wfd)]
+    if "--log-file" not in " ".join(args):
+        cmd += ["--log-file", str(log_file)]
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as logf:
+        child = subprocess.Popen(cmd, stdin=devnull, stdout=logf, stderr=logf, pass_fds=(wfd,),
+                                 start_new_session=True)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        line = pipe.readline()  # EOF when the child exits without a word
+    if line == READY:
+        click.echo(f"modelfs: mounted (pid {child.pid}, log {log_file})")
+        return 0
+    if line.startswith(b"ERROR "):
+        click.echo(f"modelfs: {line[6:].decode().strip()}", err=True)
+    else:
+        deadline = time.monotonic() + 10
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        click.echo(f"modelfs: daemon exited (status {child.poll()}) before the mount was ready; "
+                   f"see {log_file}", err=True)
+    child.wait(timeout=30)
+    return 1
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon.")
+def umount(mountpoint: str, timeout: float) -> None:
+    """Unmount MOUNTPOINT cleanly (the daemon then exits)."""
+    from .daemon import is_mounted
+
+    path = Path(mountpoint).absolute()
+    if not is_mounted(path):
+        raise click.ClickException(f"{path} is not mounted")
+    res = subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise click.ClickException(res.stderr.strip() or f"fusermount3 -u {path} failed")
+    deadline = time.monotonic() + timeout
+    while is_mounted(path):
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"{path} still mounted after {timeout:.0f}s")
+        time.sleep(0.05)

@@ -1,0 +1,108 @@
+"""The effective configuration of a mount, composed from flags and environment.
+
+The only module that reads environment variables. Each layer has its own
+frozen `XConfig`; `MountConfig` composes them. A bad value is a `ConfigError`
+naming the flag or variable it came from. Tokens are kept out of `repr`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .fetch import FetchConfig
+from .fs.operations import FsConfig
+from .remote import HubConfig
+from .types import RepoRef
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, *, what: str) -> int:
+    """`4MiB`, `4M`, `4194304` -> bytes; anything else names `what` in the error."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"{what}: {text!r} is not a size (e.g. 4MiB)")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    if env.get("MODELFS_CACHE_DIR"):
+        return Path(env["MODELFS_CACHE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/cache/modelfs")
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelfs"
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    mountpoint: Path
+    repos: tuple[RepoRef, ...]
+    cache_dir: Path
+    hub: HubConfig
+    fetch: FetchConfig
+    fs: FsConfig
+    allow_other: bool = False
+    token: str | None = field(default=None, repr=False)
+
+
+def load_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"--token-file {token_file}: file is empty")
+        return token
+    return env.get("HF_TOKEN") or None
+
+
+def build_mount_config(
+    *,
+    mountpoint: str,
+    repos: tuple[str, ...],
+    endpoint: str | None,
+    cache_dir: str | None,
+    token_file: str | None,
+    allow_other: bool,
+    chunk_size: str | None,
+    env: Mapping[str, str] | None = None,
+) -> MountConfig:
+    env = os.environ if env is None else env
+    if not repos:
+        raise ConfigError("--repo: give at least one ORG/NAME[@REVISION]")
+    refs = tuple(RepoRef.parse(r) for r in repos)
+    seen: dict[tuple[str, str], RepoRef] = {}
+    for ref in refs:
+        key = (ref.repo_id.split("/")[0], ref.mount_name)
+        if key in seen:
+            raise ConfigError(f"--repo {ref}: listed twice")
+        seen[key] = ref
+    ep = endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    if not re.match(r"^https?://[^/\s]+", ep):
+        src = "--endpoint" if endpoint else "HF_ENDPOINT"
+        raise ConfigError(f"{src}: {ep!r} is not an http(s) URL")
+    fetch = FetchConfig()
+    if chunk_size:
+        cs = parse_size(chunk_size, what="--chunk-size")
+        if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
+            raise ConfigError("--chunk-size: must be a power of two between 64KiB and 256MiB")
+        fetch = FetchConfig(chunk_size=cs)
+    return MountConfig(
+        mountpoint=Path(mountpoint).absolute(),
+        repos=refs,
+        cache_dir=Path(cache_dir).absolute() if cache_dir else default_cache_dir(env),
+        hub=HubConfig(endpoint=ep.rstrip("/")),
+        fetch=fetch,
+        fs=FsConfig(),
+        allow_other=allow_other,
+        token=load_token(token_file, env),
+    )

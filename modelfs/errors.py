@@ -1,0 +1,68 @@
+"""One exception tree for modelfs.
+
+Every class carries the errno a FUSE request answers with, so the FUSE boundary
+(`modelfs.fs.operations`) translates them in one place. Messages say what happened
+and what to do; they never contain a token.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class ModelfsError(Exception):
+    """Base of all modelfs errors."""
+
+    errno: int = _errno.EIO
+
+
+class ConfigError(ModelfsError):
+    """A bad option, flag or environment value; the message names it."""
+
+    errno = _errno.EINVAL
+
+
+class RemoteError(ModelfsError):
+    """The origin answered something we cannot use."""
+
+
+class RemoteNotFound(RemoteError):
+    """Repo, revision or path does not exist (HTTP 404)."""
+
+    errno = _errno.ENOENT
+
+
+class RemoteAuthError(RemoteError):
+    """Gated or private repo and no (valid) token (HTTP 401/403)."""
+
+    errno = _errno.EACCES
+
+
+class RemoteStale(RemoteError):
+    """The origin now serves a different version than the one we opened."""
+
+    errno = _errno.ESTALE
+
+
+class RemoteUnavailable(RemoteError):
+    """Timeouts, resets, 429 and 5xx: retryable, and still failing after the retries."""
+
+    errno = _errno.EIO
+
+
+class RemoteProtocolError(RemoteError):
+    """The origin broke the protocol (e.g. a 206 for a range we did not ask for)."""
+
+    errno = _errno.EIO
+
+
+class ListingRejected(RemoteError):
+    """A repo listing is not sane (e.g. far more entries than the configured cap)."""
+
+    errno = _errno.EIO
+
+
+class CacheCorrupt(ModelfsError):
+    """A chunk on disk does not hash to its name."""
+
+    errno = _errno.EIO

@@ -1,0 +1,45 @@
+"""Chunk arithmetic: which fixed, aligned chunks a byte range touches.
+
+Chunks are keyed by (file version, chunk size, index), never by the range a
+reader asked for, so any read that straddles chunks still hits the cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Piece(NamedTuple):
+    """Part of one chunk that a read needs: chunk `index`, bytes [start, end) in it."""
+
+    index: int
+    start: int
+    end: int
+
+
+def chunk_count(file_size: int, chunk_size: int) -> int:
+    return -(-file_size // chunk_size)
+
+
+def chunk_extent(index: int, file_size: int, chunk_size: int) -> tuple[int, int]:
+    """(offset in file, length) of chunk `index`; the last chunk may be short."""
+    start = index * chunk_size
+    if index < 0 or start >= file_size:
+        raise ValueError(f"chunk {index} outside a file of {file_size} bytes")
+    return start, min(chunk_size, file_size - start)
+
+
+def pieces(offset: int, size: int, file_size: int, chunk_size: int) -> list[Piece]:
+    """The chunk pieces covering [offset, offset+size), clipped to the file's end."""
+    if offset < 0 or size < 0:
+        raise ValueError("negative offset or size")
+    end = min(offset + size, file_size)
+    out = []
+    pos = offset
+    while pos < end:
+        index = pos // chunk_size
+        chunk_start = index * chunk_size
+        stop = min(end, chunk_start + chunk_size)
+        out.append(Piece(index, pos - chunk_start, stop - chunk_start))
+        pos = stop
+    return out

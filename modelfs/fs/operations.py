@@ -1,0 +1,212 @@
+"""FUSE request handlers (pyfuse3 on trio).
+
+The one FUSE boundary: `_boundary` turns a `ModelfsError` into its errno and
+any other exception into `EIO` plus a logged traceback, because pyfuse3 ends
+its main loop (and the mount) on any exception that is not a `FUSEError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from ..errors import ModelfsError
+from ..fetch import ChunkReader, RemoteFile
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class FsConfig:
+    """`attr_ttl` is how long the kernel may cache names and attributes; inodes
+    never change meaning, so this only bounds how late a new tree is seen.
+    `blksize` is what `stat` reports: buffered readers (cat, Python's `open`)
+    size their reads from it."""
+
+    attr_ttl: float = 60.0
+    blksize: int = 1 << 20
+
+
+def _boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ModelfsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in FUSE %s; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _erofs(*_args: Any, **_kwargs: Any) -> Awaitable[Any]:
+    async def fail() -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return fail()
+
+
+class Operations(pyfuse3.Operations):
+    """Read-only operations over a `Tree`; file data comes from a `ChunkReader`."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, tree: Tree, reader: ChunkReader, config: FsConfig) -> None:
+        super().__init__()
+        self._tree = tree
+        self._reader = reader
+        self._config = config
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._lookups: Counter[int] = Counter()
+        self._handles: dict[int, RemoteFile] = {}
+        self._fh = itertools.count(1)
+
+    # Every mutating request: read-only file system.
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]
+    write = create = setxattr = removexattr = _erofs  # type: ignore[assignment]
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        node = self._tree[inode]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(inode)
+        a.generation = 0
+        a.entry_timeout = self._config.attr_ttl
+        a.attr_timeout = self._config.attr_ttl
+        if node.file is None:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
+            a.st_nlink = 2
+            a.st_size = 0
+        else:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+            a.st_nlink = 1
+            a.st_size = node.file.entry.size
+        a.st_uid = self._uid
+        a.st_gid = self._gid
+        a.st_blksize = self._config.blksize
+        a.st_blocks = -(-a.st_size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    def _node_or_enoent(self, inode: int) -> None:
+        if self._tree.get(inode) is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @_boundary
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._tree.child(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self._lookups[node.inode] += 1
+        return self._attrs(node.inode)
+
+    @_boundary
+    async def forget(self, inode_list: Any) -> None:
+        for inode, n in inode_list:
+            left = self._lookups[inode] - n
+            if left > 0:
+                self._lookups[inode] = left
+            else:
+                del self._lookups[inode]
+
+    @_boundary
+    async def getattr(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._node_or_enoent(inode)
+        return self._attrs(inode)
+
+    @_boundary
+    async def opendir(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        self._node_or_enoent(inode)
+        if not self._tree[inode].is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
+
+    @_boundary
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
+        children = self._tree[fh].children or {}
+        names = sorted(children)
+        for i in range(start_id, len(names)):
+            ino = children[names[i]]
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attrs(ino), i + 1):
+                break
+            self._lookups[ino] += 1  # readdirplus counts as a lookup
+
+    @_boundary
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    @_boundary
+    async def open(self, inode: pyfuse3.InodeT, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._node_or_enoent(inode)
+        node = self._tree[inode]
+        if node.file is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        fh = next(self._fh)
+        self._handles[fh] = node.file
+        # An inode never changes content, so its pages may stay cached.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    @_boundary
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        f = self._handles.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self._reader.read(f, off, size)
+
+    @_boundary
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
+
+    @_boundary
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = -(-self._tree.total_size() // 4096)
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._lookups) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    @_boundary
+    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_boundary
+    async def listxattr(self, inode: pyfuse3.InodeT,
+                        ctx: pyfuse3.RequestContext) -> list[pyfuse3.XAttrNameT]:
+        return []
+
+    def lookup_count(self, inode: int) -> int:
+        """For tests and status: how many kernel references an inode holds."""
+        return self._lookups[inode]

@@ -1,0 +1,305 @@
+"""The one place httpx is used: timeouts, retries, redirects, range validation.
+
+Why hand-follow redirects: the token must reach only the endpoint's host, never
+a CDN it redirects to, and we need the Hub's `X-Linked-*` headers from the
+redirect hop itself. Why validate every 206: a range answered from another
+version of the file, or a 200 with the whole body, must never become cache
+content. Retries live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import trio
+
+from ..errors import (
+    RemoteAuthError,
+    RemoteError,
+    RemoteNotFound,
+    RemoteProtocolError,
+    RemoteStale,
+    RemoteUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Knobs of the HTTP client.
+
+    `timeout` bounds every connect and every socket read, so nothing hangs
+    forever; `retries` and `backoff` bound how long a failing origin is retried
+    (backoff doubles up to `max_backoff`; a `Retry-After` is honoured up to
+    `max_retry_after`).
+    """
+
+    timeout: float = 30.0
+    retries: int = 5
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    max_retry_after: float = 60.0
+    max_connections: int = 64
+    max_redirects: int = 5
+    user_agent: str = "modelfs/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What a ranged read must match: the file's total size and, when known, its
+    ETag at the endpoint and its sha256 (checked against `X-Linked-Etag`)."""
+
+    size: int
+    etag: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(slots=True)
+class JsonPage:
+    data: Any
+    next_url: str | None
+    headers: Mapping[str, str]
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth retrying."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class HttpClient:
+    """An httpx client that only speaks the few request shapes sources need."""
+
+    def __init__(self, config: HttpConfig, *, auth_host: str | None, token: str | None) -> None:
+        self._config = config
+        self._auth_host = auth_host
+        self._token = token
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(config.timeout),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+            ),
+            headers={"User-Agent": config.user_agent, "Accept-Encoding": "identity"},
+            trust_env=True,  # honour HTTP(S)_PROXY/NO_PROXY, e.g. a P2P proxy in front
+        )
+        # ETags seen per (host, content id): lets a resumed or later range read on a
+        # redirect target (a CDN whose ETag is its own) carry If-Range.
+        self._host_etags: dict[tuple[str, str], str] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _headers(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if self._token and urlsplit(url).netloc == self._auth_host:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    async def _with_retries(self, what: str, attempt_fn: Any) -> Any:
+        """Run `attempt_fn()` until it returns, retrying `_Retry` with backoff."""
+        cfg = self._config
+        delay = cfg.backoff
+        for attempt in range(cfg.retries + 1):
+            try:
+                return await attempt_fn()
+            except _Retry as exc:
+                if attempt == cfg.retries:
+                    raise RemoteUnavailable(
+                        f"{what}: {exc.reason} (gave up after {attempt + 1} attempts)"
+                    ) from None
+                wait = delay if exc.retry_after is None else min(exc.retry_after, cfg.max_retry_after)
+                log.warning("%s: %s; retry %d/%d in %.2fs", what, exc.reason, attempt + 1,
+                            cfg.retries, wait)
+                await trio.sleep(wait)
+                delay = min(delay * 2, cfg.max_backoff)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _check_status(resp: httpx.Response, what: str, auth_msg: str) -> None:
+        """Turn an unusable status into the matching modelfs error (or `_Retry`)."""
+        status = resp.status_code
+        if status < 400:
+            return
+        code = resp.headers.get("X-Error-Code", "")
+        detail = f"HTTP {status}" + (f" {code}" if code else "")
+        if status in _RETRY_STATUS:
+            raise _Retry(detail, _parse_retry_after(resp.headers.get("Retry-After")))
+        if status in (401, 403):
+            raise RemoteAuthError(auth_msg)
+        if status == 404:
+            raise RemoteNotFound(f"{what}: not found ({detail})")
+        if status in (412, 416):
+            raise RemoteStale(f"{what}: the origin's copy changed ({detail})")
+        raise RemoteProtocolError(f"{what}: unexpected {detail}")
+
+    async def get_json(self, url: str, *, what: str, auth_msg: str) -> JsonPage:
+        """GET a JSON document (following same-origin redirects)."""
+
+        async def attempt() -> JsonPage:
+            try:
+                resp = await self._client.get(url, headers=self._headers(url))
+                hops = 0
+                while resp.status_code in _REDIRECT_STATUS and hops < self._config.max_redirects:
+                    nxt = urljoin(str(resp.url), resp.headers.get("Location", ""))
+                    resp = await self._client.get(nxt, headers=self._headers(nxt))
+                    hops += 1
+            except httpx.TransportError as exc:
+                raise _Retry(_describe(exc)) from None
+            self._check_status(resp, what, auth_msg)
+            try:
+                data = resp.json()
+            except ValueError:
+                raise RemoteProtocolError(f"{what}: origin sent invalid JSON") from None
+            nxt_link = resp.links.get("next", {}).get("url")
+            return JsonPage(data, urljoin(str(resp.url), nxt_link) if nxt_link else None,
+                            resp.headers)
+
+        result: JsonPage = await self._with_retries(what, attempt)
+        return result
+
+    async def get_range(
+        self, url: str, start: int, length: int, expect: Expect, *, what: str, auth_msg: str,
+        content_id: str,
+    ) -> bytes:
+        """Return exactly `length` bytes of the file at `url` from `start`.
+
+        A body broken off mid-way is resumed from where it broke, with If-Range
+        so the rest comes from the same version. Any answer that could be another
+        version (416, 412, a 200 to a conditional request, a wrong total size or
+        `X-Linked-Etag`) raises `RemoteStale`; nothing unverified is returned.
+        """
+        if length <= 0:
+            return b""
+        buf = bytearray()
+
+        async def attempt() -> bytes:
+            await self._fetch_into(url, start, length, expect, buf, what, auth_msg, content_id)
+            return bytes(buf)
+
+        data: bytes = await self._with_retries(f"{what} at offset {start}", attempt)
+        return data
+
+    async def _fetch_into(
+        self, url: str, start: int, length: int, expect: Expect, buf: bytearray, what: str,
+        auth_msg: str, content_id: str,
+    ) -> None:
+        first = start + len(buf)
+        last = start + length - 1
+        hops = 0
+        try:
+            while True:
+                host = urlsplit(url).netloc
+                extra = {"Range": f"bytes={first}-{last}"}
+                validator = self._host_etags.get((host, content_id))
+                if validator is None and host == self._auth_host and expect.etag:
+                    validator = expect.etag
+                if validator and not validator.startswith("W/"):
+                    extra["If-Range"] = validator
+                req = self._client.build_request("GET", url, headers=self._headers(url, extra))
+                resp = await self._client.send(req, stream=True)
+                try:
+                    if resp.status_code in _REDIRECT_STATUS:
+                        _check_linked(resp.headers, expect, what)
+                        hops += 1
+                        if hops > self._config.max_redirects:
+                            raise RemoteProtocolError(f"{what}: too many redirects")
+                        url = urljoin(url, resp.headers.get("Location", ""))
+                        continue
+                    self._check_status(resp, what, auth_msg)
+                    _check_linked(resp.headers, expect, what)
+                    if resp.headers.get("Content-Encoding", "identity") != "identity":
+                        raise RemoteProtocolError(f"{what}: origin ignored Accept-Encoding")
+                    skip = self._check_body_range(resp, first, last, expect, what, "If-Range" in extra)
+                    etag = resp.headers.get("ETag")
+                    if etag:
+                        old = self._host_etags.setdefault((host, content_id), etag)
+                        if old != etag:
+                            raise RemoteStale(f"{what}: ETag changed from {old} to {etag}")
+                    want = last - first + 1
+                    async for part in resp.aiter_raw():
+                        if skip:
+                            cut = min(skip, len(part))
+                            part, skip = part[cut:], skip - cut
+                        room = want - (len(buf) - (first - start))
+                        buf += part[:room]
+                        if len(buf) >= length:
+                            break
+                finally:
+                    await resp.aclose()
+                if len(buf) < length:
+                    raise _Retry(f"body ended after {len(buf)} of {length} bytes")
+                return
+        except httpx.TransportError as exc:
+            raise _Retry(_describe(exc)) from None
+
+    @staticmethod
+    def _check_body_range(
+        resp: httpx.Response, first: int, last: int, expect: Expect, what: str, conditional: bool
+    ) -> int:
+        """Validate a range answer; return how many leading body bytes to skip."""
+        if resp.status_code == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m:
+                raise RemoteProtocolError(f"{what}: 206 without a usable Content-Range")
+            a, b, total = (int(x) for x in m.groups())
+            if total != expect.size:
+                raise RemoteStale(f"{what}: origin size is {total}, listing said {expect.size}")
+            if a != first or b != last:
+                raise RemoteProtocolError(
+                    f"{what}: asked for bytes {first}-{last}, origin sent {a}-{b}")
+            return 0
+        if resp.status_code == 200:
+            # A whole-body answer: to a conditional request it means "changed";
+            # otherwise the server ignored Range, and we read only what we need.
+            if conditional:
+                raise RemoteStale(f"{what}: the origin's copy changed (If-Range did not match)")
+            clen = resp.headers.get("Content-Length")
+            if clen is not None and int(clen) != expect.size:
+                raise RemoteStale(f"{what}: origin size is {clen}, listing said {expect.size}")
+            return first
+        raise RemoteProtocolError(f"{what}: unexpected HTTP {resp.status_code} to a range request")
+
+
+def _check_linked(headers: Mapping[str, str], expect: Expect, what: str) -> None:
+    """The Hub names LFS content on the resolve hop: it must be what the listing said."""
+    linked = headers.get("X-Linked-Etag")
+    if linked and expect.sha256 and linked.strip('"').removeprefix("W/").strip('"') != expect.sha256:
+        raise RemoteStale(f"{what}: origin now serves another version ({linked})")
+    size = headers.get("X-Linked-Size")
+    if size and size.isdigit() and int(size) != expect.size:
+        raise RemoteStale(f"{what}: origin size is {size}, listing said {expect.size}")
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP-date: fall back to our own backoff
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _describe(exc: httpx.TransportError) -> str:
+    kind = type(exc).__name__
+    return f"{kind}: {exc}" if str(exc) else kind
+
+
+__all__ = ["Expect", "HttpClient", "HttpConfig", "JsonPage", "RemoteError"]

@@ -1,0 +1,96 @@
+"""Turn an origin's file listing (untrusted JSON) into safe `FileEntry`s.
+
+Sans-I/O so it is tested directly. A path that could escape the mount or
+shadow another entry is skipped with a warning, never followed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from ..types import FileEntry
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_GIT_OID = re.compile(r"^[0-9a-f]{40}$")
+
+
+def bad_path_reason(path: object) -> str | None:
+    """Why `path` may not appear in the mount, or None when it is fine."""
+    if not isinstance(path, str) or not path:
+        return "empty or not a string"
+    if "\0" in path:
+        return "contains NUL"
+    if path.startswith("/"):
+        return "absolute"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "has an empty, '.' or '..' component"
+    if any(len(part.encode()) > 255 for part in path.split("/")):
+        return "has a component longer than 255 bytes"
+    return None
+
+
+def hub_entry(raw: dict[str, Any]) -> FileEntry | str:
+    """One Hub tree entry of type `file` -> FileEntry, or the reason it is unusable."""
+    path = raw.get("path")
+    lfs = raw.get("lfs") if isinstance(raw.get("lfs"), dict) else None
+    size = lfs.get("size", raw.get("size")) if lfs else raw.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"bad size {size!r}"
+    if lfs:
+        oid = lfs.get("oid")
+        if not isinstance(oid, str) or not _SHA256.match(oid):
+            return "bad lfs.oid"
+        return FileEntry(str(path), size, oid, sha256=oid)
+    oid = raw.get("oid")
+    if not isinstance(oid, str) or not _GIT_OID.match(oid):
+        return "bad oid"
+    return FileEntry(str(path), size, oid)
+
+
+def clean_listing(
+    repo: str, files: Iterable[FileEntry | tuple[str, str]], directories: Iterable[str] = ()
+) -> tuple[tuple[FileEntry, ...], tuple[str, ...]]:
+    """Drop unsafe and colliding entries, logging why; return (files, directories).
+
+    `files` may hold `(path, reason)` pairs for entries already found unusable,
+    so every skip is logged in one place. Directories implied by file paths are
+    added; a file whose path is also a directory, or a second entry with the
+    same path, is skipped.
+    """
+    kept: dict[str, FileEntry] = {}
+    dirs: set[str] = set()
+    for entry in files:
+        if isinstance(entry, tuple):
+            log.warning("%s: skipping listing entry %r: %s", repo, entry[0], entry[1])
+            continue
+        reason = bad_path_reason(entry.path)
+        if reason is None and (entry.path in kept or entry.path in dirs):
+            reason = "collides with another entry"
+        parents = _parents(entry.path) if reason is None else []
+        if reason is None and any(p in kept for p in parents):
+            reason = "lies under a path that is a file"
+        if reason:
+            log.warning("%s: skipping listing entry %r: %s", repo, entry.path, reason)
+            continue
+        kept[entry.path] = entry
+        dirs.update(parents)
+    for d in directories:
+        reason = bad_path_reason(d)
+        if reason is None and (d in kept or any(p in kept for p in _parents(d))):
+            reason = "collides with a file"
+        if reason:
+            log.warning("%s: skipping listing directory %r: %s", repo, d, reason)
+            continue
+        dirs.add(d)
+        dirs.update(_parents(d))
+    return tuple(sorted(kept.values(), key=lambda e: e.path)), tuple(sorted(dirs))
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]

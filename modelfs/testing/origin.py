@@ -1,0 +1,551 @@
+"""A real HTTP origin that speaks the Hub API, for tests, demos and benchmarks.
+
+Serves repos from a directory laid out as `ROOT/<org>/<name>/<ref>/<files...>`:
+each subdirectory of a repo is a branch or tag. A ref's commit sha is derived
+from its content, and every commit ever seen stays resolvable, so moving a
+branch (change files, `refresh()`) keeps old commits readable.
+
+Endpoints (like huggingface.co):
+- `GET /api/models/{repo}/revision/{rev}` -> `{"id", "sha", "siblings"}`
+- `GET /api/models/{repo}/tree/{rev}?recursive=true` paginated with `Link: rel="next"`
+- `GET|HEAD /{repo}/resolve/{rev}/{path}`: small files served directly (ETag = git
+  blob id); LFS files answer 302 to a second listener acting as CDN, with
+  `X-Linked-Etag` (sha256) and `X-Linked-Size`; the CDN serves `/cdn/{sha256}`
+  with an ETag of its own. Range (single), 206/416, If-Range, If-Match.
+- `GET /_origin/stats` -> request and byte counts as JSON.
+
+Knobs (Python API, thread-safe): `fail_next`, `reset_next`, `delay`,
+`require_token`, `extra_entries`, `refresh`. Listens on 127.0.0.1 only.
+
+Run: `python -m modelfs.testing.origin --root DIR [--port 8080] [--demo]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".h5", ".msgpack",
+                ".model", ".npz", ".ckpt")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class OriginFile:
+    path: str
+    disk: Path
+    size: int
+    git_oid: str
+    sha256: str | None  # set for LFS files
+
+
+@dataclass
+class RequestRecord:
+    method: str
+    path: str
+    status: int
+    range: str | None
+    bytes_sent: int
+    server: str  # "hub" or "cdn"
+    authorized: bool
+
+    @property
+    def is_data(self) -> bool:
+        """A request for file content (resolve or CDN), as opposed to metadata."""
+        return self.server == "cdn" or "/resolve/" in self.path
+
+
+@dataclass
+class _Fault:
+    kind: str  # "status" or "reset"
+    remaining: int
+    match: str | None
+    status: int = 503
+    retry_after: str | None = None
+    after_bytes: int = 0
+
+
+@dataclass
+class _Repo:
+    refs: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, dict[str, OriginFile]] = field(default_factory=dict)
+
+
+def _git_blob_oid(data_size: int, chunks: list[bytes]) -> str:
+    h = hashlib.sha1(f"blob {data_size}\0".encode())
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+class Origin:
+    def __init__(self, root: Path, *, page_size: int = 1000, lfs_threshold: int = 10 << 20,
+                 host: str = "127.0.0.1", port: int = 0, cdn_port: int = 0) -> None:
+        self.root = Path(root)
+        self.page_size = page_size
+        self.lfs_threshold = lfs_threshold
+        self.delay = 0.0
+        self.require_token: dict[str, str] = {}
+        self.extra_entries: dict[str, list[dict[str, Any]]] = {}
+        self.records: list[RequestRecord] = []
+        self._faults: list[_Fault] = []
+        self._lock = threading.Lock()
+        self._repos: dict[str, _Repo] = {}
+        self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
+        self._blobs: dict[str, OriginFile] = {}
+        self._hub = _Server((host, port), _Handler, self, "hub")
+        self._cdn = _Server((host, cdn_port), _Handler, self, "cdn")
+        self._threads: list[threading.Thread] = []
+        self.refresh()
+
+    # Lifecycle ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._hub.server_address[0]}:{self._hub.server_address[1]}"
+
+    @property
+    def cdn_url(self) -> str:
+        return f"http://{self._cdn.server_address[0]}:{self._cdn.server_address[1]}"
+
+    def start(self) -> Origin:
+        for srv in (self._hub, self._cdn):
+            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        for srv in (self._hub, self._cdn):
+            srv.shutdown()
+            srv.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> Origin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Repo state -----------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-scan ROOT: refs move to the commit of their current content."""
+        repos: dict[str, _Repo] = {}
+        for org in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.exists() else []:
+            for name in sorted(p for p in org.iterdir() if p.is_dir()):
+                repo_id = f"{org.name}/{name.name}"
+                repo = self._repos.get(repo_id) or _Repo()
+                repo.refs = {}
+                for ref in sorted(p for p in name.iterdir() if p.is_dir()):
+                    files = self._scan(ref)
+                    commit = hashlib.sha1(
+                        (repo_id + "\n" + "\n".join(f"{f.path} {f.git_oid}"
+                                                    for f in files.values())).encode()).hexdigest()
+                    repo.commits[commit] = files
+                    repo.refs[ref.name.replace("%2F", "/")] = commit
+                repos[repo_id] = repo
+        with self._lock:
+            self._repos = repos
+
+    def _scan(self, ref_dir: Path) -> dict[str, OriginFile]:
+        out = {}
+        for p in sorted(ref_dir.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = p.relative_to(ref_dir).as_posix()
+            st = p.stat()
+            key = (str(p), st.st_size, st.st_mtime_ns)
+            if key not in self._hash_cache:
+                sha1 = hashlib.sha1(f"blob {st.st_size}\0".encode())
+                sha256 = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while block := f.read(4 << 20):
+                        sha1.update(block)
+                        sha256.update(block)
+                self._hash_cache[key] = (sha1.hexdigest(), sha256.hexdigest())
+            oid, sha = self._hash_cache[key]
+            lfs = st.st_size >= self.lfs_threshold or rel.endswith(LFS_SUFFIXES)
+            f = OriginFile(rel, p, st.st_size, oid, sha if lfs else None)
+            if lfs:
+                self._blobs[sha] = f
+            out[rel] = f
+        return out
+
+    def commit_of(self, repo_id: str, rev: str = "main") -> str:
+        return self._lookup(repo_id, rev)[0]
+
+    def _lookup(self, repo_id: str, rev: str) -> tuple[str, dict[str, OriginFile]]:
+        with self._lock:
+            repo = self._repos.get(repo_id)
+            if repo is None:
+                raise KeyError("RepoNotFound")
+            commit = repo.refs.get(rev, rev)
+            files = repo.commits.get(commit)
+            if files is None:
+                raise KeyError("RevisionNotFound")
+            return commit, files
+
+    # Knobs ----------------------------------------------------------------------
+
+    def fail_next(self, n: int = 1, status: int = 503, *, match: str | None = None,
+                  retry_after: str | None = None) -> None:
+        """The next `n` data requests (whose path contains `match`) answer `status`."""
+        with self._lock:
+            self._faults.append(_Fault("status", n, match, status=status, retry_after=retry_after))
+
+    def reset_next(self, n: int = 1, *, after_bytes: int = 65536, match: str | None = None) -> None:
+        """The next `n` data requests send `after_bytes` of body, then a TCP reset."""
+        with self._lock:
+            self._faults.append(_Fault("reset", n, match, after_bytes=after_bytes))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, names: str, kinds: tuple[str, ...]) -> _Fault | None:
+        with self._lock:
+            for f in self._faults:
+                if (f.remaining > 0 and f.kind in kinds
+                        and (f.match is None or f.match in names)):
+                    f.remaining -= 1
+                    return f
+        return None
+
+    # Stats ----------------------------------------------------------------------
+
+    def _record(self, rec: RequestRecord) -> None:
+        with self._lock:
+            self.records.append(rec)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.records = []
+
+    def data_requests(self, match: str | None = None) -> list[RequestRecord]:
+        """Content requests so far; with `match`, only those whose path matches the glob."""
+        with self._lock:
+            recs = list(self.records)
+        return [r for r in recs if r.is_data and (match is None or fnmatch.fnmatch(r.path, match))]
+
+    def bytes_sent(self) -> int:
+        with self._lock:
+            return sum(r.bytes_sent for r in self.records)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            recs = list(self.records)
+        return {"requests": len(recs), "data_requests": sum(r.is_data for r in recs),
+                "bytes_sent": sum(r.bytes_sent for r in recs)}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], handler: type, origin: Origin, kind: str) -> None:
+        super().__init__(addr, handler)
+        self.origin = origin
+        self.kind = kind
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    # Plumbing -------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+              *, error_code: str | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if error_code:
+            self.send_header("X-Error-Code", error_code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._done(status, len(body) if self.command != "HEAD" else 0)
+
+    def _json(self, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(200, json.dumps(obj).encode(),
+                   {"Content-Type": "application/json", **(headers or {})})
+
+    def _done(self, status: int, sent: int) -> None:
+        self.server.origin._record(RequestRecord(
+            self.command, unquote(urlsplit(self.path).path), status, self.headers.get("Range"),
+            sent, self.server.kind, "Authorization" in self.headers))
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        origin = self.server.origin
+        if origin.delay:
+            time.sleep(origin.delay)
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        try:
+            if self.server.kind == "cdn":
+                self._cdn(path)
+            elif path == "/_origin/stats":
+                self._json(origin.stats())
+            elif path.startswith("/api/models/"):
+                self._api(path[len("/api/models/"):], parse_qs(url.query))
+            elif "/resolve/" in path:
+                self._resolve(path)
+            else:
+                self._send(404, b"not found", error_code="EntryNotFound")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    # Hub API --------------------------------------------------------------------
+
+    def _auth_ok(self, repo_id: str) -> bool:
+        token = self.server.origin.require_token.get(repo_id)
+        return token is None or self.headers.get("Authorization") == f"Bearer {token}"
+
+    def _repo_lookup(self, repo_id: str, rev: str) -> tuple[str, dict[str, OriginFile]] | None:
+        if not self._auth_ok(repo_id):
+            self._send(401, b"gated", error_code="GatedRepo")
+            return None
+        try:
+            return self.server.origin._lookup(repo_id, rev)
+        except KeyError as exc:
+            code = exc.args[0]
+            self._send(404, code.encode(), error_code=code)
+            return None
+
+    def _api(self, rest: str, query: dict[str, list[str]]) -> None:
+        parts = rest.split("/")
+        if len(parts) < 4 or parts[2] not in ("revision", "tree"):
+            self._send(404, b"not found")
+            return
+        repo_id = "/".join(parts[:2])
+        rev = parts[3]
+        found = self._repo_lookup(repo_id, rev)
+        if found is None:
+            return
+        commit, files = found
+        if parts[2] == "revision":
+            self._json({"id": repo_id, "sha": commit,
+                        "siblings": [{"rfilename": p} for p in sorted(files)]})
+            return
+        entries = self._tree_entries(files) + self.server.origin.extra_entries.get(repo_id, [])
+        page = self.server.origin.page_size
+        cursor = int(query.get("cursor", ["0"])[0])
+        chunk = entries[cursor:cursor + page]
+        headers = {}
+        if cursor + page < len(entries):
+            host = self.headers.get("Host", "127.0.0.1")
+            nxt = (f"http://{host}/api/models/{repo_id}/tree/{rev}?recursive=true"
+                   f"&cursor={cursor + page}")
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        self._json(chunk, headers)
+
+    @staticmethod
+    def _tree_entries(files: dict[str, OriginFile]) -> list[dict[str, Any]]:
+        dirs = sorted({"/".join(p.split("/")[:i]) for p in files for i in range(1, p.count("/") + 1)})
+        out: list[dict[str, Any]] = [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in dirs]
+        for f in files.values():
+            e: dict[str, Any] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": f.path}
+            if f.sha256:
+                pointer = 100 + len(str(f.size))
+                e["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": pointer}
+                e["size"] = pointer
+            out.append(e)
+        return out
+
+    def _resolve(self, path: str) -> None:
+        head, _, rest = path.lstrip("/").partition("/resolve/")
+        rev, _, fpath = rest.partition("/")
+        found = self._repo_lookup(head, rev)
+        if found is None:
+            return
+        commit, files = found
+        f = files.get(fpath)
+        if f is None:
+            self._send(404, b"entry not found", error_code="EntryNotFound")
+            return
+        if f.sha256:
+            if self._fault(path, ("status",)):
+                return
+            loc = f"{self.server.origin.cdn_url}/cdn/{f.sha256}"
+            self._send(302, b"", {"Location": loc, "X-Repo-Commit": commit,
+                                  "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size),
+                                  "ETag": f'"{f.sha256}"'})
+            return
+        self._serve_file(f, f'"{f.git_oid}"', {"X-Repo-Commit": commit}, path)
+
+    def _cdn(self, path: str) -> None:
+        sha = path.removeprefix("/cdn/")
+        f = self.server.origin._blobs.get(sha)
+        if f is None:
+            self._send(404, b"no such blob")
+            return
+        self._serve_file(f, f'"cdn-{sha[:32]}"', {}, path)
+
+    # Byte serving -----------------------------------------------------------------
+
+    def _fault(self, names: str, kinds: tuple[str, ...] = ("status", "reset")) -> _Fault | None:
+        fault = self.server.origin._take_fault(names, kinds)
+        if fault and fault.kind == "status":
+            hdrs = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            self._send(fault.status, b"injected failure", hdrs)
+            return fault
+        return fault
+
+    def _serve_file(self, f: OriginFile, etag: str, extra: dict[str, str], path: str) -> None:
+        fault = self._fault(f"{path} {f.path}")
+        if fault and fault.kind == "status":
+            return
+        if_match = self.headers.get("If-Match")
+        if if_match and if_match != "*" and etag not in [v.strip() for v in if_match.split(",")]:
+            self._send(412, b"precondition failed", {"ETag": etag})
+            return
+        start, end, status = 0, f.size - 1, 200
+        rng = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if rng and (if_range is None or if_range == etag):
+            m = _RANGE.match(rng.strip())
+            if m and (m.group(1) or m.group(2)):
+                if m.group(1):
+                    start = int(m.group(1))
+                    end = min(int(m.group(2)), f.size - 1) if m.group(2) else f.size - 1
+                else:
+                    start = max(0, f.size - int(m.group(2)))
+                if start >= f.size or start > end:
+                    self._send(416, b"", {"Content-Range": f"bytes */{f.size}", "ETag": etag})
+                    return
+                status = 206
+        length = end - start + 1 if f.size else 0
+        self.send_response(status)
+        self.send_header("ETag", etag)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{f.size}")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            self._done(status, 0)
+            return
+        self.wfile.flush()
+        limit = fault.after_bytes if fault else length
+        sent = self._sendfile(f.disk, start, min(length, limit))
+        if fault:
+            # Abort with a TCP reset mid-body.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+        self._done(status, sent)
+
+    def _sendfile(self, disk: Path, offset: int, count: int) -> int:
+        sent = 0
+        sock = self.connection.fileno()
+        with open(disk, "rb") as fh:
+            while sent < count:
+                n = os.sendfile(sock, fh.fileno(), offset + sent, min(count - sent, 8 << 20))
+                if n == 0:
+                    break
+                sent += n
+        return sent
+
+
+# Demo and benchmark repos ---------------------------------------------------------------
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]],
+                      seed: int = 0) -> None:
+    """Write a valid safetensors file of random data: {name: (dtype, shape)}."""
+    import random
+
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1}
+    rnd = random.Random(seed)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in sorted(tensors.items()):
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+        left = offset
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rnd.randbytes(n))
+            left -= n
+
+
+def make_demo_repo(root: Path, repo_id: str = "demo/tiny-model", weights_mib: int = 64) -> Path:
+    """A small Hub-style repo: config, tokenizer, a safetensors file, a subfolder."""
+    ref = root / repo_id / "main"
+    (ref / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    (ref / "config.json").write_text(json.dumps(
+        {"architectures": ["DemoModel"], "hidden_size": 1024, "num_layers": weights_mib // 4}))
+    (ref / "tokenizer.json").write_text(json.dumps(
+        {"version": "1.0", "model": {"type": "WordLevel",
+                                     "vocab": {f"tok{i}": i for i in range(2000)}}}))
+    (ref / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    layers = max(1, weights_mib // 4)
+    write_safetensors(ref / "model.safetensors",
+                      {f"layer.{i}.weight": ("F32", (1024, 1024)) for i in range(layers)})
+    return ref
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m modelfs.testing.origin",
+                                 description="Serve ROOT/<org>/<name>/<ref>/... as a Hub origin.")
+    ap.add_argument("--root", required=True, type=Path)
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--cdn-port", type=int, default=0)
+    ap.add_argument("--demo", action="store_true", help="generate demo/tiny-model under ROOT first")
+    ap.add_argument("--demo-mib", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.demo:
+        make_demo_repo(args.root, weights_mib=args.demo_mib)
+    origin = Origin(args.root, port=args.port, cdn_port=args.cdn_port).start()
+    repos = ", ".join(sorted(origin._repos)) or "none"
+    print(f"origin {origin.url} (cdn {origin.cdn_url}) serving {repos}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        origin.stop()
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["Origin", "make_demo_repo", "write_safetensors"]
