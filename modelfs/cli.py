@@ -73,6 +73,10 @@ def main() -> None:
 @click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN).")
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--chunk-size", help="Cache chunk size, a power of two (default 4MiB).")
+@click.option("--retries", type=int, help="Retries of a failing origin request (default 5).")
+@click.option("--retry-backoff", type=float, help="First retry delay in seconds, doubled each time.")
+@click.option("--timeout", type=float, help="Per-request connect/read timeout in seconds (default 30).")
+@click.option("--max-listing-entries", type=int, help="Refuse repo listings larger than this.")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
@@ -80,13 +84,15 @@ def main() -> None:
               help="Log here (default: stderr with --foreground, else CACHE_DIR/modelfs.log).")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(mountpoint: str, repos: tuple[str, ...], endpoint: str | None, cache_dir: str | None,
-          token_file: str | None, allow_other: bool, chunk_size: str | None, foreground: bool,
-          log_level: str, log_file: str | None, ready_fd: int | None) -> None:
+          token_file: str | None, allow_other: bool, chunk_size: str | None, retries: int | None,
+          retry_backoff: float | None, timeout: float | None, max_listing_entries: int | None,
+          foreground: bool, log_level: str, log_file: str | None, ready_fd: int | None) -> None:
     """Mount REPOs at MOUNTPOINT."""
     try:
         config = build_mount_config(
             mountpoint=mountpoint, repos=repos, endpoint=endpoint, cache_dir=cache_dir,
-            token_file=token_file, allow_other=allow_other, chunk_size=chunk_size)
+            token_file=token_file, allow_other=allow_other, chunk_size=chunk_size, retries=retries,
+            retry_backoff=retry_backoff, timeout=timeout, max_listing_entries=max_listing_entries)
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     if not foreground:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
 from .fetch import FetchConfig
 from .fs.operations import FsConfig
-from .remote import HubConfig
+from .remote import HttpConfig, HubConfig
 from .types import RepoRef
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -74,6 +74,10 @@ def build_mount_config(
     token_file: str | None,
     allow_other: bool,
     chunk_size: str | None,
+    retries: int | None = None,
+    retry_backoff: float | None = None,
+    timeout: float | None = None,
+    max_listing_entries: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> MountConfig:
     env = os.environ if env is None else env
@@ -96,11 +100,29 @@ def build_mount_config(
         if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
             raise ConfigError("--chunk-size: must be a power of two between 64KiB and 256MiB")
         fetch = FetchConfig(chunk_size=cs)
+    http = HttpConfig()
+    if retries is not None:
+        if retries < 0:
+            raise ConfigError("--retries: must be 0 or more")
+        http = replace(http, retries=retries)
+    if retry_backoff is not None:
+        if retry_backoff <= 0:
+            raise ConfigError("--retry-backoff: must be a positive number of seconds")
+        http = replace(http, backoff=retry_backoff)
+    if timeout is not None:
+        if timeout <= 0:
+            raise ConfigError("--timeout: must be a positive number of seconds")
+        http = replace(http, timeout=timeout)
+    hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
+    if max_listing_entries is not None:
+        if max_listing_entries < 1:
+            raise ConfigError("--max-listing-entries: must be 1 or more")
+        hub = replace(hub, max_listing_entries=max_listing_entries)
     return MountConfig(
         mountpoint=Path(mountpoint).absolute(),
         repos=refs,
         cache_dir=Path(cache_dir).absolute() if cache_dir else default_cache_dir(env),
-        hub=HubConfig(endpoint=ep.rstrip("/")),
+        hub=hub,
         fetch=fetch,
         fs=FsConfig(),
         allow_other=allow_other,

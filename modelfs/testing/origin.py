@@ -264,6 +264,9 @@ class _Server(ThreadingHTTPServer):
         self.origin = origin
         self.kind = kind
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Injected resets and clients that hang up are expected: stay quiet."""
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

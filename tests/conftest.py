@@ -1,0 +1,157 @@
+"""Shared fixtures: a real Hub origin on 127.0.0.1 and real FUSE mounts of the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfs.testing.origin import Origin
+
+MiB = 1 << 20
+CHUNK = MiB  # tests mount with 1 MiB chunks so files span many chunks cheaply
+
+
+def _rand(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def build_repos(root: Path) -> dict[str, dict[str, bytes]]:
+    """The origin's content: {"org/name@ref": {path: bytes}}, also written under root."""
+    weights = _rand(1, 10 * MiB + 12345)
+    repos = {
+        "org/model@main": {
+            "config.json": json.dumps({"revision": "main", "hidden": 64}).encode(),
+            "tokenizer.json": json.dumps({"vocab": {f"t{i}": i for i in range(500)}}).encode(),
+            "model.safetensors": weights,
+            "sub/dir/notes.txt": b"nested file\n",
+            "README.md": b"# model\n",
+            "empty.txt": b"",
+        },
+        "org/model@v1": {
+            "config.json": json.dumps({"revision": "v1", "hidden": 32}).encode(),
+            "model.safetensors": _rand(2, 3 * MiB + 7),
+        },
+        "org/other@main": {
+            "config.json": b'{"other": true}',
+            "model.safetensors": weights,  # same bytes as org/model: stored once
+        },
+    }
+    for key, files in repos.items():
+        repo, ref = key.split("@")
+        for path, data in files.items():
+            p = root / repo / ref / path
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    return repos
+
+
+@pytest.fixture
+def repo_data(tmp_path: Path) -> dict[str, dict[str, bytes]]:
+    return build_repos(tmp_path / "origin")
+
+
+@pytest.fixture
+def origin(tmp_path: Path, repo_data: dict[str, dict[str, bytes]]) -> Iterator[Origin]:
+    # page_size=3 makes every tree listing paginate.
+    with Origin(tmp_path / "origin", page_size=3) as o:
+        yield o
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def drop_page_cache() -> None:
+    """Drop the kernel page cache when allowed (root), so re-reads hit the daemon."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Mount:
+    """`modelfs mount --foreground` as a subprocess; unmounts in `close()`."""
+
+    def __init__(self, path: Path, cache_dir: Path, origin: Origin, repos: list[str],
+                 extra: list[str], env: dict[str, str] | None = None) -> None:
+        self.path = path
+        self.cache_dir = cache_dir
+        self.log = cache_dir.parent / f"{path.name}.log"
+        path.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "modelfs", "mount", str(path), "--foreground",
+               "--endpoint", origin.url, "--cache-dir", str(cache_dir), "--chunk-size", "1MiB",
+               "--log-level", "debug", "--log-file", str(self.log), *extra]
+        for r in repos:
+            cmd += ["--repo", r]
+        self.stderr = cache_dir.parent / f"{path.name}.stderr"
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 30
+        while not is_mounted(path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mount exited {self.proc.returncode}: {self.stderr.read_text()}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("mount did not appear within 30s")
+            time.sleep(0.02)
+
+    def p(self, rel: str) -> Path:
+        return self.path / rel
+
+    def close(self) -> int:
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, origin: Origin) -> Iterator:
+    if not fuse_available():
+        pytest.skip("needs /dev/fuse and fusermount3")
+    mounts: list[Mount] = []
+    counter = iter(range(1000))
+
+    def make(repos: list[str], *extra: str, cache: str = "cache",
+             env: dict[str, str] | None = None) -> Mount:
+        m = Mount(tmp_path / f"mnt{next(counter)}", tmp_path / cache, origin, repos, list(extra), env)
+        mounts.append(m)
+        return m
+
+    yield make
+    failures = []
+    for m in mounts:
+        if m.proc.returncode is None:
+            rc = m.close()
+            if rc != 0:
+                failures.append(f"daemon for {m.path} exited {rc}; log:\n{m.log_text()[-3000:]}")
+        assert not is_mounted(m.path)
+    if failures:
+        pytest.fail("\n".join(failures))
