@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -239,15 +240,7 @@ class HttpClient:
                         old = self._host_etags.setdefault((host, content_id), etag)
                         if old != etag:
                             raise RemoteStale(f"{what}: ETag changed from {old} to {etag}")
-                    want = last - first + 1
-                    async for part in resp.aiter_raw():
-                        if skip:
-                            cut = min(skip, len(part))
-                            part, skip = part[cut:], skip - cut
-                        room = want - (len(buf) - (first - start))
-                        buf += part if len(part) <= room else part[:room]
-                        if len(buf) >= length:
-                            break
+                    await _read_body(resp, buf, skip, length)
                 finally:
                     await resp.aclose()
                 if len(buf) < length:
@@ -282,6 +275,24 @@ class HttpClient:
                 raise RemoteStale(f"{what}: origin size is {clen}, listing said {expect.size}")
             return first
         raise RemoteProtocolError(f"{what}: unexpected HTTP {resp.status_code} to a range request")
+
+
+async def _read_body(resp: httpx.Response, buf: bytearray, skip: int, length: int) -> None:
+    """Append body bytes to `buf` after skipping `skip`, up to `length` in all.
+
+    A 206 body is read to its end (its size was checked): leaving httpx's nested
+    async generators half-consumed makes trio warn when they are collected. Only
+    a whole-file 200 is cut short once we have what we need.
+    """
+    async with aclosing(resp.aiter_raw()) as body:
+        async for part in body:
+            if skip:
+                cut = min(skip, len(part))
+                part, skip = part[cut:], skip - cut
+            room = length - len(buf)
+            buf += part if len(part) <= room else part[:room]
+            if len(buf) >= length and resp.status_code == 200:
+                return
 
 
 def _check_linked(headers: Mapping[str, str], expect: Expect, what: str) -> None:

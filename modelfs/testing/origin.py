@@ -106,6 +106,7 @@ class Origin:
         self._repos: dict[str, _Repo] = {}
         self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
         self._blobs: dict[str, OriginFile] = {}
+        self._swaps: dict[tuple[str, str], OriginFile] = {}
         self._hub = _Server((host, port), _Handler, self, "hub")
         self._cdn = _Server((host, cdn_port), _Handler, self, "cdn")
         self._threads: list[threading.Thread] = []
@@ -147,7 +148,8 @@ class Origin:
     def refresh(self) -> None:
         """Re-scan ROOT: refs move to the commit of their current content."""
         repos: dict[str, _Repo] = {}
-        for org in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.exists() else []:
+        orgs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for org in orgs:
             for name in sorted(p for p in org.iterdir() if p.is_dir()):
                 repo_id = f"{org.name}/{name.name}"
                 repo = self._repos.get(repo_id) or _Repo()
@@ -181,11 +183,44 @@ class Origin:
                 self._hash_cache[key] = (sha1.hexdigest(), sha256.hexdigest())
             oid, sha = self._hash_cache[key]
             lfs = st.st_size >= self.lfs_threshold or rel.endswith(LFS_SUFFIXES)
-            f = OriginFile(rel, p, st.st_size, oid, sha if lfs else None)
+            f = OriginFile(rel, self._keep(p, oid), st.st_size, oid, sha if lfs else None)
             if lfs:
                 self._blobs[sha] = f
             out[rel] = f
         return out
+
+    def _keep(self, path: Path, oid: str) -> Path:
+        """Hard-link content into ROOT/.objects so old commits keep their bytes
+        after a file is replaced (`put_file`)."""
+        obj = self.root / ".objects" / oid
+        if not obj.exists():
+            obj.parent.mkdir(exist_ok=True)
+            os.link(path, obj)
+        return obj
+
+    def put_file(self, repo_id: str, ref: str, path: str, data: bytes) -> str:
+        """Replace (atomically) or add a file on a ref, as a push would; returns the new commit."""
+        target = self.root / repo_id / ref / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp-put")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        self.refresh()
+        return self.commit_of(repo_id, ref)
+
+    def swap_content(self, repo_id: str, path: str, data: bytes) -> None:
+        """Misbehaving mirror: serve `data` for `path` at every commit, listings unchanged."""
+        disk = self.root / ".swapped" / repo_id / path
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        disk.write_bytes(data)
+        sha1 = _git_blob_oid(len(data), [data])
+        sha = hashlib.sha256(data).hexdigest()
+        lfs = len(data) >= self.lfs_threshold or path.endswith(LFS_SUFFIXES)
+        f = OriginFile(path, disk, len(data), sha1, sha if lfs else None)
+        with self._lock:
+            self._swaps[(repo_id, path)] = f
+            if lfs:
+                self._blobs[sha] = f
 
     def commit_of(self, repo_id: str, rev: str = "main") -> str:
         return self._lookup(repo_id, rev)[0]
@@ -388,7 +423,7 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             return
         commit, files = found
-        f = files.get(fpath)
+        f = self.server.origin._swaps.get((head, fpath)) or files.get(fpath)
         if f is None:
             self._send(404, b"entry not found", error_code="EntryNotFound")
             return

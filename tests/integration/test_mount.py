@@ -16,7 +16,7 @@ import pytest
 
 from modelfs.testing.origin import Origin
 
-from ..conftest import CHUNK, MiB, drop_page_cache, is_mounted, sha256
+from ..conftest import CHUNK, drop_page_cache, is_mounted, sha256
 
 pytestmark = pytest.mark.fuse
 

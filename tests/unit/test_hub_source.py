@@ -1,0 +1,163 @@
+"""The Hub source client against the real origin fixture (no mocks)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+from modelfs.cache import ChunkStore, Index
+from modelfs.errors import (
+    ListingRejected,
+    RemoteAuthError,
+    RemoteNotFound,
+    RemoteStale,
+    RemoteUnavailable,
+)
+from modelfs.fetch import ChunkReader, FetchConfig, RemoteFile
+from modelfs.remote import HttpConfig, HubConfig, HubSource
+from modelfs.testing.origin import Origin
+from modelfs.types import RepoRef
+
+from ..conftest import MiB
+
+FAST = HttpConfig(retries=2, backoff=0.01, timeout=5)
+
+
+def source(origin: Origin, token: str | None = None, **kw: int) -> HubSource:
+    return HubSource(HubConfig(endpoint=origin.url, http=FAST, **kw), token)
+
+
+async def test_resolve_and_paginated_listing(origin: Origin, repo_data) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    assert commit == origin.commit_of("org/model", "main")
+    snap = await src.list_files("org/model", commit)
+    assert {f.path: f.size for f in snap.files} == {
+        p: len(d) for p, d in repo_data["org/model@main"].items()}
+    assert snap.directories == ("sub", "sub/dir")
+    weights = next(f for f in snap.files if f.path == "model.safetensors")
+    assert weights.sha256 == weights.content_id and len(weights.sha256) == 64
+    config = next(f for f in snap.files if f.path == "config.json")
+    assert config.sha256 is None and len(config.content_id) == 40
+    pages = [r for r in origin.records if "/tree/" in r.path]
+    assert len(pages) == 3  # 8 entries, 3 a page
+    await src.aclose()
+
+
+async def test_listing_cap(origin: Origin) -> None:
+    src = source(origin, max_listing_entries=4)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    with pytest.raises(ListingRejected, match="more than 4 entries; raise max_listing_entries"):
+        await src.list_files("org/model", commit)
+    await src.aclose()
+
+
+async def test_errors_name_repo_revision_and_path(origin: Origin) -> None:
+    src = source(origin)
+    with pytest.raises(RemoteNotFound, match="repo org/missing revision 'main'.*RepoNotFound"):
+        await src.resolve(RepoRef.parse("org/missing"))
+    with pytest.raises(RemoteNotFound, match="repo org/model revision 'v9'.*RevisionNotFound"):
+        await src.resolve(RepoRef.parse("org/model@v9"))
+    origin.require_token["org/model"] = "tok"
+    with pytest.raises(RemoteAuthError, match="gated or private repo org/model: set HF_TOKEN"):
+        await src.resolve(RepoRef.parse("org/model"))
+    await src.aclose()
+
+
+async def test_ranges_redirects_and_token_scope(origin: Origin, repo_data) -> None:
+    origin.require_token["org/model"] = "tok"
+    src = source(origin, token="tok")
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    snap = await src.list_files("org/model", commit)
+    files = {f.path: f for f in snap.files}
+    w = repo_data["org/model@main"]["model.safetensors"]
+    assert await src.read("org/model", commit, files["model.safetensors"], 5, 1000) == w[5:1005]
+    assert await src.read("org/model", commit, files["model.safetensors"], len(w) - 3, 3) == w[-3:]
+    c = repo_data["org/model@main"]["config.json"]
+    assert await src.read("org/model", commit, files["config.json"], 2, 5) == c[2:7]
+    cdn = [r for r in origin.records if r.server == "cdn"]
+    assert cdn and not any(r.authorized for r in cdn)
+    assert all(r.authorized for r in origin.records if r.server == "hub")
+    with pytest.raises(RemoteNotFound, match="beyond end of file"):
+        await src.read("org/model", commit, files["config.json"], 2, 500)
+    await src.aclose()
+
+
+async def test_reset_is_resumed_and_retries_are_bounded(origin: Origin, repo_data,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files
+                 if f.path == "model.safetensors")
+    w = repo_data["org/model@main"]["model.safetensors"]
+    origin.reset_next(2, after_bytes=100_000, match="model.safetensors")
+    assert await src.read("org/model", commit, entry, 0, 2 * MiB) == w[:2 * MiB]
+    origin.fail_next(10, 502, match="model.safetensors")
+    with pytest.raises(RemoteUnavailable, match=r"model.safetensors at offset 7: HTTP 502 \(gave up"):
+        await src.read("org/model", commit, entry, 7, 10)
+    assert "retry 1/2" in caplog.text
+    await src.aclose()
+
+
+async def test_old_commit_still_reads_after_push(origin: Origin, repo_data) -> None:
+    src = source(origin)
+    old = await src.resolve(RepoRef.parse("org/model"))
+    files = {f.path: f for f in (await src.list_files("org/model", old)).files}
+    new = origin.put_file("org/model", "main", "model.safetensors", b"new weights" * 1000)
+    assert new != old
+    w = repo_data["org/model@main"]["model.safetensors"]
+    assert await src.read("org/model", old, files["model.safetensors"], 100, 50) == w[100:150]
+    await src.aclose()
+
+
+@pytest.mark.parametrize(("path", "size"), [("model.safetensors", 10 * MiB + 12345),
+                                            ("model.safetensors", 5 * MiB),
+                                            ("config.json", 34), ("config.json", 12)])
+async def test_changed_content_is_stale_never_mixed(origin: Origin, repo_data, path: str,
+                                                    size: int) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files if f.path == path)
+    first = await src.read("org/model", commit, entry, 0, 10)
+    assert first == repo_data["org/model@main"][path][:10]
+    # A misbehaving mirror now serves other bytes (same or other size) for the same commit.
+    origin.swap_content("org/model", path, bytes(reversed(repo_data["org/model@main"][path]))[:size]
+                        .ljust(size, b"z"))
+    with pytest.raises(RemoteStale):
+        await src.read("org/model", commit, entry, 0, 10)
+    await src.aclose()
+
+
+async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_path: Path) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files
+                 if f.path == "model.safetensors")
+    f = RemoteFile(src, "org/model", commit, entry)
+    w = repo_data["org/model@main"]["model.safetensors"]
+    index = Index(tmp_path / "ix")
+    reader = ChunkReader(index, ChunkStore(tmp_path / "store"), FetchConfig(chunk_size=MiB))
+    origin.delay = 0.2
+    results: list[bytes] = [b""] * 8
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+
+        async def one(i: int) -> None:
+            results[i] = await reader.read(f, 3 * MiB + i * 1000, 500)
+
+        async with trio.open_nursery() as readers:
+            for i in range(8):
+                readers.start_soon(one, i)
+        assert results == [w[3 * MiB + i * 1000:3 * MiB + i * 1000 + 500] for i in range(8)]
+        ranges = [r.range for r in origin.records if r.server == "cdn"]
+        # one request for the chunk all eight read; read-ahead may fetch later chunks
+        assert ranges.count(f"bytes={3 * MiB}-{4 * MiB - 1}") == 1
+        assert await reader.read(f, 3 * MiB, 10) == w[3 * MiB:3 * MiB + 10]
+        assert reader.statistics().hits == 1
+        nursery.cancel_scope.cancel()
+    index.close()
+    await src.aclose()
