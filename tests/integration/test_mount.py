@@ -197,7 +197,9 @@ def test_5xx_is_retried_with_backoff(mount_factory, origin: Origin, repo_data) -
     with open(m.p(f"org/model/{WEIGHTS}"), "rb") as f:
         assert f.read(1000) == repo_data[MAIN][WEIGHTS][:1000]
     statuses = [r.status for r in origin.data_requests()]
-    assert statuses[:4] == [503, 503, 503, 429]
+    # Every injected failure was seen and retried (read-ahead may interleave other fetches).
+    assert statuses.count(503) == 3
+    assert statuses.count(429) == 1
 
 
 def test_persistent_failure_is_eio_and_logged_then_recovers(mount_factory, origin: Origin,
