@@ -16,6 +16,7 @@ Read-ahead (kept minimal here): when a file is read sequentially, the next
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -34,12 +35,14 @@ class FetchConfig:
     """`chunk_size` is the unit of caching and of a single fetch; `max_fetches`
     bounds concurrent origin requests (and so memory in flight:
     max_fetches * chunk_size); `readahead_chunks` is how far a sequential
-    reader is fetched ahead."""
+    reader is fetched ahead; `recent_bytes` bounds the just-fetched chunks kept
+    in memory, from which reads are answered without a copy or a syscall."""
 
     chunk_size: int = 4 << 20
     max_fetches: int = 16
     readahead_chunks: int = 8
     io_threads: int = 8
+    recent_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +71,7 @@ class ReaderStats:
 @dataclass(slots=True)
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: bytearray | None = None
     error: BaseException | None = None
 
 
@@ -88,6 +91,8 @@ class ChunkReader:
         self.config = config
         self._inflight: dict[tuple[str, int], _Flight] = {}
         self._streams: dict[str, _Stream] = {}
+        self._recent: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
+        self._recent_size = 0
         self._fetch_slots = trio.Semaphore(config.max_fetches)
         self._io = trio.CapacityLimiter(config.io_threads)
         self._nursery: trio.Nursery | None = None
@@ -104,8 +109,11 @@ class ChunkReader:
             task_status.started()
             await trio.sleep_forever()
 
-    async def read(self, f: RemoteFile, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of `f`, clipped at its end."""
+    async def read(self, f: RemoteFile, offset: int, size: int) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of `f`, clipped at its end.
+
+        A read within one chunk that was just fetched is a memoryview of it (no copy).
+        """
         cs = self.config.chunk_size
         parts = pieces(offset, size, f.entry.size, cs)
         if not parts:
@@ -118,8 +126,13 @@ class ChunkReader:
             raise
         return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _read_piece(self, f: RemoteFile, p: Piece) -> bytes:
+    async def _read_piece(self, f: RemoteFile, p: Piece) -> bytes | memoryview:
         cid, cs = f.entry.content_id, self.config.chunk_size
+        recent = self._recent.get((cid, p.index))
+        if recent is not None:
+            self._recent.move_to_end((cid, p.index))
+            self._stats.hits += 1
+            return memoryview(recent)[p.start:p.end]
         digest = self._index.get_chunk(cid, cs, p.index)
         if digest is not None:
             data = self._store.read(digest, p.start, p.end - p.start)
@@ -130,9 +143,9 @@ class ChunkReader:
             self._index.drop_chunk(cid, cs, p.index)
         self._stats.misses += 1
         data = await self._fetch(f, p.index)
-        return data[p.start:p.end]
+        return memoryview(data)[p.start:p.end]
 
-    async def _fetch(self, f: RemoteFile, idx: int) -> bytes:
+    async def _fetch(self, f: RemoteFile, idx: int) -> bytearray:
         """The whole chunk `idx`, sharing any fetch already in flight."""
         while True:
             flight = self._start(f, idx)
@@ -164,6 +177,7 @@ class ChunkReader:
             self._stats.bytes_fetched += len(data)
             digest = await trio.to_thread.run_sync(self._store.put, data, limiter=self._io)
             self._index.put_chunk(f.entry.content_id, cs, idx, digest, len(data), len(data))
+            self._remember(f.entry.content_id, idx, data)
             flight.data = data
         except Exception as exc:
             self._stats.fetch_errors += 1
@@ -176,6 +190,17 @@ class ChunkReader:
         finally:
             del self._inflight[(f.entry.content_id, idx)]
             flight.done.set()
+
+    def _remember(self, cid: str, idx: int, data: bytearray) -> None:
+        """Keep a just-fetched chunk in memory, evicting the oldest beyond `recent_bytes`."""
+        budget = self.config.recent_bytes
+        if len(data) > budget:
+            return
+        self._recent[(cid, idx)] = data
+        self._recent_size += len(data)
+        while self._recent_size > budget:
+            _, old = self._recent.popitem(last=False)
+            self._recent_size -= len(old)
 
     def _read_ahead(self, f: RemoteFile, offset: int, end: int, last_index: int) -> None:
         """Start background fetches ahead of a sequential reader.

@@ -172,7 +172,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_boundary
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes | memoryview:
         f = self._handles.get(fh)
         if f is None:
             raise pyfuse3.FUSEError(errno.EBADF)

@@ -89,7 +89,7 @@ class HubSource:
         return Snapshot(repo_id, commit, kept, directories)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int,
-                   length: int) -> bytes:
+                   length: int) -> bytearray:
         """Exactly `length` bytes of `entry` at `commit` from offset `start`."""
         if start < 0 or start + length > entry.size:
             raise RemoteNotFound(f"repo {repo_id}: {entry.path}: range beyond end of file")

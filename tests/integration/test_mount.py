@@ -42,6 +42,14 @@ def test_tree_sizes_and_modes(mount_factory, repo_data) -> None:
     assert os.statvfs(m.path).f_namemax == 255
 
 
+def test_allow_other_is_passed_to_the_kernel(mount_factory) -> None:
+    m = mount_factory(["org/model"], "--allow-other")
+    with open("/proc/self/mounts") as f:
+        opts = next(line.split()[3] for line in f if line.split()[1] == str(m.path))
+    assert "allow_other" in opts.split(",")
+    assert "ro" in opts.split(",")
+
+
 def test_listing_needs_no_data_requests(mount_factory, origin: Origin) -> None:
     m = mount_factory(["org/model"])
     list(m.p("org/model").rglob("*"))

@@ -1,0 +1,58 @@
+"""Flags and environment compose into a MountConfig; bad input names its source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelfs.config import build_mount_config, parse_size
+from modelfs.errors import ConfigError
+
+
+def build(env: dict[str, str], **kw: object):
+    args: dict[str, object] = dict(mountpoint="/m", repos=("org/a",), endpoint=None, cache_dir=None,
+                                   token_file=None, allow_other=False, chunk_size=None)
+    args.update(kw)
+    return build_mount_config(env=env, **args)  # type: ignore[arg-type]
+
+
+def test_endpoint_and_token_sources(tmp_path: Path) -> None:
+    c = build({})
+    assert c.hub.endpoint == "https://huggingface.co"
+    assert c.token is None
+    c = build({"HF_ENDPOINT": "http://mirror:8080/", "HF_TOKEN": "hf_env"})
+    assert c.hub.endpoint == "http://mirror:8080"
+    assert c.token == "hf_env"
+    assert "hf_env" not in repr(c)
+    tf = tmp_path / "tok"
+    tf.write_text("hf_file\n")
+    c = build({"HF_TOKEN": "hf_env"}, endpoint="http://x", token_file=str(tf))
+    assert (c.hub.endpoint, c.token) == ("http://x", "hf_file")
+    assert build({"MODELFS_CACHE_DIR": "/cache"}).cache_dir == Path("/cache")
+
+
+def test_bad_values_name_their_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="HF_ENDPOINT"):
+        build({"HF_ENDPOINT": "ftp://x"})
+    with pytest.raises(ConfigError, match="--endpoint"):
+        build({}, endpoint="nope")
+    with pytest.raises(ConfigError, match="--chunk-size"):
+        build({}, chunk_size="3MiB")
+    with pytest.raises(ConfigError, match="--chunk-size"):
+        build({}, chunk_size="lots")
+    with pytest.raises(ConfigError, match="--token-file"):
+        build({}, token_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="--repo org/a: listed twice"):
+        build({}, repos=("org/a", "org/a"))
+    with pytest.raises(ConfigError, match="--retries"):
+        build({}, retries=-1)
+    with pytest.raises(ConfigError, match="--repo: give at least one"):
+        build({}, repos=())
+
+
+def test_parse_size() -> None:
+    assert parse_size("4MiB", what="x") == 4 << 20
+    assert parse_size("64K", what="x") == 64 << 10
+    assert parse_size("123", what="x") == 123
+    assert parse_size("1G", what="x") == 1 << 30
