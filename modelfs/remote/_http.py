@@ -217,9 +217,9 @@ class HttpClient:
             while True:
                 host = urlsplit(url).netloc
                 extra = {"Range": f"bytes={first}-{last}"}
+                # Only a validator this host gave us for this content: a foreign one
+                # (the Hub's id sent to a CDN or a plain mirror) would never match.
                 validator = self._host_etags.get((host, content_id))
-                if validator is None and host == self._auth_host and expect.etag:
-                    validator = expect.etag
                 if validator and not validator.startswith("W/"):
                     extra["If-Range"] = validator
                 req = self._client.build_request("GET", url, headers=self._headers(url, extra))
@@ -238,6 +238,7 @@ class HttpClient:
                         raise RemoteProtocolError(f"{what}: origin ignored Accept-Encoding")
                     skip = self._check_body_range(resp, first, last, expect, what, "If-Range" in extra)
                     etag = resp.headers.get("ETag")
+                    _check_content_etag(etag, expect, what)
                     if etag:
                         old = self._host_etags.setdefault((host, content_id), etag)
                         if old != etag:
@@ -306,6 +307,19 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
             buf.filled += n
             if buf.filled >= size and resp.status_code == 200:
                 return
+
+
+_CONTENT_ID = re.compile(r'^"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
+
+
+def _check_content_etag(etag: str | None, expect: Expect, what: str) -> None:
+    """An ETag that is a git or LFS id (the Hub's own) must be the listing's id.
+
+    Other ETags (a CDN's, nginx's `"mtime-size"`) say nothing about the listing.
+    """
+    m = _CONTENT_ID.match(etag or "")
+    if m and expect.etag and m.group(1) not in (expect.etag.strip('"'), expect.sha256):
+        raise RemoteStale(f"{what}: origin now serves another version (ETag {etag})")
 
 
 def _check_linked(headers: Mapping[str, str], expect: Expect, what: str) -> None:
