@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""modelfs against its peers, on the same local nginx origin, in one run.
+
+    python bench/run.py [--size-mib 1024] [--runs 3] [--write-docs]
+
+Installs what it needs (apt-get: nginx aria2 rclone fio curl; pip: huggingface_hub),
+generates a Hub-style repo (two incompressible shards plus config and tokenizer),
+serves it with nginx on 127.0.0.1 through the Hub endpoints (static JSON for
+revision and tree; the resolve path with Range, ETag and X-Repo-Commit; an
+autoindex for rclone's http backend), then runs every case `--runs` times,
+interleaved (A B C A B C ...), and prints one table of medians and ratios.
+Machines here are noisy: compare ratios within one run, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = "bench/model"
+MiB = 1 << 20
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, **kw)
+
+
+def ensure_tools() -> None:
+    need = [t for t in ("nginx", "aria2c", "rclone", "fio", "curl", "fusermount3")
+            if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if need:
+        pkgs = {"aria2c": "aria2", "fusermount3": "fuse3"}
+        sh("apt-get", "update", "-qq")
+        sh("apt-get", "install", "-y", "-qq", *[pkgs.get(t, t) for t in need],
+           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL)
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        sh(sys.executable, "-m", "pip", "install", "-q", "huggingface_hub")
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The origin ----------------------------------------------------------------------------
+
+
+@dataclass
+class Origin:
+    work: Path
+    port: int = 0
+    commit: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def resolve_url(self, path: str) -> str:
+        return f"{self.url}/{REPO}/resolve/{self.commit}/{path}"
+
+    def generate(self, size_mib: int) -> None:
+        root = self.work / "files" / REPO
+        root.mkdir(parents=True, exist_ok=True)
+        for i in (1, 2):
+            p = root / f"model-0000{i}-of-00002.safetensors"
+            if not p.exists() or p.stat().st_size != size_mib * MiB:
+                print(f"generating {p} ({size_mib} MiB)", flush=True)
+                with open(p, "wb") as f:
+                    for _ in range(size_mib):
+                        f.write(os.urandom(MiB))
+        (root / "config.json").write_text(json.dumps({"architectures": ["Bench"], "hidden": 4096}))
+        (root / "tokenizer.json").write_text(json.dumps({"vocab": {f"t{i}": i for i in range(30000)}}))
+        self.files = {p.name: p for p in sorted(root.iterdir())}
+
+    def write_api(self) -> None:
+        entries = []
+        for name, p in self.files.items():
+            data_hash = hashlib.sha256()
+            blob = hashlib.sha1(f"blob {p.stat().st_size}\0".encode())
+            with open(p, "rb") as f:
+                while block := f.read(8 * MiB):
+                    data_hash.update(block)
+                    blob.update(block)
+            e = {"type": "file", "path": name, "size": p.stat().st_size, "oid": blob.hexdigest()}
+            if name.endswith(".safetensors"):
+                e["lfs"] = {"oid": data_hash.hexdigest(), "size": p.stat().st_size, "pointerSize": 134}
+            entries.append(e)
+        self.commit = hashlib.sha1(json.dumps(entries).encode()).hexdigest()
+        api = self.work / "www" / "api" / "models" / REPO
+        for rev in ("main", self.commit):
+            (api / "revision").mkdir(parents=True, exist_ok=True)
+            (api / "tree").mkdir(parents=True, exist_ok=True)
+            (api / "revision" / rev).write_text(json.dumps(
+                {"id": REPO, "sha": self.commit, "siblings": [{"rfilename": n} for n in self.files]}))
+            (api / "tree" / rev).write_text(json.dumps(entries))
+
+    def start(self) -> None:
+        self.port = free_port()
+        conf = self.work / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 2;
+pid {self.work}/nginx.pid;
+error_log {self.work}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    types {{ application/json json; }}
+    default_type application/octet-stream;
+    log_format bytes '$bytes_sent $request';
+    access_log {self.work}/access.log bytes;
+    sendfile on; tcp_nopush on; keepalive_requests 100000;
+    client_body_temp_path {self.work}/tmp; proxy_temp_path {self.work}/tmp;
+    fastcgi_temp_path {self.work}/tmp; uwsgi_temp_path {self.work}/tmp; scgi_temp_path {self.work}/tmp;
+    server {{
+        listen 127.0.0.1:{self.port};
+        location /api/ {{ root {self.work}/www; default_type application/json; }}
+        location ~ ^/{REPO}/resolve/[^/]+/(.+)$ {{
+            alias {self.work}/files/{REPO}/$1;
+            add_header X-Repo-Commit {self.commit};
+        }}
+        location /plain/ {{ alias {self.work}/files/{REPO}/; autoindex on; }}
+    }}
+}}
+""")
+        (self.work / "tmp").mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"])
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def bytes_sent(self) -> int:
+        """Bytes nginx has sent so far (from its access log)."""
+        log = self.work / "access.log"
+        if not log.exists():
+            return 0
+        return sum(int(line.split(" ", 1)[0]) for line in log.read_text().splitlines() if line)
+
+
+# Mounts -------------------------------------------------------------------------------------
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+class ModelfsMount:
+    def __init__(self, origin: Origin, work: Path, cache: Path) -> None:
+        self.path = work / "mnt-modelfs"
+        self.path.mkdir(parents=True, exist_ok=True)
+        out = sh("modelfs", "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
+                 "--cache-dir", str(cache), capture_output=True, text=True)
+        self.pid = int(out.stdout.split("pid ")[1].split(",")[0])
+
+    def file(self, name: str) -> Path:
+        return self.path / REPO / name
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def close(self) -> None:
+        sh("modelfs", "umount", str(self.path), check=False)
+
+
+class RcloneMount:
+    def __init__(self, origin: Origin, work: Path) -> None:
+        self.path = work / "mnt-rclone"
+        self.path.mkdir(parents=True, exist_ok=True)
+        cache = work / "rclone-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        self.proc = subprocess.Popen(
+            ["rclone", "mount", ":http:", str(self.path), "--http-url", f"{origin.url}/plain/",
+             "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--read-only",
+             "--config", "/dev/null"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            if is_mounted(self.path):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("rclone mount did not appear")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def close(self) -> None:
+        sh("fusermount3", "-u", str(self.path), check=False)
+        self.proc.wait(timeout=30)
+
+
+# Cases -----------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def cat(path: Path) -> None:
+    sh("cat", str(path), stdout=subprocess.DEVNULL)
+
+
+def read_first_mib(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.read(MiB)
+
+
+def fio_randread(path: Path) -> float:
+    """fio random 1 MiB reads over the first 256 MiB; returns seconds."""
+    out = sh("fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=1M", "--size=256M",
+             "--readonly", "--ioengine=psync", "--output-format=json", capture_output=True, text=True)
+    job = json.loads(out.stdout)["jobs"][0]["read"]
+    return job["runtime"] / 1000 if job["runtime"] else float("nan")
+
+
+@dataclass
+class Result:
+    name: str
+    nbytes: int
+    times: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def med(self) -> float:
+        return statistics.median(self.times)
+
+    def mbps(self) -> float:
+        return self.nbytes / self.med() / 1e6
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.origin = Origin(self.work)
+        self.results: dict[str, Result] = {}
+        self.extra: dict[str, str] = {}
+
+    def add(self, name: str, nbytes: int, seconds: float, note: str = "") -> None:
+        r = self.results.setdefault(name, Result(name, nbytes))
+        r.times.append(seconds)
+        if note:
+            r.note = note
+
+    @property
+    def shard(self) -> str:
+        return next(n for n in self.origin.files if n.endswith(".safetensors"))
+
+    def fresh_cache(self) -> Path:
+        cache = self.work / "modelfs-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        return cache
+
+    def round(self) -> None:
+        o, work, shard = self.origin, self.work, self.shard
+        size = o.files[shard].stat().st_size
+        dl = work / "dl"
+
+        # curl to a file
+        shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir()
+        drop_caches()
+        self.add("curl → file", size, timed(lambda: sh("curl", "-s", "-o", str(dl / "f"),
+                                                       o.resolve_url(shard))))
+        # aria2c -x16 -s16 to a file
+        shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir()
+        drop_caches()
+        self.add("aria2c -x16 → file", size, timed(lambda: sh(
+            "aria2c", "-q", "-x16", "-s16", "-k1M", "--file-allocation=none", "-d", str(dl),
+            "-o", "f", o.resolve_url(shard))))
+        shutil.rmtree(dl, ignore_errors=True)
+        # one curl range request of the first MiB
+        drop_caches()
+        self.add("curl range 1 MiB", MiB, timed(lambda: sh(
+            "curl", "-s", "-o", "/dev/null", "-r", f"0-{MiB - 1}", o.resolve_url(shard))))
+
+        # rclone mount, cold cat and fio
+        rc = RcloneMount(o, work)
+        try:
+            drop_caches()
+            self.add("rclone mount cold cat", size, timed(lambda: cat(rc.file(shard))))
+        finally:
+            rc.close()
+        rc = RcloneMount(o, work)
+        try:
+            drop_caches()
+            self.add("rclone mount fio randread", 256 * MiB, fio_randread(rc.file(shard)))
+        finally:
+            rc.close()
+
+        # modelfs: cold cat, then warm (remount, page cache dropped), then hot
+        m = ModelfsMount(o, work, self.fresh_cache())
+        try:
+            drop_caches()
+            cpu0 = m.cpu_seconds()
+            self.add("modelfs cold cat", size, timed(lambda: cat(m.file(shard))))
+            self.extra["daemon CPU s per GiB cold"] = f"{(m.cpu_seconds() - cpu0) * (1 << 30) / size:.2f}"
+            other = [n for n in o.files if n.endswith(".safetensors") and n != shard]
+            for n in other:
+                cat(m.file(n))
+            self.extra["daemon peak RSS MiB (both shards streamed)"] = f"{m.peak_rss_mib():.0f}"
+        finally:
+            m.close()
+        m = ModelfsMount(o, work, work / "modelfs-cache")
+        try:
+            drop_caches()
+            self.add("modelfs warm cat (remount, page cache dropped)", size,
+                     timed(lambda: cat(m.file(shard))))
+            self.add("modelfs hot cat (page cache)", size, timed(lambda: cat(m.file(shard))))
+        finally:
+            m.close()
+        # modelfs first MiB, uncached
+        m = ModelfsMount(o, work, self.fresh_cache())
+        try:
+            drop_caches()
+            self.add("modelfs first MiB (uncached)", MiB, timed(lambda: read_first_mib(m.file(shard))))
+        finally:
+            m.close()
+        # modelfs fio randread cold, with origin bytes
+        m = ModelfsMount(o, work, self.fresh_cache())
+        try:
+            drop_caches()
+            before = o.bytes_sent()
+            self.add("modelfs fio randread", 256 * MiB, fio_randread(m.file(shard)))
+            fetched = o.bytes_sent() - before
+            self.extra["modelfs fio: origin bytes / bytes read"] = f"{fetched / (256 * MiB):.2f}"
+        finally:
+            m.close()
+
+        # local disk references
+        drop_caches()
+        self.add("local disk cold (dd)", size, timed(lambda: sh(
+            "dd", f"if={o.files[shard]}", "of=/dev/null", "bs=1M", "status=none")))
+        cat(o.files[shard])
+        self.add("local page cache (cat)", size, timed(lambda: cat(o.files[shard])))
+
+    def table(self) -> str:
+        rows = ["| case | median s | min s | max s | MB/s | ratio |", "|---|---:|---:|---:|---:|---|"]
+        ref = {
+            "modelfs cold cat": ("curl → file", "rclone mount cold cat"),
+            "modelfs fio randread": ("rclone mount fio randread",),
+            "modelfs first MiB (uncached)": ("curl range 1 MiB",),
+            "modelfs warm cat (remount, page cache dropped)": ("local disk cold (dd)",),
+            "modelfs hot cat (page cache)": ("local page cache (cat)",),
+        }
+        for r in self.results.values():
+            ratios = []
+            for other in ref.get(r.name, ()):
+                if other in self.results:
+                    ratios.append(f"{self.results[other].med() / r.med():.2f}x {other}")
+            rows.append(f"| {r.name} | {r.med():.3f} | {min(r.times):.3f} | {max(r.times):.3f} | "
+                        f"{r.mbps():.0f} | {'; '.join(ratios)} |")
+        rows.append("")
+        rows += [f"- {k}: {v}" for k, v in self.extra.items()]
+        return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="size of each shard")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default="/var/tmp/modelfs-bench")
+    ap.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark drops the page cache between cases")
+    ensure_tools()
+    b = Bench(args)
+    b.origin.generate(args.size_mib)
+    b.origin.write_api()
+    b.origin.start()
+    try:
+        for i in range(args.runs):
+            print(f"round {i + 1}/{args.runs}", flush=True)
+            b.round()
+    finally:
+        b.origin.stop()
+    table = b.table()
+    print(table)
+    if args.write_docs:
+        cmd = " ".join(["python", "bench/run.py", *sys.argv[1:]])
+        head = (f"Machine: {platform.node()}, {os.cpu_count()} cores, "
+                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB, "
+                f"Linux {platform.release()}, Python {platform.python_version()}; "
+                f"{time.strftime('%Y-%m-%d')}. Command: `{cmd}`; {args.runs} runs each, "
+                f"interleaved; shards of {args.size_mib} MiB.\n")
+        out = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+        text = out.read_text() if out.exists() else "# Benchmarks\n"
+        marker = "<!-- bench:table -->"
+        block = f"{marker}\n{head}\n{table}\n{marker}"
+        if marker in text:
+            pre, _, rest = text.partition(marker)
+            _, _, post = rest.partition(marker)
+            text = pre + block + post
+        else:
+            text += "\n" + block + "\n"
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
