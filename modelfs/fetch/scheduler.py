@@ -1,0 +1,138 @@
+"""One gate for every origin request: priorities, connection and memory limits, bandwidth.
+
+Every fetch asks for a slot with a priority and the bytes it will hold:
+
+- DEMAND (a reader is blocked) > READAHEAD (a sequential stream will need it soon)
+  > PREFETCH (whole files in the background).
+- `max_fetches` bounds concurrent requests; `demand_reserve` of them are never
+  given to read-ahead or prefetch, so a demand read never queues behind
+  background work that already holds every slot.
+- `memory_bytes` bounds the bytes held by fetches in flight, so 32 open files
+  cannot exhaust memory however large their read-ahead windows grow.
+- `bandwidth` (bytes/s, optional) is a token bucket charged when a slot is granted.
+
+Waiters are served strictly by (priority, arrival). The state is plain data
+mutated without checkpoints, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import trio
+
+
+class Priority(IntEnum):
+    DEMAND = 0
+    READAHEAD = 1
+    PREFETCH = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_fetches: int = 16
+    demand_reserve: int = 4
+    memory_bytes: int = 256 << 20
+    bandwidth: float | None = None  # bytes per second; None = unlimited
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    active: int
+    waiting: int
+    bytes_in_flight: int
+    granted: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    priority: int
+    seq: int
+    nbytes: int = field(compare=False)
+    event: trio.Event = field(compare=False, default_factory=trio.Event)
+    cancelled: bool = field(compare=False, default=False)
+
+
+class FetchScheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._active = 0
+        self._in_flight = 0
+        self._heap: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._granted = {p.name: 0 for p in Priority}
+        self._tokens = float(config.bandwidth or 0)
+        self._last_refill = trio.current_time() if config.bandwidth else 0.0
+
+    def statistics(self) -> SchedulerStats:
+        return SchedulerStats(self._active, sum(not w.cancelled for w in self._heap),
+                              self._in_flight, dict(self._granted))
+
+    def _fits(self, priority: int, nbytes: int) -> bool:
+        cfg = self.config
+        limit = cfg.max_fetches if priority == Priority.DEMAND else max(
+            1, cfg.max_fetches - cfg.demand_reserve)
+        if self._active >= limit:
+            return False
+        # A fetch larger than the whole budget may still run alone.
+        return self._in_flight == 0 or self._in_flight + nbytes <= cfg.memory_bytes
+
+    def _wake(self) -> None:
+        while self._heap:
+            w = self._heap[0]
+            if w.cancelled:
+                heapq.heappop(self._heap)
+                continue
+            if not self._fits(w.priority, w.nbytes):
+                # Strict order: nothing of lower priority jumps ahead. A demand waiter
+                # blocked only by the background limit cannot be, by construction.
+                return
+            heapq.heappop(self._heap)
+            self._grant(w.priority, w.nbytes)
+            w.event.set()
+
+    def _grant(self, priority: int, nbytes: int) -> None:
+        self._active += 1
+        self._in_flight += nbytes
+        self._granted[Priority(priority).name] += 1
+
+    def _release(self, nbytes: int) -> None:
+        self._active -= 1
+        self._in_flight -= nbytes
+        self._wake()
+
+    async def _throttle(self, nbytes: int) -> None:
+        rate = self.config.bandwidth
+        if not rate:
+            return
+        now = trio.current_time()
+        self._tokens = min(rate, self._tokens + (now - self._last_refill) * rate)
+        self._last_refill = now
+        self._tokens -= nbytes
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / rate)
+
+    @asynccontextmanager
+    async def slot(self, priority: Priority, nbytes: int) -> AsyncIterator[None]:
+        """Hold one request slot and `nbytes` of the memory budget."""
+        w = _Waiter(int(priority), next(self._seq), nbytes)
+        heapq.heappush(self._heap, w)
+        self._wake()
+        try:
+            await w.event.wait()  # a checkpoint even when already granted
+        except BaseException:
+            if w.event.is_set():
+                self._release(nbytes)
+            else:
+                w.cancelled = True
+            raise
+        try:
+            await self._throttle(nbytes)
+            yield
+        finally:
+            self._release(nbytes)
