@@ -51,7 +51,8 @@ class HttpConfig:
     `timeout` bounds every connect and every socket read, so nothing hangs
     forever; `retries` and `backoff` bound how long a failing origin is retried
     (backoff doubles up to `max_backoff`; a `Retry-After` is honoured up to
-    `max_retry_after`).
+    `max_retry_after`). A redirect target (a CDN URL) is reused for the same file
+    for `redirect_ttl` seconds, then asked for again (signed URLs expire).
     """
 
     timeout: float = 30.0
@@ -61,6 +62,7 @@ class HttpConfig:
     max_retry_after: float = 60.0
     max_connections: int = 64
     max_redirects: int = 5
+    redirect_ttl: float = 300.0
     user_agent: str = "modelfs/0.1"
 
 
@@ -110,6 +112,9 @@ class HttpClient:
         # ETags seen per (host, content id): lets a resumed or later range read on a
         # redirect target (a CDN whose ETag is its own) carry If-Range.
         self._host_etags: dict[tuple[str, str], str] = {}
+        # Where the endpoint redirected a resolve URL (commit-pinned, so the target
+        # holds the same bytes), until `redirect_ttl`: halves requests per chunk.
+        self._redirects: dict[str, tuple[str, float]] = {}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -213,6 +218,11 @@ class HttpClient:
         first = start + buf.filled
         last = start + length - 1
         hops = 0
+        origin_url = url
+        cached = self._redirects.get(origin_url)
+        via_cache = cached is not None and cached[1] > trio.current_time()
+        if via_cache:
+            url = cached[0]  # type: ignore[index]
         try:
             while True:
                 host = urlsplit(url).netloc
@@ -230,7 +240,15 @@ class HttpClient:
                         hops += 1
                         if hops > self._config.max_redirects:
                             raise RemoteProtocolError(f"{what}: too many redirects")
+                        await resp.aread()  # an empty body: read it so the connection is reused
                         url = urljoin(url, resp.headers.get("Location", ""))
+                        self._redirects[origin_url] = (
+                            url, trio.current_time() + self._config.redirect_ttl)
+                        continue
+                    if via_cache and resp.status_code >= 400:
+                        # The remembered CDN URL expired or went away: ask the endpoint again.
+                        self._redirects.pop(origin_url, None)
+                        via_cache, url = False, origin_url
                         continue
                     self._check_status(resp, what, auth_msg)
                     _check_linked(resp.headers, expect, what)
@@ -250,6 +268,8 @@ class HttpClient:
                     raise _Retry(f"body ended after {buf.filled} of {length} bytes")
                 return
         except httpx.TransportError as exc:
+            if via_cache:
+                self._redirects.pop(origin_url, None)
             raise _Retry(_describe(exc)) from None
 
     @staticmethod

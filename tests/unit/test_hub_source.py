@@ -127,9 +127,11 @@ async def test_changed_content_is_stale_never_mixed(origin: Origin, repo_data, p
     # A misbehaving mirror now serves other bytes (same or other size) for the same commit.
     origin.swap_content("org/model", path, bytes(reversed(repo_data["org/model@main"][path]))[:size]
                         .ljust(size, b"z"))
+    fresh = source(origin)  # no remembered redirect: asks the endpoint, which names the new bytes
     with pytest.raises(RemoteStale):
-        await src.read("org/model", commit, entry, 0, 10)
+        await fresh.read("org/model", commit, entry, 0, 10)
     await src.aclose()
+    await fresh.aclose()
 
 
 async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_path: Path) -> None:
@@ -160,4 +162,22 @@ async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_pat
         assert reader.statistics().hits == 1
         nursery.cancel_scope.cancel()
     index.close()
+    await src.aclose()
+
+
+async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files
+                 if f.path == "model.safetensors")
+    w = repo_data["org/model@main"]["model.safetensors"]
+    origin.reset_stats()
+    for i in range(3):
+        assert await src.read("org/model", commit, entry, i * MiB, 100) == w[i * MiB:i * MiB + 100]
+    assert [r.server for r in origin.data_requests()] == ["hub", "cdn", "cdn", "cdn"]
+    origin.reset_stats()
+    origin.fail_next(1, 404, match="/cdn/")  # the remembered CDN URL went away
+    assert await src.read("org/model", commit, entry, 5 * MiB, 100) == w[5 * MiB:5 * MiB + 100]
+    assert [(r.server, r.status) for r in origin.data_requests()] == [
+        ("cdn", 404), ("hub", 302), ("cdn", 206)]
     await src.aclose()
