@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
@@ -77,22 +78,26 @@ def main() -> None:
 @click.option("--retry-backoff", type=float, help="First retry delay in seconds, doubled each time.")
 @click.option("--timeout", type=float, help="Per-request connect/read timeout in seconds (default 30).")
 @click.option("--max-listing-entries", type=int, help="Refuse repo listings larger than this.")
+@click.option("--max-connections", type=int,
+              help="Concurrent origin requests in all (default 16; 4 kept for demand reads).")
+@click.option("--per-file-connections", type=int,
+              help="Concurrent requests of one file's background prefetch (default 8).")
+@click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB).")
+@click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s (default none).")
+@click.option("--prefetch-on-open", metavar="GLOBS",
+              help="Comma-separated patterns of files fetched whole in the background when "
+                   "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.option("--log-file", type=click.Path(dir_okay=False),
               help="Log here (default: stderr with --foreground, else CACHE_DIR/modelfs.log).")
 @click.option("--ready-fd", type=int, hidden=True)
-def mount(mountpoint: str, repos: tuple[str, ...], endpoint: str | None, cache_dir: str | None,
-          token_file: str | None, allow_other: bool, chunk_size: str | None, retries: int | None,
-          retry_backoff: float | None, timeout: float | None, max_listing_entries: int | None,
-          foreground: bool, log_level: str, log_file: str | None, ready_fd: int | None) -> None:
+def mount(mountpoint: str, foreground: bool, log_level: str, log_file: str | None,
+          ready_fd: int | None, **opts: Any) -> None:
     """Mount REPOs at MOUNTPOINT."""
     try:
-        config = build_mount_config(
-            mountpoint=mountpoint, repos=repos, endpoint=endpoint, cache_dir=cache_dir,
-            token_file=token_file, allow_other=allow_other, chunk_size=chunk_size, retries=retries,
-            retry_backoff=retry_backoff, timeout=timeout, max_listing_entries=max_listing_entries)
+        config = build_mount_config(mountpoint=mountpoint, **opts)
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     if not foreground:

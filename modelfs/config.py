@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
-from .fetch import FetchConfig
+from .fetch import FetchConfig, PrefetchConfig
 from .fs.operations import FsConfig
 from .remote import HttpConfig, HubConfig
 from .types import RepoRef
@@ -49,8 +49,49 @@ class MountConfig:
     hub: HubConfig
     fetch: FetchConfig
     fs: FsConfig
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     allow_other: bool = False
     token: str | None = field(default=None, repr=False)
+
+
+def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | None = None,
+                       memory_limit: str | None = None,
+                       bandwidth_limit: str | None = None) -> FetchConfig:
+    fetch = FetchConfig()
+    if chunk_size:
+        cs = parse_size(chunk_size, what="--chunk-size")
+        if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
+            raise ConfigError("--chunk-size: must be a power of two between 64KiB and 256MiB")
+        fetch = replace(fetch, chunk_size=cs)
+    sched = fetch.scheduler
+    if max_connections is not None:
+        if max_connections < 2:
+            raise ConfigError("--max-connections: must be 2 or more")
+        sched = replace(sched, max_fetches=max_connections,
+                        demand_reserve=min(sched.demand_reserve, max_connections // 2))
+    if memory_limit:
+        mem = parse_size(memory_limit, what="--memory-limit")
+        if mem < fetch.chunk_size:
+            raise ConfigError("--memory-limit: must hold at least one chunk")
+        sched = replace(sched, memory_bytes=mem)
+    if bandwidth_limit:
+        rate = parse_size(bandwidth_limit.removesuffix("/s"), what="--bandwidth-limit")
+        if rate <= 0:
+            raise ConfigError("--bandwidth-limit: must be positive (e.g. 100MiB/s)")
+        sched = replace(sched, bandwidth=float(rate))
+    return replace(fetch, scheduler=sched)
+
+
+def build_prefetch_config(per_file: int | None, on_open: str | None) -> PrefetchConfig:
+    cfg = PrefetchConfig()
+    if per_file is not None:
+        if per_file < 1:
+            raise ConfigError("--per-file-connections: must be 1 or more")
+        cfg = replace(cfg, per_file=per_file)
+    if on_open is not None:
+        pats = tuple(p.strip() for p in on_open.split(",") if p.strip())
+        cfg = replace(cfg, on_open=pats)
+    return cfg
 
 
 def load_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
@@ -78,6 +119,11 @@ def build_mount_config(
     retry_backoff: float | None = None,
     timeout: float | None = None,
     max_listing_entries: int | None = None,
+    max_connections: int | None = None,
+    per_file_connections: int | None = None,
+    memory_limit: str | None = None,
+    bandwidth_limit: str | None = None,
+    prefetch_on_open: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> MountConfig:
     env = os.environ if env is None else env
@@ -94,12 +140,9 @@ def build_mount_config(
     if not re.match(r"^https?://[^/\s]+", ep):
         src = "--endpoint" if endpoint else "HF_ENDPOINT"
         raise ConfigError(f"{src}: {ep!r} is not an http(s) URL")
-    fetch = FetchConfig()
-    if chunk_size:
-        cs = parse_size(chunk_size, what="--chunk-size")
-        if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
-            raise ConfigError("--chunk-size: must be a power of two between 64KiB and 256MiB")
-        fetch = FetchConfig(chunk_size=cs)
+    fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
+                               memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
+    prefetch = build_prefetch_config(per_file_connections, prefetch_on_open)
     http = HttpConfig()
     if retries is not None:
         if retries < 0:
@@ -125,6 +168,7 @@ def build_mount_config(
         hub=hub,
         fetch=fetch,
         fs=FsConfig(),
+        prefetch=prefetch,
         allow_other=allow_other,
         token=load_token(token_file, env),
     )

@@ -21,7 +21,7 @@ import trio
 from .cache import ChunkStore, Index
 from .config import MountConfig
 from .errors import ConfigError, ModelfsError
-from .fetch import ChunkReader, RemoteFile
+from .fetch import ChunkReader, OpenPrefetcher, RemoteFile
 from .fs import Operations, Tree
 from .remote import HubSource, Source
 from .types import RepoRef, Snapshot
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # FUSE requests of up to 1 MiB: the kernel sizes reads from the bdi's read-ahead.
 READ_AHEAD_KB = 1024
+# Concurrent background (read-ahead) requests the kernel sends us; Mountpoint and
+# hf-mount use 64 too.
+MAX_BACKGROUND = 64
 
 
 async def load_snapshot(source: Source, index: Index, ref: RepoRef) -> tuple[Snapshot, float]:
@@ -81,23 +84,31 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[1].replace("\\040", " ") == target for line in f)
 
 
-def tune_bdi(mountpoint: Path) -> None:
-    """Raise the mount's kernel read-ahead so FUSE reads arrive as 1 MiB requests.
+def tune_kernel(mountpoint: Path) -> None:
+    """Kernel knobs of this mount, settable only after mounting (and only as root).
 
-    Needs root; without it the kernel's default (128 KiB) stays, which only costs speed.
+    - the bdi's `read_ahead_kb`: the kernel sizes FUSE read requests from it, so
+      1024 turns 128 KiB requests into 1 MiB ones;
+    - the FUSE connection's `max_background` (default 12): how many read-ahead
+      requests the kernel keeps in flight to the daemon at once.
+    Without root the defaults stay, which only costs speed.
     """
-    target = str(mountpoint)
+    knobs = []
     try:
         with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == target:
-                    bdi = Path("/sys/class/bdi") / fields[2] / "read_ahead_kb"
-                    bdi.write_text(str(READ_AHEAD_KB))
-                    log.debug("set %s to %d", bdi, READ_AHEAD_KB)
-                    return
+            bdi = next((ln.split()[2] for ln in f if ln.split()[4] == str(mountpoint)), None)
+        if bdi:
+            knobs.append((Path("/sys/class/bdi") / bdi / "read_ahead_kb", READ_AHEAD_KB))
+        conn = Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(mountpoint).st_dev))
+        knobs += [(conn / "max_background", MAX_BACKGROUND),
+                  (conn / "congestion_threshold", MAX_BACKGROUND * 3 // 4)]
     except OSError as exc:
-        log.info("could not raise read_ahead_kb (%s); using the kernel default", exc.strerror)
+        log.info("cannot tune kernel knobs of %s: %s", mountpoint, exc.strerror)
+    for path, value in knobs:
+        try:
+            path.write_text(str(value))
+        except OSError as exc:
+            log.info("could not set %s (%s); using the kernel default", path, exc.strerror)
 
 
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
@@ -113,7 +124,8 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             snaps.append((ref, snap, resolved_at))
         tree = build_tree(source, snaps)
         reader = ChunkReader(index, store, config.fetch)
-        ops = Operations(tree, reader, config.fs)
+        prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
+        ops = Operations(tree, reader, config.fs, prefetcher)
         options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
         if config.allow_other:
             options.add("allow_other")
@@ -125,7 +137,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                 nursery.start_soon(_main_then_cancel, nursery)
                 nursery.start_soon(_stop_on_signal)
                 await trio.to_thread.run_sync(os.stat, config.mountpoint)
-                tune_bdi(config.mountpoint)
+                tune_kernel(config.mountpoint)
                 log.info("mounted %s at %s", ", ".join(map(str, config.repos)), config.mountpoint)
                 ready()
         finally:

@@ -100,6 +100,8 @@ class Mount:
         cmd = [sys.executable, "-m", "modelfs", "mount", str(path), "--foreground",
                "--endpoint", origin.url, "--cache-dir", str(cache_dir), "--chunk-size", "1MiB",
                "--log-level", "debug", "--log-file", str(self.log), *extra]
+        if not any(a.startswith("--prefetch-on-open") for a in extra):
+            cmd.append("--prefetch-on-open=")  # tests count requests: no background prefetch
         for r in repos:
             cmd += ["--repo", r]
         self.stderr = cache_dir.parent / f"{path.name}.stderr"

@@ -1,7 +1,13 @@
-"""Where cache and sources meet: chunk reads, single-flight fetches, read-ahead."""
+"""Where cache and sources meet: chunk reads, single-flight fetches, scheduling,
+read-ahead and whole-file prefetch."""
 
 from .chunks import Piece, chunk_count, chunk_extent, pieces
+from .prefetch import WEIGHT_PATTERNS, OpenPrefetcher, PrefetchConfig, matches, prefetch_file
+from .readahead import ReadAheadConfig, StreamTracker
 from .reader import ChunkReader, FetchConfig, ReaderStats, RemoteFile
+from .scheduler import FetchScheduler, Priority, SchedulerConfig
 
-__all__ = ["ChunkReader", "FetchConfig", "Piece", "ReaderStats", "RemoteFile", "chunk_count",
-           "chunk_extent", "pieces"]
+__all__ = ["WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler", "OpenPrefetcher", "Piece",
+           "PrefetchConfig", "Priority", "ReadAheadConfig", "ReaderStats", "RemoteFile",
+           "SchedulerConfig", "StreamTracker", "chunk_count", "chunk_extent", "matches", "pieces",
+           "prefetch_file"]

@@ -49,13 +49,15 @@ class SchedulerStats:
     granted: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(order=True, slots=True)
-class _Waiter:
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """A request for a slot. `promote` may raise its priority while it waits
+    (a demand reader joining a queued read-ahead fetch)."""
+
     priority: int
-    seq: int
-    nbytes: int = field(compare=False)
-    event: trio.Event = field(compare=False, default_factory=trio.Event)
-    cancelled: bool = field(compare=False, default=False)
+    nbytes: int
+    event: trio.Event = field(default_factory=trio.Event)
+    state: str = "waiting"  # waiting | granted | cancelled
 
 
 class FetchScheduler:
@@ -63,15 +65,24 @@ class FetchScheduler:
         self.config = config
         self._active = 0
         self._in_flight = 0
-        self._heap: list[_Waiter] = []
+        self._heap: list[tuple[int, int, Ticket]] = []
         self._seq = itertools.count()
         self._granted = {p.name: 0 for p in Priority}
         self._tokens = float(config.bandwidth or 0)
         self._last_refill = trio.current_time() if config.bandwidth else 0.0
 
     def statistics(self) -> SchedulerStats:
-        return SchedulerStats(self._active, sum(not w.cancelled for w in self._heap),
-                              self._in_flight, dict(self._granted))
+        waiting = sum(1 for p, _, t in self._heap if t.state == "waiting" and p == t.priority)
+        return SchedulerStats(self._active, waiting, self._in_flight, dict(self._granted))
+
+    def ticket(self, priority: Priority, nbytes: int) -> Ticket:
+        return Ticket(int(priority), nbytes)
+
+    def promote(self, ticket: Ticket, priority: Priority) -> None:
+        if ticket.state == "waiting" and priority < ticket.priority:
+            ticket.priority = int(priority)
+            heapq.heappush(self._heap, (ticket.priority, next(self._seq), ticket))
+            self._wake()
 
     def _fits(self, priority: int, nbytes: int) -> bool:
         cfg = self.config
@@ -84,22 +95,18 @@ class FetchScheduler:
 
     def _wake(self) -> None:
         while self._heap:
-            w = self._heap[0]
-            if w.cancelled:
-                heapq.heappop(self._heap)
+            prio, _, t = self._heap[0]
+            if t.state != "waiting" or prio != t.priority:
+                heapq.heappop(self._heap)  # cancelled, or superseded by a promotion
                 continue
-            if not self._fits(w.priority, w.nbytes):
-                # Strict order: nothing of lower priority jumps ahead. A demand waiter
-                # blocked only by the background limit cannot be, by construction.
-                return
+            if not self._fits(prio, t.nbytes):
+                return  # strict order: nothing of lower priority jumps ahead
             heapq.heappop(self._heap)
-            self._grant(w.priority, w.nbytes)
-            w.event.set()
-
-    def _grant(self, priority: int, nbytes: int) -> None:
-        self._active += 1
-        self._in_flight += nbytes
-        self._granted[Priority(priority).name] += 1
+            self._active += 1
+            self._in_flight += t.nbytes
+            self._granted[Priority(prio).name] += 1
+            t.state = "granted"
+            t.event.set()
 
     def _release(self, nbytes: int) -> None:
         self._active -= 1
@@ -118,21 +125,19 @@ class FetchScheduler:
             await trio.sleep(-self._tokens / rate)
 
     @asynccontextmanager
-    async def slot(self, priority: Priority, nbytes: int) -> AsyncIterator[None]:
-        """Hold one request slot and `nbytes` of the memory budget."""
-        w = _Waiter(int(priority), next(self._seq), nbytes)
-        heapq.heappush(self._heap, w)
+    async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
+        """Hold one request slot and `ticket.nbytes` of the memory budget."""
+        heapq.heappush(self._heap, (ticket.priority, next(self._seq), ticket))
         self._wake()
         try:
-            await w.event.wait()  # a checkpoint even when already granted
+            await ticket.event.wait()  # a checkpoint even when granted at once
         except BaseException:
-            if w.event.is_set():
-                self._release(nbytes)
-            else:
-                w.cancelled = True
+            if ticket.state == "granted":
+                self._release(ticket.nbytes)
+            ticket.state = "cancelled"
             raise
         try:
-            await self._throttle(nbytes)
+            await self._throttle(ticket.nbytes)
             yield
         finally:
-            self._release(nbytes)
+            self._release(ticket.nbytes)

@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ..errors import ModelfsError
-from ..fetch import ChunkReader, RemoteFile
+from ..fetch import ChunkReader, OpenPrefetcher, RemoteFile
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,12 @@ class Operations(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree, reader: ChunkReader, config: FsConfig) -> None:
+    def __init__(self, tree: Tree, reader: ChunkReader, config: FsConfig,
+                 prefetcher: OpenPrefetcher | None = None) -> None:
         super().__init__()
         self._tree = tree
         self._reader = reader
+        self._prefetcher = prefetcher
         self._config = config
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -168,6 +170,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._fh)
         self._handles[fh] = node.file
+        if self._prefetcher is not None:
+            self._prefetcher.on_open(node.file)
         # An inode never changes content, so its pages may stay cached.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 

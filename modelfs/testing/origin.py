@@ -314,6 +314,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               *, error_code: str | None = None) -> None:
+        # Recorded before the client can see the answer, so records keep request order.
+        self._done(status, len(body) if self.command != "HEAD" else 0)
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -323,7 +325,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self._done(status, len(body) if self.command != "HEAD" else 0)
 
     def _json(self, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(200, json.dumps(obj).encode(),

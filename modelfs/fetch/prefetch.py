@@ -1,0 +1,105 @@
+"""Whole-file prefetch: in the background on open, or for `modelfs prefetch`.
+
+Chunks are fetched `per_file` at a time at PREFETCH priority (demand reads and
+read-ahead go first), in an order that follows the file's reader: the next
+missing chunk at or after where it reads now, then the rest. What is already
+cached costs nothing, so a rerun fetches only what is missing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import ModelfsError
+from .chunks import chunk_count
+from .reader import ChunkReader, RemoteFile
+from .scheduler import Priority
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """`on_open`: basename patterns of files prefetched whole when opened (empty:
+    never); `per_file`: concurrent chunk fetches for one file."""
+
+    on_open: tuple[str, ...] = WEIGHT_PATTERNS
+    per_file: int = 8
+
+
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
+
+
+async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
+                        priority: Priority = Priority.PREFETCH,
+                        progress: Callable[[int], None] | None = None) -> None:
+    """Fetch every missing chunk of `f`. `progress(n)` is called with the bytes each
+    chunk adds (cached chunks count too, so progress reaches the file size)."""
+    cs = reader.config.chunk_size
+    total = chunk_count(f.entry.size, cs)
+    missing: list[int] = []
+    for idx in range(total):
+        if reader.is_cached(f, idx):
+            if progress:
+                progress(min(cs, f.entry.size - idx * cs))
+        else:
+            missing.append(idx)
+
+    def next_index() -> int | None:
+        if not missing:
+            return None
+        pos = reader.position(f)
+        at = 0
+        if pos is not None:
+            want = pos // cs
+            at = next((i for i, idx in enumerate(missing) if idx >= want), 0)
+        return missing.pop(at)
+
+    async def worker() -> None:
+        while (idx := next_index()) is not None:
+            await reader.ensure(f, idx, priority)
+            if progress:
+                progress(min(cs, f.entry.size - idx * cs))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(parallel, len(missing))):
+            nursery.start_soon(worker)
+
+
+class OpenPrefetcher:
+    """Starts a background whole-file prefetch when a matching file is opened."""
+
+    def __init__(self, reader: ChunkReader, config: PrefetchConfig) -> None:
+        self._reader = reader
+        self._config = config
+        self._running: set[str] = set()
+
+    def on_open(self, f: RemoteFile) -> None:
+        cid = f.entry.content_id
+        if cid in self._running or not matches(f.entry.path, self._config.on_open):
+            return
+        self._running.add(cid)
+        self._reader.spawn(self._run, f)
+
+    async def _run(self, f: RemoteFile) -> None:
+        try:
+            await prefetch_file(self._reader, f, parallel=self._config.per_file)
+            log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
+        except* Exception as group:
+            # Demand reads retry whatever is still missing; a prefetch never ends the mount.
+            exc = group.exceptions[0]
+            if isinstance(exc, ModelfsError):
+                log.warning("background prefetch of %s stopped: %s", f.name, exc)
+            else:
+                log.error("background prefetch of %s failed", f.name, exc_info=exc)
+        finally:
+            self._running.discard(f.entry.content_id)

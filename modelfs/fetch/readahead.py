@@ -1,0 +1,65 @@
+"""Sequential-stream detection and read-ahead windows (sans-I/O).
+
+Streams are tracked per file version (content id), not per handle: several
+processes sharing one descriptor, or a loader faulting pages from several
+threads, still look sequential. Up to `max_streams` interleaved streams per
+file are followed. A read continues a stream when it starts at most
+`forward_tolerance` after, or `backward_tolerance` before, where the stream's
+last read ended (kernel read-ahead and page faults arrive slightly out of
+order). The window starts at `min_window` and doubles each time the reader
+has consumed half of what was fetched ahead, up to `max_window`; a read that continues no stream starts a new
+one, with no read-ahead until it proves sequential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAheadConfig:
+    min_window: int = 8 << 20
+    max_window: int = 256 << 20
+    forward_tolerance: int = 16 << 20
+    backward_tolerance: int = 8 << 20
+    max_streams: int = 8
+
+
+@dataclass(slots=True)
+class _Stream:
+    next_offset: int
+    window: int
+    issued_until: int = 0  # read-ahead was requested up to here (exclusive)
+
+
+@dataclass(slots=True)
+class StreamTracker:
+    """The streams of one file."""
+
+    config: ReadAheadConfig
+    streams: list[_Stream] = field(default_factory=list)
+
+    def on_read(self, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
+        """Record a read of [offset, end); return a byte range to fetch ahead, if any."""
+        cfg = self.config
+        for i, s in enumerate(self.streams):
+            if s.next_offset - cfg.backward_tolerance <= offset <= s.next_offset + cfg.forward_tolerance:
+                self.streams.append(self.streams.pop(i))  # most recently used last
+                s.next_offset = max(s.next_offset, end)
+                if s.issued_until - s.next_offset >= s.window // 2 or s.issued_until >= file_size:
+                    return None  # still well covered
+                if s.issued_until > s.next_offset:
+                    # The reader consumed half of what was asked for: it keeps up, so double.
+                    s.window = min(cfg.max_window, s.window * 2)
+                start = max(s.issued_until, s.next_offset)
+                stop = min(file_size, s.next_offset + s.window)
+                s.issued_until = stop
+                return (start, stop) if start < stop else None
+        if len(self.streams) >= cfg.max_streams:
+            self.streams.pop(0)
+        self.streams.append(_Stream(next_offset=end, window=cfg.min_window, issued_until=end))
+        return None
+
+    def position(self) -> int | None:
+        """Where the most recent stream is reading (for prefetch ordering)."""
+        return self.streams[-1].next_offset if self.streams else None

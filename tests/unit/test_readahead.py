@@ -1,0 +1,68 @@
+"""Read-ahead windows: grow while sequential, per file, across interleaved streams."""
+
+from __future__ import annotations
+
+import itertools
+
+from modelfs.fetch.readahead import ReadAheadConfig, StreamTracker
+
+MiB = 1 << 20
+CFG = ReadAheadConfig(min_window=8 * MiB, max_window=64 * MiB, forward_tolerance=16 * MiB,
+                      backward_tolerance=2 * MiB, max_streams=3)
+SIZE = 1 << 30
+
+
+def run(t: StreamTracker, reads: list[int], size: int = MiB) -> list[tuple[int, int]]:
+    out = []
+    for off in reads:
+        r = t.on_read(off, off + size, SIZE)
+        if r:
+            out.append(r)
+    return out
+
+
+def test_first_read_fetches_nothing_ahead() -> None:
+    assert StreamTracker(CFG).on_read(0, MiB, SIZE) is None
+
+
+def test_window_grows_while_sequential_and_covers_everything_once() -> None:
+    t = StreamTracker(CFG)
+    issued = run(t, [i * MiB for i in range(300)])
+    assert issued[0] == (2 * MiB, 10 * MiB)
+    sizes = [b - a for a, b in issued]
+    assert max(sizes) <= 64 * MiB
+    assert sizes[-1] >= 32 * MiB  # grew
+    for (_, b), (c, _) in itertools.pairwise(issued):
+        assert b == c  # contiguous, nothing asked twice
+    assert t.streams[0].window == 64 * MiB
+
+
+def test_seek_starts_a_new_stream_without_read_ahead() -> None:
+    t = StreamTracker(CFG)
+    run(t, [0, MiB, 2 * MiB])
+    assert t.on_read(500 * MiB, 501 * MiB, SIZE) is None
+    assert t.on_read(501 * MiB, 502 * MiB, SIZE) == (502 * MiB, 510 * MiB)
+
+
+def test_interleaved_streams_and_small_jumps_stay_sequential() -> None:
+    t = StreamTracker(CFG)
+    a = [i * MiB for i in range(10)]
+    b = [700 * MiB + i * MiB for i in range(10)]
+    issued = run(t, [x for pair in zip(a, b, strict=True) for x in pair])
+    assert any(s < 100 * MiB for s, _ in issued)
+    assert any(s > 700 * MiB for s, _ in issued)
+    # page faults a little out of order still count as the same stream
+    t2 = StreamTracker(CFG)
+    assert run(t2, [0, 2 * MiB, MiB, 4 * MiB, 3 * MiB, 6 * MiB]) != []
+    assert len(t2.streams) == 1
+
+
+def test_stream_count_is_bounded_and_end_of_file_clips() -> None:
+    t = StreamTracker(CFG)
+    for k in range(10):
+        t.on_read(k * 100 * MiB, k * 100 * MiB + MiB, SIZE)
+    assert len(t.streams) == 3
+    small = StreamTracker(CFG)
+    assert small.on_read(0, MiB, 3 * MiB) is None
+    assert small.on_read(MiB, 2 * MiB, 3 * MiB) == (2 * MiB, 3 * MiB)
+    assert small.on_read(2 * MiB, 3 * MiB, 3 * MiB) is None
