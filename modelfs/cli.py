@@ -18,8 +18,9 @@ from typing import Any
 import click
 import trio
 
-from .config import build_mount_config
+from .config import PrefetchJobConfig, build_job_config, build_mount_config
 from .errors import ModelfsError
+from .jobs import JobResult
 
 log = logging.getLogger("modelfs")
 
@@ -150,6 +151,63 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
                    f"see {log_file}", err=True)
     child.wait(timeout=30)
     return 1
+
+
+@main.command()
+@click.argument("repos", nargs=-1, metavar="ORG/NAME[@REV]...")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
+@click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co).")
+@click.option("--cache-dir", help="Chunk cache and index directory.")
+@click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN).")
+@click.option("--chunk-size", help="Cache chunk size; must match the mount's (default 4MiB).")
+@click.option("--retries", type=int, help="Retries of a failing origin request (default 5).")
+@click.option("--retry-backoff", type=float, help="First retry delay in seconds, doubled each time.")
+@click.option("--timeout", type=float, help="Per-request connect/read timeout in seconds (default 30).")
+@click.option("--max-connections", type=int, help="Concurrent origin requests in all (default 16).")
+@click.option("--per-file-connections", type=int, help="Concurrent ranged GETs per file (default 8).")
+@click.option("--parallel-files", type=int, help="Files fetched at once (default 4).")
+@click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB).")
+@click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def prefetch(log_level: str, **opts: Any) -> None:
+    """Warm the cache with whole repos (no mount needed); rerun to resume.
+
+    Exit status: 0 when every selected file is cached, 1 when some failed (listed), 2 for
+    usage errors.
+    """
+    try:
+        config = build_job_config(**opts)
+    except ModelfsError as exc:
+        raise click.UsageError(str(exc)) from None
+    setup_logging(log_level, None, config.token)
+    result = trio.run(_run_prefetch, config)
+    failed = [f for f in result.files if f.state != "done"]
+    for err in result.errors:
+        click.echo(f"modelfs: {err}", err=True)
+    for f in failed:
+        click.echo(f"modelfs: failed {f.repo}/{f.path}: {f.error}", err=True)
+    if failed or result.errors:
+        sys.exit(1)
+
+
+async def _run_prefetch(config: PrefetchJobConfig) -> JobResult:
+    from .cache import ChunkStore, Index
+    from .jobs import run_job
+    from .progress import JobProgress
+    from .remote import HubSource
+
+    index = Index(config.cache_dir / "index")
+    store = ChunkStore(config.cache_dir)
+    source = HubSource(config.hub, config.token)
+    try:
+        with JobProgress(sys.stderr) as progress:
+            return await run_job(config.spec, source, index, store, config.fetch,
+                                 on_update=progress.update)
+    finally:
+        await source.aclose()
+        index.close()
 
 
 @main.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .fetch import FetchConfig, PrefetchConfig
 from .fs.operations import FsConfig
+from .jobs import JobSpec
 from .remote import HttpConfig, HubConfig
 from .types import RepoRef
 
@@ -52,6 +53,35 @@ class MountConfig:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     allow_other: bool = False
     token: str | None = field(default=None, repr=False)
+
+
+def build_hub_config(*, endpoint: str | None, retries: int | None = None,
+                     retry_backoff: float | None = None, timeout: float | None = None,
+                     max_listing_entries: int | None = None,
+                     env: Mapping[str, str]) -> HubConfig:
+    ep = endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    if not re.match(r"^https?://[^/\s]+", ep):
+        src = "--endpoint" if endpoint else "HF_ENDPOINT"
+        raise ConfigError(f"{src}: {ep!r} is not an http(s) URL")
+    http = HttpConfig()
+    if retries is not None:
+        if retries < 0:
+            raise ConfigError("--retries: must be 0 or more")
+        http = replace(http, retries=retries)
+    if retry_backoff is not None:
+        if retry_backoff <= 0:
+            raise ConfigError("--retry-backoff: must be a positive number of seconds")
+        http = replace(http, backoff=retry_backoff)
+    if timeout is not None:
+        if timeout <= 0:
+            raise ConfigError("--timeout: must be a positive number of seconds")
+        http = replace(http, timeout=timeout)
+    hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
+    if max_listing_entries is not None:
+        if max_listing_entries < 1:
+            raise ConfigError("--max-listing-entries: must be 1 or more")
+        hub = replace(hub, max_listing_entries=max_listing_entries)
+    return hub
 
 
 def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | None = None,
@@ -136,31 +166,11 @@ def build_mount_config(
         if key in seen:
             raise ConfigError(f"--repo {ref}: listed twice")
         seen[key] = ref
-    ep = endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
-    if not re.match(r"^https?://[^/\s]+", ep):
-        src = "--endpoint" if endpoint else "HF_ENDPOINT"
-        raise ConfigError(f"{src}: {ep!r} is not an http(s) URL")
+    hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
+                           timeout=timeout, max_listing_entries=max_listing_entries, env=env)
     fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     prefetch = build_prefetch_config(per_file_connections, prefetch_on_open)
-    http = HttpConfig()
-    if retries is not None:
-        if retries < 0:
-            raise ConfigError("--retries: must be 0 or more")
-        http = replace(http, retries=retries)
-    if retry_backoff is not None:
-        if retry_backoff <= 0:
-            raise ConfigError("--retry-backoff: must be a positive number of seconds")
-        http = replace(http, backoff=retry_backoff)
-    if timeout is not None:
-        if timeout <= 0:
-            raise ConfigError("--timeout: must be a positive number of seconds")
-        http = replace(http, timeout=timeout)
-    hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
-    if max_listing_entries is not None:
-        if max_listing_entries < 1:
-            raise ConfigError("--max-listing-entries: must be 1 or more")
-        hub = replace(hub, max_listing_entries=max_listing_entries)
     return MountConfig(
         mountpoint=Path(mountpoint).absolute(),
         repos=refs,
@@ -172,3 +182,58 @@ def build_mount_config(
         allow_other=allow_other,
         token=load_token(token_file, env),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchJobConfig:
+    """What `modelfs prefetch` needs when it runs the engine in-process."""
+
+    spec: JobSpec
+    cache_dir: Path
+    hub: HubConfig
+    fetch: FetchConfig
+    token: str | None = field(default=None, repr=False)
+
+
+def build_job_config(
+    *,
+    repos: tuple[str, ...],
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    endpoint: str | None = None,
+    cache_dir: str | None = None,
+    token_file: str | None = None,
+    chunk_size: str | None = None,
+    retries: int | None = None,
+    retry_backoff: float | None = None,
+    timeout: float | None = None,
+    max_connections: int | None = None,
+    per_file_connections: int | None = None,
+    parallel_files: int | None = None,
+    memory_limit: str | None = None,
+    bandwidth_limit: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> PrefetchJobConfig:
+    env = os.environ if env is None else env
+    if not repos:
+        raise ConfigError("REPO: give at least one ORG/NAME[@REVISION]")
+    refs = tuple(dict.fromkeys(RepoRef.parse(r) for r in repos))
+    hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
+                           timeout=timeout, env=env)
+    fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
+                               memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
+    # Nothing else reads through this process: no slots need holding back for demand reads.
+    fetch = replace(fetch, scheduler=replace(fetch.scheduler, demand_reserve=0))
+    spec = JobSpec(refs, tuple(include), tuple(exclude))
+    if parallel_files is not None:
+        if parallel_files < 1:
+            raise ConfigError("--parallel-files: must be 1 or more")
+        spec = replace(spec, parallel_files=parallel_files)
+    if per_file_connections is not None:
+        if per_file_connections < 1:
+            raise ConfigError("--per-file-connections: must be 1 or more")
+        spec = replace(spec, per_file=per_file_connections)
+    return PrefetchJobConfig(
+        spec=spec,
+        cache_dir=Path(cache_dir).absolute() if cache_dir else default_cache_dir(env),
+        hub=hub, fetch=fetch, token=load_token(token_file, env))

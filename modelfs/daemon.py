@@ -21,7 +21,7 @@ import trio
 from .cache import ChunkStore, Index
 from .config import MountConfig
 from .errors import ConfigError, ModelfsError
-from .fetch import ChunkReader, OpenPrefetcher, RemoteFile
+from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
 from .remote import HubSource, Source
 from .types import RepoRef, Snapshot
@@ -33,28 +33,6 @@ READ_AHEAD_KB = 1024
 # Concurrent background (read-ahead) requests the kernel sends us; Mountpoint and
 # hf-mount use 64 too.
 MAX_BACKGROUND = 64
-
-
-async def load_snapshot(source: Source, index: Index, ref: RepoRef) -> tuple[Snapshot, float]:
-    """The snapshot `ref` names now, and when its revision was first resolved.
-
-    A commit sha with a cached listing needs no request; branches and tags are
-    resolved (cheap) and their listing fetched only for a commit not seen before.
-    """
-    if ref.is_commit:
-        commit = ref.revision
-    else:
-        commit = await source.resolve(ref)
-    known = index.get_revision(source.key, ref.repo_id, ref.revision)
-    resolved_at = known[1] if known and known[0] == commit else time.time()
-    snap = index.get_snapshot(source.key, ref.repo_id, commit)
-    if snap is None:
-        snap = await source.list_files(ref.repo_id, commit)
-        index.put_snapshot(source.key, snap)
-    if known is None or known[0] != commit:
-        index.put_revision(source.key, ref.repo_id, ref.revision, commit, resolved_at)
-    log.info("%s -> %s (%d files)", ref, commit, len(snap.files))
-    return snap, resolved_at
 
 
 def build_tree(source: Source, snaps: list[tuple[RepoRef, Snapshot, float]]) -> Tree:

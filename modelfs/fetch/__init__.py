@@ -6,8 +6,11 @@ from .prefetch import WEIGHT_PATTERNS, OpenPrefetcher, PrefetchConfig, matches, 
 from .readahead import ReadAheadConfig, StreamTracker
 from .reader import ChunkReader, FetchConfig, ReaderStats, RemoteFile
 from .scheduler import FetchScheduler, Priority, SchedulerConfig
+from .snapshots import load_snapshot
 
-__all__ = ["WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler", "OpenPrefetcher", "Piece",
-           "PrefetchConfig", "Priority", "ReadAheadConfig", "ReaderStats", "RemoteFile",
-           "SchedulerConfig", "StreamTracker", "chunk_count", "chunk_extent", "matches", "pieces",
-           "prefetch_file"]
+__all__ = [
+    "WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler", "OpenPrefetcher", "Piece",
+    "PrefetchConfig", "Priority", "ReadAheadConfig", "ReaderStats", "RemoteFile", "SchedulerConfig",
+    "StreamTracker", "chunk_count", "chunk_extent", "load_snapshot", "matches", "pieces",
+    "prefetch_file",
+]

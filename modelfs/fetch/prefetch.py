@@ -41,16 +41,17 @@ def matches(path: str, patterns: tuple[str, ...]) -> bool:
 
 async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         priority: Priority = Priority.PREFETCH,
-                        progress: Callable[[int], None] | None = None) -> None:
-    """Fetch every missing chunk of `f`. `progress(n)` is called with the bytes each
-    chunk adds (cached chunks count too, so progress reaches the file size)."""
+                        progress: Callable[[int, bool], None] | None = None) -> None:
+    """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
+    chunk with its size, and whether it came from the origin (False: already cached),
+    so progress always reaches the file size."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
     missing: list[int] = []
     for idx in range(total):
         if reader.is_cached(f, idx):
             if progress:
-                progress(min(cs, f.entry.size - idx * cs))
+                progress(min(cs, f.entry.size - idx * cs), False)
         else:
             missing.append(idx)
 
@@ -66,9 +67,9 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
 
     async def worker() -> None:
         while (idx := next_index()) is not None:
-            await reader.ensure(f, idx, priority)
+            fetched = await reader.ensure(f, idx, priority)
             if progress:
-                progress(min(cs, f.entry.size - idx * cs))
+                progress(min(cs, f.entry.size - idx * cs), fetched > 0)
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(parallel, len(missing))):

@@ -1,0 +1,111 @@
+"""`modelfs prefetch` and background prefetch on open, against the real origin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modelfs.testing.origin import Origin
+
+from ..conftest import CHUNK, MiB, sha256
+
+WEIGHTS = "model.safetensors"
+
+
+def prefetch(origin: Origin, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelfs", "prefetch", *args, "--endpoint",
+                           origin.url, "--cache-dir", str(cache), "--chunk-size", "1MiB",
+                           "--retry-backoff", "0.05"], capture_output=True, text=True, timeout=120)
+
+
+def test_prefetch_fills_the_cache_and_reruns_fetch_nothing(origin: Origin, repo_data,
+                                                           tmp_path: Path, mount_factory) -> None:
+    cache = tmp_path / "cache"
+    res = prefetch(origin, cache, "org/model", "org/model@v1")
+    assert res.returncode == 0, res.stderr
+    main_bytes = sum(len(d) for d in repo_data["org/model@main"].values())
+    v1_bytes = sum(len(d) for d in repo_data["org/model@v1"].values())
+    assert f"done org/model/{WEIGHTS} ({len(repo_data['org/model@main'][WEIGHTS])} bytes)" in res.stderr
+    # Every byte fetched once (the weights in 1 MiB ranges, split across connections).
+    sent = sum(r.bytes_sent for r in origin.data_requests() if r.status in (200, 206))
+    assert sent == main_bytes + v1_bytes
+
+    origin.reset_stats()
+    res = prefetch(origin, cache, "org/model", "org/model@v1")
+    assert res.returncode == 0
+    assert "fetched 0 bytes" in res.stderr
+    assert origin.data_requests() == []
+
+    # A mount over the warmed cache reads everything without a data request.
+    m = mount_factory(["org/model"])
+    for path, data in repo_data["org/model@main"].items():
+        assert sha256(m.p(f"org/model/{path}").read_bytes()) == sha256(data)
+    assert origin.data_requests() == []
+
+
+def test_prefetch_include_exclude(origin: Origin, repo_data, tmp_path: Path) -> None:
+    res = prefetch(origin, tmp_path / "c", "org/model", "--include", "*.json", "--exclude",
+                   "tokenizer*")
+    assert res.returncode == 0, res.stderr
+    fetched = {r.path.rsplit("/", 1)[-1] for r in origin.data_requests()}
+    assert fetched == {"config.json"}
+
+
+def test_prefetch_one_failing_file_does_not_fail_the_others(origin: Origin, repo_data,
+                                                            tmp_path: Path) -> None:
+    origin.fail_next(1000, 503, match="tokenizer.json")
+    res = prefetch(origin, tmp_path / "c", "org/model", "--retries", "1")
+    assert res.returncode == 1
+    assert "failed org/model/tokenizer.json" in res.stderr
+    assert f"done org/model/{WEIGHTS}" in res.stderr
+    res = prefetch(origin, tmp_path / "c", "org/nope")
+    assert res.returncode == 1
+    assert "repo org/nope revision 'main': not found" in res.stderr
+
+
+def test_prefetch_usage_errors_exit_2(origin: Origin, tmp_path: Path) -> None:
+    assert prefetch(origin, tmp_path / "c").returncode == 2
+    res = prefetch(origin, tmp_path / "c", "not-a-repo")
+    assert res.returncode == 2
+    assert "expected ORG/NAME" in res.stderr
+
+
+def test_open_prefetches_the_whole_file_in_the_background(mount_factory, origin: Origin,
+                                                          repo_data) -> None:
+    m = mount_factory(["org/model"], "--prefetch-on-open=*.safetensors")
+    data = repo_data["org/model@main"][WEIGHTS]
+    with open(m.p(f"org/model/{WEIGHTS}"), "rb", buffering=0) as f:
+        assert f.read(10) == data[:10]
+        deadline = time.monotonic() + 30
+        want = -(-len(data) // CHUNK)
+        while len(origin.data_requests("/cdn/*")) < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+    ranges = [r.range for r in origin.data_requests("/cdn/*")]
+    assert len(ranges) == want  # every chunk once
+    assert len(set(ranges)) == want
+    origin.reset_stats()
+    fd = os.open(m.p(f"org/model/{WEIGHTS}"), os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the kernel's copy of this file
+    os.close(fd)
+    assert m.p(f"org/model/{WEIGHTS}").read_bytes() == data
+    assert origin.data_requests() == []
+    # Only matching files are prefetched on open.
+    assert m.p("org/model/tokenizer.json").read_bytes()[:1] == b"{"
+    assert [r.path for r in origin.data_requests()] == ["/org/model/resolve/" +
+                                                        origin.commit_of("org/model") +
+                                                        "/tokenizer.json"]
+
+
+def test_sequential_read_is_fetched_ahead_in_parallel(mount_factory, origin: Origin,
+                                                      repo_data) -> None:
+    m = mount_factory(["org/model"])
+    data = repo_data["org/model@main"][WEIGHTS]
+    origin.delay = 0.05
+    with open(m.p(f"org/model/{WEIGHTS}"), "rb", buffering=0) as f:
+        got = b"".join(iter(lambda: f.read(MiB), b""))
+    assert got == data
+    ranges = [r.range for r in origin.data_requests("/cdn/*")]
+    assert len(ranges) == len(set(ranges)) == -(-len(data) // CHUNK)
