@@ -364,6 +364,33 @@ class Bench:
         finally:
             m.close()
 
+        # whole repo: snapshot_download, aria2c (all files), modelfs prefetch
+        repo_bytes = sum(p.stat().st_size for p in o.files.values())
+        hf_cache = work / "hf-cache"
+        shutil.rmtree(hf_cache, ignore_errors=True)
+        drop_caches()
+        code = ("from huggingface_hub import snapshot_download; "
+                f"snapshot_download({REPO!r}, cache_dir={str(hf_cache)!r})")
+        env = {**os.environ, "HF_ENDPOINT": o.url, "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_XET": "1"}
+        self.add("snapshot_download (repo)", repo_bytes,
+                 timed(lambda: sh(sys.executable, "-c", code, env=env)))
+        shutil.rmtree(hf_cache, ignore_errors=True)
+        shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir()
+        urls = work / "aria2-input.txt"
+        urls.write_text("".join(f"{o.resolve_url(n)}\n  out={n}\n" for n in o.files))
+        drop_caches()
+        self.add("aria2c -x16 -j4 (repo)", repo_bytes, timed(lambda: sh(
+            "aria2c", "-q", "-x16", "-s16", "-j4", "-k1M", "--file-allocation=none", "-d", str(dl),
+            "-i", str(urls))))
+        shutil.rmtree(dl, ignore_errors=True)
+        cache = self.fresh_cache()
+        drop_caches()
+        self.add("modelfs prefetch (repo)", repo_bytes, timed(lambda: sh(
+            "modelfs", "prefetch", REPO, "--endpoint", o.url, "--cache-dir", str(cache),
+            stderr=subprocess.DEVNULL)))
+
         # local disk references
         drop_caches()
         self.add("local disk cold (dd)", size, timed(lambda: sh(
@@ -379,6 +406,7 @@ class Bench:
             "modelfs first MiB (uncached)": ("curl range 1 MiB",),
             "modelfs warm cat (remount, page cache dropped)": ("local disk cold (dd)",),
             "modelfs hot cat (page cache)": ("local page cache (cat)",),
+            "modelfs prefetch (repo)": ("snapshot_download (repo)", "aria2c -x16 -j4 (repo)"),
         }
         for r in self.results.values():
             ratios = []

@@ -28,10 +28,13 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth")
 @dataclass(frozen=True, slots=True)
 class PrefetchConfig:
     """`on_open`: basename patterns of files prefetched whole when opened (empty:
-    never); `per_file`: concurrent chunk fetches for one file."""
+    never); `per_file`: concurrent chunk fetches for one file; `start_delay`: how
+    long an on-open prefetch waits first, so the reads that follow an open (a
+    loader's header) have the origin to themselves."""
 
     on_open: tuple[str, ...] = WEIGHT_PATTERNS
     per_file: int = 8
+    start_delay: float = 0.2
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -93,6 +96,7 @@ class OpenPrefetcher:
 
     async def _run(self, f: RemoteFile) -> None:
         try:
+            await trio.sleep(self._config.start_delay)
             await prefetch_file(self._reader, f, parallel=self._config.per_file)
             log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
         except* Exception as group:

@@ -3,7 +3,8 @@
 Every fetch asks for a slot with a priority and the bytes it will hold:
 
 - DEMAND (a reader is blocked) > READAHEAD (a sequential stream will need it soon)
-  > PREFETCH (whole files in the background).
+  > PREFETCH (whole files in the background). No PREFETCH request starts while a
+  DEMAND request is in flight: the blocked reader gets the bandwidth.
 - `max_fetches` bounds concurrent requests; `demand_reserve` of them are never
   given to read-ahead or prefetch, so a demand read never queues behind
   background work that already holds every slot.
@@ -58,6 +59,7 @@ class Ticket:
     nbytes: int
     event: trio.Event = field(default_factory=trio.Event)
     state: str = "waiting"  # waiting | granted | cancelled
+    granted_as: int = -1
 
 
 class FetchScheduler:
@@ -65,6 +67,7 @@ class FetchScheduler:
         self.config = config
         self._active = 0
         self._in_flight = 0
+        self._demand_active = 0
         self._heap: list[tuple[int, int, Ticket]] = []
         self._seq = itertools.count()
         self._granted = {p.name: 0 for p in Priority}
@@ -90,6 +93,8 @@ class FetchScheduler:
             1, cfg.max_fetches - cfg.demand_reserve)
         if self._active >= limit:
             return False
+        if priority == Priority.PREFETCH and self._demand_active:
+            return False  # a blocked reader gets the bandwidth; prefetch resumes after
         # A fetch larger than the whole budget may still run alone.
         return self._in_flight == 0 or self._in_flight + nbytes <= cfg.memory_bytes
 
@@ -104,13 +109,17 @@ class FetchScheduler:
             heapq.heappop(self._heap)
             self._active += 1
             self._in_flight += t.nbytes
+            self._demand_active += prio == Priority.DEMAND
             self._granted[Priority(prio).name] += 1
             t.state = "granted"
+            t.granted_as = prio
             t.event.set()
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, ticket: Ticket) -> None:
         self._active -= 1
-        self._in_flight -= nbytes
+        self._in_flight -= ticket.nbytes
+        # A promotion after the grant does not count: it was granted as what it was.
+        self._demand_active -= ticket.granted_as == Priority.DEMAND
         self._wake()
 
     async def _throttle(self, nbytes: int) -> None:
@@ -133,11 +142,11 @@ class FetchScheduler:
             await ticket.event.wait()  # a checkpoint even when granted at once
         except BaseException:
             if ticket.state == "granted":
-                self._release(ticket.nbytes)
+                self._release(ticket)
             ticket.state = "cancelled"
             raise
         try:
             await self._throttle(ticket.nbytes)
             yield
         finally:
-            self._release(ticket.nbytes)
+            self._release(ticket)

@@ -90,3 +90,25 @@ async def test_bandwidth_limit_paces_grants() -> None:
             pass
     # 1500 bytes at 1000 B/s, with a full bucket of 1000 at the start: at least 0.5 s.
     assert trio.current_time() - start >= 0.45
+
+
+async def test_prefetch_waits_while_a_demand_read_is_in_flight() -> None:
+    s = FetchScheduler(SchedulerConfig(max_fetches=8, demand_reserve=2))
+    gate = trio.Event()
+    demand = s.ticket(Priority.DEMAND, 1)
+    background = s.ticket(Priority.PREFETCH, 1)
+    ahead = s.ticket(Priority.READAHEAD, 1)
+
+    async def hold(t) -> None:
+        async with s.slot(t):
+            await gate.wait()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(hold, demand)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(hold, background)
+        n.start_soon(hold, ahead)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (demand.state, ahead.state, background.state) == ("granted", "granted", "waiting")
+        gate.set()
+    assert background.state == "granted"
