@@ -56,6 +56,17 @@ class ChunkStore:
         finally:
             os.close(fd)
 
+    def willneed(self, digest: str) -> None:
+        """Start reading a chunk file into the page cache (asynchronous readahead)."""
+        try:
+            fd = os.open(self.path_for(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     def count(self) -> int:
         """Number of chunk files (walks the tree: for tests and `cache ls`, not hot paths)."""
         return sum(len(files) for _, _, files in os.walk(self._chunks))

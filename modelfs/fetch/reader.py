@@ -250,5 +250,11 @@ class ChunkReader:
         first = span[0] // cs
         last = min(chunk_count(f.entry.size, cs), -(-span[1] // cs))
         for idx in range(first, last):
-            if (cid, idx) not in self._inflight and not self.is_cached(f, idx):
+            if (cid, idx) in self._inflight or (cid, idx) in self._recent:
+                continue
+            digest = self._index.get_chunk(cid, cs, idx)
+            if digest is None:
                 self._start(f, idx, Priority.READAHEAD)
+            else:
+                # Cached on disk: have the kernel read it in before the reader gets there.
+                self._store.willneed(digest)
