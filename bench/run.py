@@ -175,11 +175,11 @@ def is_mounted(path: Path) -> bool:
 
 
 class ModelfsMount:
-    def __init__(self, origin: Origin, work: Path, cache: Path) -> None:
+    def __init__(self, origin: Origin, work: Path, cache: Path, *extra: str) -> None:
         self.path = work / "mnt-modelfs"
         self.path.mkdir(parents=True, exist_ok=True)
         out = sh("modelfs", "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
-                 "--cache-dir", str(cache), capture_output=True, text=True)
+                 "--cache-dir", str(cache), *extra, capture_output=True, text=True)
         self.pid = int(out.stdout.split("pid ")[1].split(",")[0])
 
     def file(self, name: str) -> Path:
@@ -353,16 +353,20 @@ class Bench:
             self.add("modelfs first MiB (uncached)", MiB, timed(lambda: read_first_mib(m.file(shard))))
         finally:
             m.close()
-        # modelfs fio randread cold, with origin bytes
-        m = ModelfsMount(o, work, self.fresh_cache())
-        try:
-            drop_caches()
-            before = o.bytes_sent()
-            self.add("modelfs fio randread", 256 * MiB, fio_randread(m.file(shard)))
-            fetched = o.bytes_sent() - before
-            self.extra["modelfs fio: origin bytes / bytes read"] = f"{fetched / (256 * MiB):.2f}"
-        finally:
-            m.close()
+        # modelfs fio randread cold, with origin bytes: with the default on-open prefetch
+        # of weight files, and without it (only what the reads touch)
+        for label, extra in (("", ()), (" (no prefetch-on-open)", ("--prefetch-on-open=",))):
+            m = ModelfsMount(o, work, self.fresh_cache(), *extra)
+            try:
+                drop_caches()
+                before = o.bytes_sent()
+                self.add(f"modelfs fio randread{label}", 256 * MiB, fio_randread(m.file(shard)))
+                time.sleep(1)  # let in-flight fetches land in the count
+                fetched = o.bytes_sent() - before
+                self.extra[f"modelfs fio{label}: origin bytes / bytes read"] = (
+                    f"{fetched / (256 * MiB):.2f}")
+            finally:
+                m.close()
 
         # whole repo: snapshot_download, aria2c (all files), modelfs prefetch
         repo_bytes = sum(p.stat().st_size for p in o.files.values())
@@ -403,6 +407,7 @@ class Bench:
         ref = {
             "modelfs cold cat": ("curl → file", "rclone mount cold cat"),
             "modelfs fio randread": ("rclone mount fio randread",),
+            "modelfs fio randread (no prefetch-on-open)": ("rclone mount fio randread",),
             "modelfs first MiB (uncached)": ("curl range 1 MiB",),
             "modelfs warm cat (remount, page cache dropped)": ("local disk cold (dd)",),
             "modelfs hot cat (page cache)": ("local page cache (cat)",),
