@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,9 +20,20 @@ class ChunkStore:
         self._chunks = root / "chunks"
         self._tmp = root / "tmp"
         self._chunks.mkdir(parents=True, exist_ok=True)
-        # Left-overs of a crash are incomplete by definition: drop them.
-        shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._prefix = f"{os.getpid()}."
+        self._drop_stale_temps()
+
+    def _drop_stale_temps(self) -> None:
+        """Temp files of dead processes are incomplete by definition: drop them.
+
+        Temp names start with the writer's pid, so a daemon starting beside a
+        running `modelfs prefetch` on the same cache leaves its files alone.
+        """
+        for p in self._tmp.iterdir():
+            pid = p.name.split(".", 1)[0]
+            if not (pid.isdigit() and _alive(int(pid))):
+                p.unlink(missing_ok=True)
 
     def path_for(self, digest: str) -> Path:
         return self._chunks / digest[:2] / digest
@@ -35,7 +45,7 @@ class ChunkStore:
         if final.exists():
             return digest
         final.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=digest[:16] + ".")
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=self._prefix)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -70,3 +80,13 @@ class ChunkStore:
     def count(self) -> int:
         """Number of chunk files (walks the tree: for tests and `cache ls`, not hot paths)."""
         return sum(len(files) for _, _, files in os.walk(self._chunks))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from modelfs.cache import ChunkStore, Index
@@ -35,8 +36,12 @@ def test_index_round_trips_and_persists(tmp_path: Path) -> None:
 def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     (tmp_path / "tmp").mkdir()
     (tmp_path / "tmp" / "leftover.partial").write_bytes(b"half a chunk")
+    (tmp_path / "tmp" / "999999999.abc").write_bytes(b"a dead writer's")
+    live = tmp_path / "tmp" / f"{os.getppid()}.abc"  # a live process's file in progress
+    live.write_bytes(b"in progress")
     store = ChunkStore(tmp_path)
-    assert list((tmp_path / "tmp").iterdir()) == []  # crash left-overs are dropped
+    assert list((tmp_path / "tmp").iterdir()) == [live]  # crash left-overs are dropped
+    live.unlink()
     data = b"hello chunk" * 1000
     digest = store.put(data)
     assert digest == hashlib.sha256(data).hexdigest()
