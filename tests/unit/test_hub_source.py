@@ -16,7 +16,7 @@ from modelfs.errors import (
     RemoteStale,
     RemoteUnavailable,
 )
-from modelfs.fetch import ChunkReader, FetchConfig, RemoteFile
+from modelfs.fetch import ChunkReader, FetchConfig, ReadAheadConfig, RemoteFile, prefetch_file
 from modelfs.remote import HttpConfig, HubConfig, HubSource
 from modelfs.testing.origin import Origin
 from modelfs.types import RepoRef
@@ -180,4 +180,27 @@ async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data
     assert await src.read("org/model", commit, entry, 5 * MiB, 100) == w[5 * MiB:5 * MiB + 100]
     assert [(r.server, r.status) for r in origin.data_requests()] == [
         ("cdn", 404), ("hub", 302), ("cdn", 206)]
+    await src.aclose()
+
+
+async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: Path) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files
+                 if f.path == "model.safetensors")
+    f = RemoteFile(src, "org/model", commit, entry)
+    index = Index(tmp_path / "ix")
+    cfg = FetchConfig(chunk_size=MiB, readahead=ReadAheadConfig(min_window=MiB, max_window=MiB))
+    reader = ChunkReader(index, ChunkStore(tmp_path / "store"), cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        await reader.read(f, 6 * MiB, 100)  # a reader is at 6 MiB
+        origin.reset_stats()
+        await prefetch_file(reader, f, parallel=1)
+        starts = [int(r.range.removeprefix("bytes=").split("-")[0]) // MiB
+                  for r in origin.records if r.server == "cdn"]
+        # From where the reader is to the end, then the beginning; each chunk once.
+        assert starts == [*range(7, 11), *range(0, 6)]
+        nursery.cancel_scope.cancel()
+    index.close()
     await src.aclose()
