@@ -226,6 +226,9 @@ class ChunkReader:
         digest = self._store.put(data)
         self._index.put_chunk(cid, self.config.chunk_size, idx, digest, len(data), len(data))
 
+    async def _willneed(self, digest: str) -> None:
+        await trio.to_thread.run_sync(self._store.willneed, digest, limiter=self._io)
+
     def _remember(self, cid: str, idx: int, data: bytearray) -> None:
         """Keep a just-fetched chunk in memory, evicting the oldest beyond `recent_bytes`."""
         budget = self.config.recent_bytes
@@ -255,6 +258,7 @@ class ChunkReader:
             digest = self._index.get_chunk(cid, cs, idx)
             if digest is None:
                 self._start(f, idx, Priority.READAHEAD)
-            else:
-                # Cached on disk: have the kernel read it in before the reader gets there.
-                self._store.willneed(digest)
+            elif self._nursery is not None:
+                # Cached on disk: have the kernel read it in before the reader gets there
+                # (in a thread: submitting the I/O can block).
+                self._nursery.start_soon(self._willneed, digest)
