@@ -77,10 +77,22 @@ class ReaderStats:
 
 @dataclass(slots=True, eq=False)
 class _Flight:
+    """A chunk being fetched. `buf` exists once the fetch holds a slot; its first
+    `filled` bytes have arrived (from a validated response) and may be served
+    before the rest: a reader waits only for the bytes it asked for."""
+
     ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)
+    buf: bytearray | None = None
+    filled: int = 0
     data: bytearray | None = None
     error: BaseException | None = None
+
+    def advance(self, filled: int) -> None:
+        self.filled = filled
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
 
 
 class ChunkReader:
@@ -150,7 +162,7 @@ class ChunkReader:
                             p.index, f.name)
                 self._index.drop_chunk(f.entry.content_id, self.config.chunk_size, p.index)
         self._stats.misses += 1
-        data = await self._wait(f, p.index, Priority.DEMAND)
+        data = await self._wait(f, p.index, Priority.DEMAND, need=p.end)
         return memoryview(data)[p.start:p.end]
 
     # Fetching -----------------------------------------------------------------------
@@ -171,11 +183,16 @@ class ChunkReader:
         t = self._streams.get(f.entry.content_id)
         return t.position() if t else None
 
-    async def _wait(self, f: RemoteFile, idx: int, priority: Priority) -> bytearray:
-        """The whole chunk `idx`, sharing any fetch already in flight."""
+    async def _wait(self, f: RemoteFile, idx: int, priority: Priority,
+                    need: int | None = None) -> bytearray:
+        """Chunk `idx`, sharing any fetch already in flight: the whole chunk, or with
+        `need`, as soon as its first `need` bytes have arrived."""
         while True:
             flight = self._start(f, idx, priority)
-            await flight.done.wait()
+            while not flight.done.is_set():
+                if need is not None and flight.buf is not None and flight.filled >= need:
+                    return flight.buf
+                await flight.changed.wait()
             if flight.data is not None:
                 return flight.data
             if isinstance(flight.error, Exception):
@@ -202,7 +219,9 @@ class ChunkReader:
         try:
             start, length = chunk_extent(idx, f.entry.size, cs)
             async with self.scheduler.slot(flight.ticket):
-                data = await f.source.read(f.repo_id, f.commit, f.entry, start, length)
+                flight.buf = bytearray(length)
+                data = await f.source.read(f.repo_id, f.commit, f.entry, start, length,
+                                           into=flight.buf, progress=flight.advance)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
             await trio.to_thread.run_sync(self._store_chunk, cid, idx, data, limiter=self._io)
@@ -220,6 +239,7 @@ class ChunkReader:
         finally:
             del self._inflight[(cid, idx)]
             flight.done.set()
+            flight.changed.set()
 
     def _store_chunk(self, cid: str, idx: int, data: bytearray) -> None:
         """In a worker thread: hash, write, rename, then index (LMDB commits fsync)."""

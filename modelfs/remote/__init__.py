@@ -7,6 +7,7 @@ version of a file. Nothing here knows about the cache or FUSE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from ..types import FileEntry, RepoRef, Snapshot
@@ -19,8 +20,9 @@ class Source(Protocol):
 
     async def resolve(self, ref: RepoRef) -> str: ...
     async def list_files(self, repo_id: str, commit: str) -> Snapshot: ...
-    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int,
-                   length: int) -> bytearray: ...
+    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
+                   *, into: bytearray | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray: ...
     async def aclose(self) -> None: ...
 
 

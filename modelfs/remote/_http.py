@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -189,20 +189,25 @@ class HttpClient:
 
     async def get_range(
         self, url: str, start: int, length: int, expect: Expect, *, what: str, auth_msg: str,
-        content_id: str,
+        content_id: str, into: bytearray | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> bytearray:
         """Return exactly `length` bytes of the file at `url` from `start`.
 
         A body broken off mid-way is resumed from where it broke, with If-Range
         so the rest comes from the same version. Any answer that could be another
         version (416, 412, a 200 to a conditional request, a wrong total size or
-        `X-Linked-Etag`) raises `RemoteStale`; nothing unverified is returned.
+        `X-Linked-Etag`) raises `RemoteStale`. Bytes are written into `into` (or a
+        new buffer) as they arrive; `progress(n)` says the first `n` are in place,
+        and it is only called once the response carrying them was validated.
         """
         if length <= 0:
             return bytearray()
         # One buffer, allocated once and filled in place (also across resumed attempts):
         # fresh multi-MiB allocations cost page faults, copies cost CPU.
-        buf = _Buffer(bytearray(length))
+        if into is not None and len(into) != length:
+            raise ValueError("buffer size does not match the range")
+        buf = _Buffer(into if into is not None else bytearray(length), progress=progress)
 
         async def attempt() -> bytearray:
             await self._fetch_into(url, start, length, expect, buf, what, auth_msg, content_id)
@@ -306,6 +311,7 @@ class _Buffer:
 
     data: bytearray
     filled: int = 0
+    progress: Callable[[int], None] | None = None
 
 
 async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
@@ -325,6 +331,8 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
             n = min(len(part), size - buf.filled)
             view[buf.filled:buf.filled + n] = part[:n] if n < len(part) else part
             buf.filled += n
+            if buf.progress is not None and n:
+                buf.progress(buf.filled)
             if buf.filled >= size and resp.status_code == 200:
                 return
 

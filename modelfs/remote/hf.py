@@ -9,6 +9,7 @@ per commit (paginated by `Link: rel="next"`), and ranged GETs on
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -88,13 +89,16 @@ class HubSource:
         kept, directories = clean_listing(repo_id, files, dirs)
         return Snapshot(repo_id, commit, kept, directories)
 
-    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int,
-                   length: int) -> bytearray:
-        """Exactly `length` bytes of `entry` at `commit` from offset `start`."""
+    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
+                   *, into: bytearray | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray:
+        """Exactly `length` bytes of `entry` at `commit` from offset `start`, written
+        into `into` when given; `progress(n)`: the first n bytes have arrived."""
         if start < 0 or start + length > entry.size:
             raise RemoteNotFound(f"repo {repo_id}: {entry.path}: range beyond end of file")
         url = f"{self._endpoint}/{repo_id}/resolve/{commit}/{quote(entry.path)}"
         expect = Expect(size=entry.size, etag=f'"{entry.content_id}"', sha256=entry.sha256)
         return await self._http.get_range(
             url, start, length, expect, what=f"repo {repo_id}: {entry.path}",
-            auth_msg=self._auth_msg(repo_id), content_id=entry.content_id)
+            auth_msg=self._auth_msg(repo_id), content_id=entry.content_id, into=into,
+            progress=progress)

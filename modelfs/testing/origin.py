@@ -14,7 +14,7 @@ Endpoints (like huggingface.co):
   with an ETag of its own. Range (single), 206/416, If-Range, If-Match.
 - `GET /_origin/stats` -> request and byte counts as JSON.
 
-Knobs (Python API, thread-safe): `fail_next`, `reset_next`, `delay`,
+Knobs (Python API, thread-safe): `fail_next`, `reset_next`, `delay`, `throttle`,
 `require_token`, `extra_entries`, `refresh`. Listens on 127.0.0.1 only.
 
 Run: `python -m modelfs.testing.origin --root DIR [--port 8080] [--demo]`.
@@ -98,6 +98,7 @@ class Origin:
         self.page_size = page_size
         self.lfs_threshold = lfs_threshold
         self.delay = 0.0
+        self.throttle = 0.0  # bytes per second for bodies; 0 = as fast as possible
         self.require_token: dict[str, str] = {}
         self.extra_entries: dict[str, list[dict[str, Any]]] = {}
         self.records: list[RequestRecord] = []
@@ -506,12 +507,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _sendfile(self, disk: Path, offset: int, count: int) -> int:
         sent = 0
         sock = self.connection.fileno()
+        rate = self.server.origin.throttle
+        step = 64 << 10 if rate else 8 << 20
         with open(disk, "rb") as fh:
             while sent < count:
-                n = os.sendfile(sock, fh.fileno(), offset + sent, min(count - sent, 8 << 20))
+                n = os.sendfile(sock, fh.fileno(), offset + sent, min(count - sent, step))
                 if n == 0:
                     break
                 sent += n
+                if rate:
+                    time.sleep(n / rate)
         return sent
 
 

@@ -16,7 +16,14 @@ from modelfs.errors import (
     RemoteStale,
     RemoteUnavailable,
 )
-from modelfs.fetch import ChunkReader, FetchConfig, ReadAheadConfig, RemoteFile, prefetch_file
+from modelfs.fetch import (
+    ChunkReader,
+    FetchConfig,
+    Priority,
+    ReadAheadConfig,
+    RemoteFile,
+    prefetch_file,
+)
 from modelfs.remote import HttpConfig, HubConfig, HubSource
 from modelfs.testing.origin import Origin
 from modelfs.types import RepoRef
@@ -158,6 +165,7 @@ async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_pat
         ranges = [r.range for r in origin.records if r.server == "cdn"]
         # one request for the chunk all eight read; read-ahead may fetch later chunks
         assert ranges.count(f"bytes={3 * MiB}-{4 * MiB - 1}") == 1
+        assert await reader.ensure(f, 3, Priority.DEMAND) in (0, MiB)  # the chunk is complete
         assert await reader.read(f, 3 * MiB, 10) == w[3 * MiB:3 * MiB + 10]
         assert reader.statistics().hits == 1
         nursery.cancel_scope.cancel()
@@ -201,6 +209,28 @@ async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: 
                   for r in origin.records if r.server == "cdn"]
         # From where the reader is to the end, then the beginning; each chunk once.
         assert starts == [*range(7, 11), *range(0, 6)]
+        nursery.cancel_scope.cancel()
+    index.close()
+    await src.aclose()
+
+
+async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(
+        origin: Origin, repo_data, tmp_path: Path) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files
+                 if f.path == "model.safetensors")
+    f = RemoteFile(src, "org/model", commit, entry)
+    w = repo_data["org/model@main"]["model.safetensors"]
+    index = Index(tmp_path / "ix")
+    reader = ChunkReader(index, ChunkStore(tmp_path / "store"), FetchConfig(chunk_size=MiB))
+    origin.throttle = 2 * MiB  # 1 MiB chunk: about half a second
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        assert bytes(await reader.read(f, 4 * MiB, 100)) == w[4 * MiB:4 * MiB + 100]
+        assert reader.statistics().fetches == 0  # still in flight: served from what arrived
+        assert await reader.ensure(f, 4, Priority.DEMAND) == MiB
+        assert reader.statistics().fetches == 1
         nursery.cancel_scope.cancel()
     index.close()
     await src.aclose()
