@@ -331,10 +331,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(obj).encode(),
                    {"Content-Type": "application/json", **(headers or {})})
 
-    def _done(self, status: int, sent: int) -> None:
-        self.server.origin._record(RequestRecord(
+    def _done(self, status: int, sent: int) -> RequestRecord:
+        rec = RequestRecord(
             self.command, unquote(urlsplit(self.path).path), status, self.headers.get("Range"),
-            sent, self.server.kind, "Authorization" in self.headers))
+            sent, self.server.kind, "Authorization" in self.headers)
+        self.server.origin._record(rec)
+        return rec
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -481,6 +483,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 status = 206
         length = end - start + 1 if f.size else 0
+        limit = fault.after_bytes if fault else length
+        # Recorded before the client can see the answer, so records keep request order;
+        # the byte count is corrected below if the body ends early.
+        rec = self._done(status, 0 if self.command == "HEAD" else min(length, limit))
         self.send_response(status)
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
@@ -492,17 +498,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
-            self._done(status, 0)
             return
         self.wfile.flush()
-        limit = fault.after_bytes if fault else length
-        sent = self._sendfile(f.disk, start, min(length, limit))
+        try:
+            rec.bytes_sent = self._sendfile(f.disk, start, min(length, limit))
+        except OSError:
+            rec.bytes_sent = 0  # the client went away; what it got is unknown
+            raise
         if fault:
             # Abort with a TCP reset mid-body.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
-        self._done(status, sent)
 
     def _sendfile(self, disk: Path, offset: int, count: int) -> int:
         sent = 0

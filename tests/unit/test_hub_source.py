@@ -203,6 +203,7 @@ async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: 
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         await reader.read(f, 6 * MiB, 100)  # a reader is at 6 MiB
+        await reader.ensure(f, 6, Priority.DEMAND)  # (and its chunk is complete)
         origin.reset_stats()
         await prefetch_file(reader, f, parallel=1)
         starts = [int(r.range.removeprefix("bytes=").split("-")[0]) // MiB
