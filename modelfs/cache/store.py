@@ -70,10 +70,12 @@ class ChunkStore:
         """Start reading a chunk file into the page cache (asynchronous readahead)."""
         try:
             fd = os.open(self.path_for(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            return
+        except OSError:
+            return  # only a hint: a missing file is found (and refetched) by the read
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
         finally:
             os.close(fd)
 

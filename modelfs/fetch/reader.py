@@ -224,7 +224,12 @@ class ChunkReader:
                                            into=flight.buf, progress=flight.advance)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
-            await trio.to_thread.run_sync(self._store_chunk, cid, idx, data, limiter=self._io)
+            try:
+                await trio.to_thread.run_sync(self._store_chunk, cid, idx, data, limiter=self._io)
+            except OSError as exc:
+                # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
+                log.error("could not store chunk %d of %s (%s); serving it uncached",
+                          idx, f.name, exc)
             if flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
             flight.data = data

@@ -235,3 +235,27 @@ async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(
         nursery.cancel_scope.cancel()
     index.close()
     await src.aclose()
+
+
+async def test_a_chunk_that_cannot_be_stored_is_still_served(origin: Origin, repo_data,
+                                                             tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    src = source(origin)
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(f for f in (await src.list_files("org/model", commit)).files
+                 if f.path == "model.safetensors")
+    f = RemoteFile(src, "org/model", commit, entry)
+    w = repo_data["org/model@main"]["model.safetensors"]
+    store = ChunkStore(tmp_path / "store")
+    index = Index(tmp_path / "ix")
+    reader = ChunkReader(index, store, FetchConfig(chunk_size=MiB))
+    (tmp_path / "store" / "tmp").rmdir()
+    (tmp_path / "store" / "tmp").write_bytes(b"")  # a chunk can no longer be written (ENOTDIR)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        assert bytes(await reader.read(f, 0, 1000)) == w[:1000]
+        assert await reader.ensure(f, 0, Priority.DEMAND) == MiB  # not cached: fetched again
+        nursery.cancel_scope.cancel()
+    assert "could not store chunk 0 of org/model/model.safetensors" in caplog.text
+    index.close()
+    await src.aclose()
