@@ -196,7 +196,7 @@ class Operations(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = -(-self._tree.total_size() // 4096)
         s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self._lookups) + 1
+        s.f_files = len(self._tree)
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s

@@ -35,6 +35,9 @@ class Tree:
             ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE, mtime_ns, children={})}
         self._next = ROOT_INODE + 1
 
+    def __len__(self) -> int:
+        return len(self._nodes)
+
     def __getitem__(self, inode: int) -> Node:
         return self._nodes[inode]
 
