@@ -55,6 +55,12 @@ class MountConfig:
     token: str | None = field(default=None, repr=False)
 
 
+def _at_least(value: int | float | None, minimum: float, flag: str, what: str) -> None:
+    """Refuse a flag value below `minimum`, naming the flag."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag}: must be {what}")
+
+
 def build_hub_config(*, endpoint: str | None, retries: int | None = None,
                      retry_backoff: float | None = None, timeout: float | None = None,
                      max_listing_entries: int | None = None,
@@ -64,22 +70,18 @@ def build_hub_config(*, endpoint: str | None, retries: int | None = None,
         src = "--endpoint" if endpoint else "HF_ENDPOINT"
         raise ConfigError(f"{src}: {ep!r} is not an http(s) URL")
     http = HttpConfig()
+    _at_least(retries, 0, "--retries", "0 or more")
+    _at_least(retry_backoff, 1e-6, "--retry-backoff", "a positive number of seconds")
+    _at_least(timeout, 1e-6, "--timeout", "a positive number of seconds")
+    _at_least(max_listing_entries, 1, "--max-listing-entries", "1 or more")
     if retries is not None:
-        if retries < 0:
-            raise ConfigError("--retries: must be 0 or more")
         http = replace(http, retries=retries)
     if retry_backoff is not None:
-        if retry_backoff <= 0:
-            raise ConfigError("--retry-backoff: must be a positive number of seconds")
         http = replace(http, backoff=retry_backoff)
     if timeout is not None:
-        if timeout <= 0:
-            raise ConfigError("--timeout: must be a positive number of seconds")
         http = replace(http, timeout=timeout)
     hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
     if max_listing_entries is not None:
-        if max_listing_entries < 1:
-            raise ConfigError("--max-listing-entries: must be 1 or more")
         hub = replace(hub, max_listing_entries=max_listing_entries)
     return hub
 
@@ -94,9 +96,8 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
             raise ConfigError("--chunk-size: must be a power of two between 64KiB and 256MiB")
         fetch = replace(fetch, chunk_size=cs)
     sched = fetch.scheduler
+    _at_least(max_connections, 2, "--max-connections", "2 or more")
     if max_connections is not None:
-        if max_connections < 2:
-            raise ConfigError("--max-connections: must be 2 or more")
         sched = replace(sched, max_fetches=max_connections,
                         demand_reserve=min(sched.demand_reserve, max_connections // 2))
     if memory_limit:
@@ -114,9 +115,8 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
 
 def build_prefetch_config(per_file: int | None, on_open: str | None) -> PrefetchConfig:
     cfg = PrefetchConfig()
+    _at_least(per_file, 1, "--per-file-connections", "1 or more")
     if per_file is not None:
-        if per_file < 1:
-            raise ConfigError("--per-file-connections: must be 1 or more")
         cfg = replace(cfg, per_file=per_file)
     if on_open is not None:
         pats = tuple(p.strip() for p in on_open.split(",") if p.strip())
@@ -225,13 +225,11 @@ def build_job_config(
     # Nothing else reads through this process: no slots need holding back for demand reads.
     fetch = replace(fetch, scheduler=replace(fetch.scheduler, demand_reserve=0))
     spec = JobSpec(refs, tuple(include), tuple(exclude))
+    _at_least(parallel_files, 1, "--parallel-files", "1 or more")
+    _at_least(per_file_connections, 1, "--per-file-connections", "1 or more")
     if parallel_files is not None:
-        if parallel_files < 1:
-            raise ConfigError("--parallel-files: must be 1 or more")
         spec = replace(spec, parallel_files=parallel_files)
     if per_file_connections is not None:
-        if per_file_connections < 1:
-            raise ConfigError("--per-file-connections: must be 1 or more")
         spec = replace(spec, per_file=per_file_connections)
     return PrefetchJobConfig(
         spec=spec,

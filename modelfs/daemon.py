@@ -50,10 +50,12 @@ def build_tree(source: Source, snaps: list[tuple[RepoRef, Snapshot, float]]) -> 
 
 
 def check_mountpoint(path: Path) -> None:
+    # Mounted first: a dead FUSE mount answers stat() with ENOTCONN.
+    if is_mounted(path):
+        raise ConfigError(f"mountpoint {path}: something is already mounted there "
+                          f"(a stale mount? `modelfs umount {path}`)")
     if not path.is_dir():
         raise ConfigError(f"mountpoint {path}: not an existing directory")
-    if is_mounted(path):
-        raise ConfigError(f"mountpoint {path}: something is already mounted there")
 
 
 def is_mounted(path: Path) -> bool:

@@ -318,3 +318,16 @@ def test_gated_repo_needs_token_which_never_leaks(tmp_path: Path, mount_factory,
     assert cdn and not any(r.authorized for r in cdn)  # dropped on the cross-host redirect
     m.close()
     assert token not in m.log_text()
+
+
+def test_mount_over_a_mount_or_a_missing_dir_fails_cleanly(mount_factory, tmp_path: Path,
+                                                          origin: Origin) -> None:
+    m = mount_factory(["org/model"])
+    for target, reason in [(m.path, "something is already mounted there"),
+                           (tmp_path / "missing", "not an existing directory")]:
+        res = subprocess.run([sys.executable, "-m", "modelfs", "mount", str(target), "--endpoint",
+                              origin.url, "--repo", "org/model", "--cache-dir", str(tmp_path / "c")],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1
+        assert reason in res.stderr
+    assert m.p("org/model/config.json").exists()  # the first mount still serves

@@ -37,6 +37,13 @@ def source(origin: Origin, token: str | None = None, **kw: int) -> HubSource:
     return HubSource(HubConfig(endpoint=origin.url, http=FAST, **kw), token)
 
 
+async def remote_file(src: HubSource, path: str = "model.safetensors") -> RemoteFile:
+    """`path` of org/model at main, as the mount would see it."""
+    commit = await src.resolve(RepoRef.parse("org/model"))
+    entry = next(e for e in (await src.list_files("org/model", commit)).files if e.path == path)
+    return RemoteFile(src, "org/model", commit, entry)
+
+
 async def test_resolve_and_paginated_listing(origin: Origin, repo_data) -> None:
     src = source(origin)
     commit = await src.resolve(RepoRef.parse("org/model"))
@@ -97,9 +104,8 @@ async def test_reset_is_resumed_and_retries_are_bounded(origin: Origin, repo_dat
                                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files
-                 if f.path == "model.safetensors")
+    f = await remote_file(src)
+    commit, entry = f.commit, f.entry
     w = repo_data["org/model@main"]["model.safetensors"]
     origin.reset_next(2, after_bytes=100_000, match="model.safetensors")
     assert await src.read("org/model", commit, entry, 0, 2 * MiB) == w[:2 * MiB]
@@ -127,8 +133,8 @@ async def test_old_commit_still_reads_after_push(origin: Origin, repo_data) -> N
 async def test_changed_content_is_stale_never_mixed(origin: Origin, repo_data, path: str,
                                                     size: int) -> None:
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files if f.path == path)
+    f = await remote_file(src, path)
+    commit, entry = f.commit, f.entry
     first = await src.read("org/model", commit, entry, 0, 10)
     assert first == repo_data["org/model@main"][path][:10]
     # A misbehaving mirror now serves other bytes (same or other size) for the same commit.
@@ -143,10 +149,7 @@ async def test_changed_content_is_stale_never_mixed(origin: Origin, repo_data, p
 
 async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_path: Path) -> None:
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files
-                 if f.path == "model.safetensors")
-    f = RemoteFile(src, "org/model", commit, entry)
+    f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
     index = Index(tmp_path / "ix")
     reader = ChunkReader(index, ChunkStore(tmp_path / "store"), FetchConfig(chunk_size=MiB))
@@ -175,9 +178,8 @@ async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_pat
 
 async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data) -> None:
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files
-                 if f.path == "model.safetensors")
+    f = await remote_file(src)
+    commit, entry = f.commit, f.entry
     w = repo_data["org/model@main"]["model.safetensors"]
     origin.reset_stats()
     for i in range(3):
@@ -193,10 +195,7 @@ async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data
 
 async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: Path) -> None:
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files
-                 if f.path == "model.safetensors")
-    f = RemoteFile(src, "org/model", commit, entry)
+    f = await remote_file(src)
     index = Index(tmp_path / "ix")
     cfg = FetchConfig(chunk_size=MiB, readahead=ReadAheadConfig(min_window=MiB, max_window=MiB))
     reader = ChunkReader(index, ChunkStore(tmp_path / "store"), cfg)
@@ -218,10 +217,7 @@ async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: 
 async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(
         origin: Origin, repo_data, tmp_path: Path) -> None:
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files
-                 if f.path == "model.safetensors")
-    f = RemoteFile(src, "org/model", commit, entry)
+    f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
     index = Index(tmp_path / "ix")
     reader = ChunkReader(index, ChunkStore(tmp_path / "store"), FetchConfig(chunk_size=MiB))
@@ -241,10 +237,7 @@ async def test_a_chunk_that_cannot_be_stored_is_still_served(origin: Origin, rep
                                                              tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     src = source(origin)
-    commit = await src.resolve(RepoRef.parse("org/model"))
-    entry = next(f for f in (await src.list_files("org/model", commit)).files
-                 if f.path == "model.safetensors")
-    f = RemoteFile(src, "org/model", commit, entry)
+    f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
     store = ChunkStore(tmp_path / "store")
     index = Index(tmp_path / "ix")
