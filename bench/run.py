@@ -200,11 +200,12 @@ class ModelfsMount:
 
 
 class RcloneMount:
-    def __init__(self, origin: Origin, work: Path) -> None:
+    def __init__(self, origin: Origin, work: Path, *, keep_cache: bool = False) -> None:
         self.path = work / "mnt-rclone"
         self.path.mkdir(parents=True, exist_ok=True)
         cache = work / "rclone-cache"
-        shutil.rmtree(cache, ignore_errors=True)
+        if not keep_cache:
+            shutil.rmtree(cache, ignore_errors=True)
         self.proc = subprocess.Popen(
             ["rclone", "mount", ":http:", str(self.path), "--http-url", f"{origin.url}/plain/",
              "--vfs-cache-mode", "full", "--cache-dir", str(cache), "--read-only",
@@ -318,6 +319,13 @@ class Bench:
             self.add("rclone mount cold cat", size, timed(lambda: cat(rc.file(shard))))
         finally:
             rc.close()
+        rc = RcloneMount(o, work, keep_cache=True)
+        try:
+            drop_caches()
+            self.add("rclone mount warm cat (remount, its cache)", size,
+                     timed(lambda: cat(rc.file(shard))))
+        finally:
+            rc.close()
         rc = RcloneMount(o, work)
         try:
             drop_caches()
@@ -409,7 +417,8 @@ class Bench:
             "modelfs fio randread": ("rclone mount fio randread",),
             "modelfs fio randread (no prefetch-on-open)": ("rclone mount fio randread",),
             "modelfs first MiB (uncached)": ("curl range 1 MiB",),
-            "modelfs warm cat (remount, page cache dropped)": ("local disk cold (dd)",),
+            "modelfs warm cat (remount, page cache dropped)": (
+                "local disk cold (dd)", "rclone mount warm cat (remount, its cache)"),
             "modelfs hot cat (page cache)": ("local page cache (cat)",),
             "modelfs prefetch (repo)": ("snapshot_download (repo)", "aria2c -x16 -j4 (repo)"),
         }
