@@ -20,7 +20,7 @@ import trio
 
 from .cache import ChunkStore, Index
 from .config import MountConfig
-from .errors import ConfigError, ModelfsError
+from .errors import ConfigError
 from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
 from .remote import HubSource, Source
@@ -110,7 +110,6 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         if config.allow_other:
             options.add("allow_other")
         pyfuse3.init(ops, str(config.mountpoint), options)
-        mounted = True
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(reader.run)
@@ -121,7 +120,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                 log.info("mounted %s at %s", ", ".join(map(str, config.repos)), config.mountpoint)
                 ready()
         finally:
-            pyfuse3.close(unmount=mounted)
+            pyfuse3.close(unmount=True)
             log.info("unmounted %s", config.mountpoint)
     finally:
         await source.aclose()
@@ -144,4 +143,4 @@ async def _stop_on_signal() -> None:
             return
 
 
-__all__ = ["ModelfsError", "serve"]
+__all__ = ["build_tree", "check_mountpoint", "is_mounted", "serve", "tune_kernel"]
