@@ -80,23 +80,39 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
 
 
 class OpenPrefetcher:
-    """Starts a background whole-file prefetch when a matching file is opened."""
+    """Starts a background whole-file prefetch when a matching file is opened.
+
+    It starts `start_delay` after the open, and only if the file is still open
+    then: a quick probe (open, read a header, close) fetches only what it read.
+    """
 
     def __init__(self, reader: ChunkReader, config: PrefetchConfig) -> None:
         self._reader = reader
         self._config = config
         self._running: set[str] = set()
+        self._open: dict[str, int] = {}
 
     def on_open(self, f: RemoteFile) -> None:
         cid = f.entry.content_id
+        self._open[cid] = self._open.get(cid, 0) + 1
         if cid in self._running or not matches(f.entry.path, self._config.on_open):
             return
         self._running.add(cid)
         self._reader.spawn(self._run, f)
 
+    def on_release(self, f: RemoteFile) -> None:
+        cid = f.entry.content_id
+        left = self._open.get(cid, 0) - 1
+        if left > 0:
+            self._open[cid] = left
+        else:
+            self._open.pop(cid, None)
+
     async def _run(self, f: RemoteFile) -> None:
         try:
             await trio.sleep(self._config.start_delay)
+            if f.entry.content_id not in self._open:
+                return  # closed again already: a probe, not a loader
             await prefetch_file(self._reader, f, parallel=self._config.per_file)
             log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
         except* Exception as group:

@@ -6,7 +6,9 @@ threads, still look sequential. Up to `max_streams` interleaved streams per
 file are followed. A read continues a stream when it starts at most
 `forward_tolerance` after, or `backward_tolerance` before, where the stream's
 last read ended (kernel read-ahead and page faults arrive slightly out of
-order). The window starts at `min_window` and doubles each time the reader
+order). Read-ahead starts once a stream has read `trigger` bytes in a row: one
+small read makes the kernel ask for its own read-ahead (1 MiB) too, which must
+not look like a sequential reader. The window starts at `min_window` and doubles each time the reader
 has consumed half of what was fetched ahead, up to `max_window`; a read that continues no stream starts a new
 one, with no read-ahead until it proves sequential.
 """
@@ -23,10 +25,12 @@ class ReadAheadConfig:
     forward_tolerance: int = 16 << 20
     backward_tolerance: int = 8 << 20
     max_streams: int = 8
+    trigger: int = 3 << 20
 
 
 @dataclass(slots=True)
 class _Stream:
+    start: int
     next_offset: int
     window: int
     issued_until: int = 0  # read-ahead was requested up to here (exclusive)
@@ -46,6 +50,8 @@ class StreamTracker:
             if s.next_offset - cfg.backward_tolerance <= offset <= s.next_offset + cfg.forward_tolerance:
                 self.streams.append(self.streams.pop(i))  # most recently used last
                 s.next_offset = max(s.next_offset, end)
+                if s.next_offset - s.start < cfg.trigger:
+                    return None  # not proven sequential yet (the kernel's own read-ahead)
                 if s.issued_until - s.next_offset >= s.window // 2 or s.issued_until >= file_size:
                     return None  # still well covered
                 if s.issued_until > s.next_offset:
@@ -57,7 +63,8 @@ class StreamTracker:
                 return (start, stop) if start < stop else None
         if len(self.streams) >= cfg.max_streams:
             self.streams.pop(0)
-        self.streams.append(_Stream(next_offset=end, window=cfg.min_window, issued_until=end))
+        self.streams.append(_Stream(start=offset, next_offset=end, window=cfg.min_window,
+                                    issued_until=end))
         return None
 
     def position(self) -> int | None:

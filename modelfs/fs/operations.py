@@ -184,7 +184,9 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._handles.pop(fh, None)
+        f = self._handles.pop(fh, None)
+        if f is not None and self._prefetcher is not None:
+            self._prefetcher.on_release(f)
 
     @_boundary
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:

@@ -109,3 +109,17 @@ def test_sequential_read_is_fetched_ahead_in_parallel(mount_factory, origin: Ori
     assert got == data
     ranges = [r.range for r in origin.data_requests("/cdn/*")]
     assert len(ranges) == len(set(ranges)) == -(-len(data) // CHUNK)
+
+
+def test_a_quick_probe_of_a_weight_file_fetches_only_what_it_read(mount_factory, origin: Origin,
+                                                                  repo_data) -> None:
+    m = mount_factory(["org/model"], "--prefetch-on-open=*.safetensors")
+    with open(m.p(f"org/model/{WEIGHTS}"), "rb") as f:  # like `safe_open` reading the header
+        assert f.read(8) == repo_data["org/model@main"][WEIGHTS][:8]
+    time.sleep(1.0)  # well past the on-open prefetch's start delay
+    # The chunk it read, and at most the one the kernel's own 1 MiB read-ahead reaches.
+    starts = sorted(int(r.range.removeprefix("bytes=").split("-")[0])
+                    for r in origin.data_requests("/cdn/*"))
+    assert starts[0] == 0
+    assert starts[-1] <= CHUNK
+    assert len(starts) == len(set(starts))

@@ -8,7 +8,7 @@ from modelfs.fetch.readahead import ReadAheadConfig, StreamTracker
 
 MiB = 1 << 20
 CFG = ReadAheadConfig(min_window=8 * MiB, max_window=64 * MiB, forward_tolerance=16 * MiB,
-                      backward_tolerance=2 * MiB, max_streams=3)
+                      backward_tolerance=2 * MiB, max_streams=3, trigger=2 * MiB)
 SIZE = 1 << 30
 
 
@@ -66,3 +66,10 @@ def test_stream_count_is_bounded_and_end_of_file_clips() -> None:
     assert small.on_read(0, MiB, 3 * MiB) is None
     assert small.on_read(MiB, 2 * MiB, 3 * MiB) == (2 * MiB, 3 * MiB)
     assert small.on_read(2 * MiB, 3 * MiB, 3 * MiB) is None
+
+
+def test_a_probe_and_the_kernels_own_read_ahead_do_not_trigger_read_ahead() -> None:
+    t = StreamTracker(ReadAheadConfig())  # defaults: trigger after 3 MiB in a row
+    assert t.on_read(0, MiB, SIZE) is None  # the read
+    assert t.on_read(MiB, 2 * MiB, SIZE) is None  # the kernel's read-ahead of it
+    assert t.on_read(2 * MiB, 3 * MiB, SIZE) == (3 * MiB, 11 * MiB)  # a reader going on
