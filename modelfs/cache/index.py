@@ -42,7 +42,10 @@ def chunk_key(content_id: str, chunk_size: int, index: int) -> bytes:
 
 
 class Index:
-    def __init__(self, path: Path, *, map_size: int = 8 << 30) -> None:
+    # LMDB's map is address space, not disk: the file grows only as pages are
+    # written. 1 TiB means the index never fills (it would take billions of
+    # chunks), so no resize dance across processes and threads is needed.
+    def __init__(self, path: Path, *, map_size: int = 1 << 40) -> None:
         path.mkdir(parents=True, exist_ok=True)
         try:
             self._env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True)
