@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import random
 import stat
@@ -22,6 +21,40 @@ pytestmark = pytest.mark.fuse
 
 MAIN = "org/model@main"
 WEIGHTS = "model.safetensors"
+
+_MAPPED_READER = """
+import mmap, os, random, sys, threading
+path, expect, nthreads, nfaults = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+data = open(expect, "rb").read()
+fd = os.open(path, os.O_RDONLY)
+mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+bad = []
+def fault(seed):
+    rnd = random.Random(seed)
+    for _ in range(nfaults):
+        off = rnd.randrange(0, len(data) - 1)
+        n = rnd.choice([1, 4096, 5000, 70000])
+        if mm[off:off + n] != data[off:off + n]:
+            bad.append(off)
+threads = [threading.Thread(target=fault, args=(i,)) for i in range(nthreads)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert mm[-10:] == data[-10:]
+print("bad", len(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+def origin_file(tmp_path: Path, path: str, repo: str = "org/model", ref: str = "main") -> Path:
+    return tmp_path / "origin" / repo / ref / path
+
+
+def run_mapped(path: Path, expect: Path, *, threads: int, faults: int) -> None:
+    """Fault random pages of `path` from `threads` threads of a child process; every
+    byte must equal `expect`'s, and it must finish (no deadlock) within the timeout."""
+    res = subprocess.run([sys.executable, "-c", _MAPPED_READER, str(path), str(expect),
+                          str(threads), str(faults)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_tree_sizes_and_modes(mount_factory, repo_data) -> None:
@@ -63,7 +96,7 @@ def test_every_file_hashes_like_the_origin(mount_factory, repo_data) -> None:
             assert sha256(m.p(f"{top}/{path}").read_bytes()) == sha256(data), path
 
 
-def test_random_preads_and_mmap_match(mount_factory, repo_data) -> None:
+def test_random_preads_and_mmap_match(mount_factory, repo_data, tmp_path: Path) -> None:
     m = mount_factory(["org/model"])
     data = repo_data[MAIN][WEIGHTS]
     rnd = random.Random(42)
@@ -73,13 +106,11 @@ def test_random_preads_and_mmap_match(mount_factory, repo_data) -> None:
             off = rnd.randrange(0, len(data) + 100)
             size = rnd.choice([1, 7, 4096, 65536, CHUNK + 3, 3 * CHUNK])
             assert os.pread(fd, size, off) == data[off:off + size], (off, size)
-        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
-            for _ in range(50):
-                off = rnd.randrange(0, len(data))
-                assert mm[off:off + 5000] == data[off:off + 5000]
-            assert mm[-10:] == data[-10:]
     finally:
         os.close(fd)
+    # Mapped reads run in a child process: a page fault blocks its thread while it
+    # holds the GIL, and this process also runs the origin the daemon fetches from.
+    run_mapped(m.p(f"org/model/{WEIGHTS}"), origin_file(tmp_path, WEIGHTS), threads=1, faults=50)
 
 
 def test_only_touched_chunks_are_fetched(mount_factory, origin: Origin, repo_data) -> None:
@@ -331,3 +362,8 @@ def test_mount_over_a_mount_or_a_missing_dir_fails_cleanly(mount_factory, tmp_pa
         assert res.returncode == 1
         assert reason in res.stderr
     assert m.p("org/model/config.json").exists()  # the first mount still serves
+
+
+def test_parallel_page_faults_on_an_uncached_mapping(mount_factory, tmp_path: Path) -> None:
+    m = mount_factory(["org/model"])
+    run_mapped(m.p(f"org/model/{WEIGHTS}"), origin_file(tmp_path, WEIGHTS), threads=16, faults=50)
