@@ -78,6 +78,8 @@ class Operations(pyfuse3.Operations):
         self._config = config
         self._uid = os.getuid()
         self._gid = os.getgid()
+        # Kernel references per inode (lookup/readdirplus minus forget): an inode of a
+        # tree that was replaced may be dropped only once this reaches zero.
         self._lookups: Counter[int] = Counter()
         self._handles: dict[int, RemoteFile] = {}
         self._fh = itertools.count(1)
@@ -212,7 +214,3 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: pyfuse3.InodeT,
                         ctx: pyfuse3.RequestContext) -> list[pyfuse3.XAttrNameT]:
         return []
-
-    def lookup_count(self, inode: int) -> int:
-        """For tests and status: how many kernel references an inode holds."""
-        return self._lookups[inode]

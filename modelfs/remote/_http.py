@@ -24,7 +24,6 @@ import trio
 
 from ..errors import (
     RemoteAuthError,
-    RemoteError,
     RemoteNotFound,
     RemoteProtocolError,
     RemoteStale,
@@ -375,4 +374,4 @@ def _describe(exc: httpx.TransportError) -> str:
     return f"{kind}: {exc}" if str(exc) else kind
 
 
-__all__ = ["Expect", "HttpClient", "HttpConfig", "JsonPage", "RemoteError"]
+__all__ = ["Expect", "HttpClient", "HttpConfig", "JsonPage"]
