@@ -126,7 +126,11 @@ def mount(mountpoint: str, foreground: bool, log_level: str, log_file: str | Non
 
 def _spawn_daemon(args: list[str], log_file: Path) -> int:
     """Run `modelfs mount ARGS --foreground` detached; wait until it is ready."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.touch()
+    except OSError as exc:
+        raise click.ClickException(f"log file {log_file}: {exc.strerror or exc}") from None
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "modelfs", "mount", *args, "--foreground",
            "--ready-fd", str(wfd)]
@@ -182,7 +186,11 @@ def prefetch(log_level: str, **opts: Any) -> None:
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(log_level, None, config.token)
-    result = trio.run(_run_prefetch, config)
+    try:
+        result = trio.run(_run_prefetch, config)
+    except ModelfsError as exc:
+        click.echo(f"modelfs: {exc}", err=True)
+        sys.exit(1)
     failed = [f for f in result.files if f.state != "done"]
     for err in result.errors:
         click.echo(f"modelfs: {err}", err=True)

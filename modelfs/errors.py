@@ -62,6 +62,12 @@ class ListingRejected(RemoteError):
     errno = _errno.EIO
 
 
+class CacheError(ModelfsError):
+    """The cache directory cannot be used (permissions, not a directory, ...)."""
+
+    errno = _errno.EIO
+
+
 class CacheCorrupt(ModelfsError):
     """A chunk on disk does not hash to its name."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lmdb
 
-from ..errors import CacheCorrupt
+from ..errors import CacheCorrupt, CacheError
 from ..types import FileEntry, Snapshot
 from . import codec
 
@@ -46,9 +46,11 @@ class Index:
     # written. 1 TiB means the index never fills (it would take billions of
     # chunks), so no resize dance across processes and threads is needed.
     def __init__(self, path: Path, *, map_size: int = 1 << 40) -> None:
-        path.mkdir(parents=True, exist_ok=True)
         try:
+            path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True)
+        except OSError as exc:
+            raise CacheError(f"cache index {path}: {exc.strerror or exc}") from None
         except lmdb.Error as exc:
             raise CacheCorrupt(f"cannot open cache index {path}: {exc}") from None
         self._revs = self._env.open_db(b"revs")

@@ -13,16 +13,21 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..errors import CacheError
+
 
 class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._chunks = root / "chunks"
         self._tmp = root / "tmp"
-        self._chunks.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._prefix = f"{os.getpid()}."
-        self._drop_stale_temps()
+        try:
+            self._chunks.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._prefix = f"{os.getpid()}."
+            self._drop_stale_temps()
+        except OSError as exc:
+            raise CacheError(f"cache dir {root}: {exc.strerror or exc}") from None
 
     def _drop_stale_temps(self) -> None:
         """Temp files of dead processes are incomplete by definition: drop them.

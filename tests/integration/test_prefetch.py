@@ -123,3 +123,20 @@ def test_a_quick_probe_of_a_weight_file_fetches_only_what_it_read(mount_factory,
     assert starts[0] == 0
     assert starts[-1] <= CHUNK
     assert len(starts) == len(set(starts))
+
+
+def test_an_unusable_cache_dir_is_a_clear_error(origin: Origin, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    res = prefetch(origin, not_a_dir, "org/model")
+    assert res.returncode == 1
+    assert f"cache index {not_a_dir}/index" in res.stderr
+    assert "Traceback" not in res.stderr
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    res = subprocess.run([sys.executable, "-m", "modelfs", "mount", str(mnt), "--endpoint",
+                          origin.url, "--repo", "org/model", "--cache-dir", str(not_a_dir)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert str(not_a_dir) in res.stderr
+    assert "Traceback" not in res.stderr
