@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +67,41 @@ def main() -> None:
     """Mount remote model repositories as a read-only directory, fetched on demand."""
 
 
+_SHARED_OPTIONS = [
+    click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co)."),
+    click.option("--cache-dir", help="Chunk cache and index directory."),
+    click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN)."),
+    click.option("--chunk-size", help="Cache chunk size, a power of two (default 4MiB); a mount "
+                                      "and a prefetch share chunks only at the same size."),
+    click.option("--retries", type=int, help="Retries of a failing origin request (default 5)."),
+    click.option("--retry-backoff", type=float,
+                 help="First retry delay in seconds, doubled each time."),
+    click.option("--timeout", type=float,
+                 help="Per-request connect/read timeout in seconds (default 30)."),
+    click.option("--max-connections", type=int,
+                 help="Concurrent origin requests in all (default 16; a mount keeps 4 for demand "
+                      "reads)."),
+    click.option("--per-file-connections", type=int,
+                 help="Concurrent ranged GETs of one file's whole-file prefetch (default 8)."),
+    click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB)."),
+    click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s (default none)."),
+]
+
+
+def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of every command that talks to the origin, declared once."""
+    for option in reversed(_SHARED_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--repo", "repos", multiple=True, metavar="ORG/NAME[@REV]",
               help="Repo to mount (repeatable). @REV pins a branch, tag or commit.")
-@click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co).")
-@click.option("--cache-dir", help="Chunk cache and index directory.")
-@click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN).")
+@_source_options
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
-@click.option("--chunk-size", help="Cache chunk size, a power of two (default 4MiB).")
-@click.option("--retries", type=int, help="Retries of a failing origin request (default 5).")
-@click.option("--retry-backoff", type=float, help="First retry delay in seconds, doubled each time.")
-@click.option("--timeout", type=float, help="Per-request connect/read timeout in seconds (default 30).")
 @click.option("--max-listing-entries", type=int, help="Refuse repo listings larger than this.")
-@click.option("--max-connections", type=int,
-              help="Concurrent origin requests in all (default 16; 4 kept for demand reads).")
-@click.option("--per-file-connections", type=int,
-              help="Concurrent requests of one file's background prefetch (default 8).")
-@click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB).")
-@click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s (default none).")
 @click.option("--prefetch-on-open", metavar="GLOBS",
               help="Comma-separated patterns of files fetched whole in the background when "
                    "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
@@ -161,18 +178,8 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
 @click.argument("repos", nargs=-1, metavar="ORG/NAME[@REV]...")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
-@click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co).")
-@click.option("--cache-dir", help="Chunk cache and index directory.")
-@click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN).")
-@click.option("--chunk-size", help="Cache chunk size; must match the mount's (default 4MiB).")
-@click.option("--retries", type=int, help="Retries of a failing origin request (default 5).")
-@click.option("--retry-backoff", type=float, help="First retry delay in seconds, doubled each time.")
-@click.option("--timeout", type=float, help="Per-request connect/read timeout in seconds (default 30).")
-@click.option("--max-connections", type=int, help="Concurrent origin requests in all (default 16).")
-@click.option("--per-file-connections", type=int, help="Concurrent ranged GETs per file (default 8).")
+@_source_options
 @click.option("--parallel-files", type=int, help="Files fetched at once (default 4).")
-@click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB).")
-@click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def prefetch(log_level: str, **opts: Any) -> None:

@@ -10,7 +10,6 @@ and cache as the mount. State is per file: one file failing (a 404, repeated
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,8 +41,6 @@ class FileProgress:
     fetched: int = 0  # of those, bytes this job fetched from the origin
     state: str = "queued"  # queued | running | done | failed
     error: str | None = None
-    started: float = 0.0
-    finished: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +99,7 @@ async def run_job(spec: JobSpec, source: Source, index: Index, store: ChunkStore
 
         async def one(f: RemoteFile, p: FileProgress) -> None:
             async with slots:
-                p.state, p.started = "running", time.monotonic()
+                p.state = "running"
                 notify(p)
 
                 def progress(n: int, fetched: bool) -> None:
@@ -117,7 +114,6 @@ async def run_job(spec: JobSpec, source: Source, index: Index, store: ChunkStore
                 except* Exception as group:
                     p.state, p.error = "failed", str(group.exceptions[0])
                     log.info("%s/%s: %s", f.repo_id, f.entry.path, p.error)
-                p.finished = time.monotonic()
                 notify(p)
 
         async with trio.open_nursery() as files:

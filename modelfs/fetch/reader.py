@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -79,14 +79,14 @@ class ReaderStats:
 class _Flight:
     """A chunk being fetched. `buf` exists once the fetch holds a slot; its first
     `filled` bytes have arrived (from a validated response) and may be served
-    before the rest: a reader waits only for the bytes it asked for."""
+    before the rest: a reader waits only for the bytes it asked for. Once `done`,
+    `buf` is the whole chunk unless `error` is set."""
 
     ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)
     buf: bytearray | None = None
     filled: int = 0
-    data: bytearray | None = None
     error: BaseException | None = None
 
     def advance(self, filled: int) -> None:
@@ -110,8 +110,7 @@ class ChunkReader:
         self._stats = ReaderStats()
 
     def statistics(self) -> ReaderStats:
-        s = self._stats
-        return ReaderStats(s.hits, s.misses, s.fetches, s.fetch_errors, s.bytes_fetched)
+        return replace(self._stats)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery that fetches (and background jobs) run in; returns when cancelled."""
@@ -193,8 +192,8 @@ class ChunkReader:
                 if need is not None and flight.buf is not None and flight.filled >= need:
                     return flight.buf
                 await flight.changed.wait()
-            if flight.data is not None:
-                return flight.data
+            if flight.error is None and flight.buf is not None:
+                return flight.buf
             if isinstance(flight.error, Exception):
                 raise flight.error
             # The fetch was cancelled (shutdown): try again, or be cancelled ourselves.
@@ -219,9 +218,9 @@ class ChunkReader:
         try:
             start, length = chunk_extent(idx, f.entry.size, cs)
             async with self.scheduler.slot(flight.ticket):
-                flight.buf = bytearray(length)
-                data = await f.source.read(f.repo_id, f.commit, f.entry, start, length,
-                                           into=flight.buf, progress=flight.advance)
+                data = flight.buf = bytearray(length)
+                await f.source.read(f.repo_id, f.commit, f.entry, start, length, into=data,
+                                    progress=flight.advance)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
             try:
@@ -232,7 +231,6 @@ class ChunkReader:
                           idx, f.name, exc)
             if flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
-            flight.data = data
         except Exception as exc:
             self._stats.fetch_errors += 1
             flight.error = exc
