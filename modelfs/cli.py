@@ -19,6 +19,7 @@ from typing import Any
 import click
 import trio
 
+from .cli_cache import cache_group
 from .config import PrefetchJobConfig, build_job_config, build_mount_config
 from .errors import ModelfsError
 from .jobs import JobResult
@@ -85,6 +86,13 @@ _SHARED_OPTIONS = [
                  help="Concurrent ranged GETs of one file's whole-file prefetch (default 8)."),
     click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB)."),
     click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s (default none)."),
+    click.option("--cache-size", help="Disk the chunk cache may use: a size (200GiB), a share of "
+                                      "its file system (80%, the default) or `unlimited`."),
+    click.option("--compression", type=click.Choice(["auto", "always", "never"]),
+                 help="zstd per chunk: auto (default) keeps a chunk compressed only when that "
+                      "saves 10% or more."),
+    click.option("--force", is_flag=True,
+                 help="Fetch listings and file contents again, whatever is cached."),
 ]
 
 
@@ -105,6 +113,8 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--prefetch-on-open", metavar="GLOBS",
               help="Comma-separated patterns of files fetched whole in the background when "
                    "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
+@click.option("--revision-ttl", type=float,
+              help="Seconds between re-resolving branches and tags (default 60).")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
@@ -180,6 +190,7 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
 @_source_options
 @click.option("--parallel-files", type=int, help="Files fetched at once (default 4).")
+@click.option("--pin", is_flag=True, help="Pin the repos: eviction never removes them.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def prefetch(log_level: str, **opts: Any) -> None:
@@ -208,21 +219,24 @@ def prefetch(log_level: str, **opts: Any) -> None:
 
 
 async def _run_prefetch(config: PrefetchJobConfig) -> JobResult:
-    from .cache import ChunkStore, Index
+    from .cache import ChunkCache, ChunkStore, Index
     from .jobs import run_job
     from .progress import JobProgress
     from .remote import HubSource
 
     index = Index(config.cache_dir / "index")
-    store = ChunkStore(config.cache_dir)
+    cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     source = HubSource(config.hub, config.token)
     try:
         with JobProgress(sys.stderr) as progress:
-            return await run_job(config.spec, source, index, store, config.fetch,
+            return await run_job(config.spec, source, cache, config.fetch,
                                  on_update=progress.update)
     finally:
         await source.aclose()
         index.close()
+
+
+main.add_command(cache_group)
 
 
 @main.command()

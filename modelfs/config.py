@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .cache import COMPRESSION_MODES, CacheConfig
 from .errors import ConfigError
 from .fetch import FetchConfig, PrefetchConfig
 from .fs.operations import FsConfig
@@ -23,6 +24,8 @@ from .types import RepoRef
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DEFAULT_CACHE_SIZE = "80%"
+DEFAULT_REVISION_TTL = 60.0
 
 
 def parse_size(text: str, *, what: str) -> int:
@@ -32,6 +35,38 @@ def parse_size(text: str, *, what: str) -> int:
         raise ConfigError(f"{what}: {text!r} is not a size (e.g. 4MiB)")
     unit = (m.group(2) or "").upper()[:1]
     return int(m.group(1)) * _UNITS[unit]
+
+
+def parse_cache_size(text: str, cache_dir: Path, *, what: str = "--cache-size") -> int | None:
+    """`200GiB`, or `80%` of the cache dir's file system, or `unlimited` -> bytes or None."""
+    text = text.strip()
+    if text.lower() in ("unlimited", "none"):
+        return None
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 100:
+            raise ConfigError(f"{what}: {text!r} is not a percentage between 0 and 100")
+        probe = cache_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        st = os.statvfs(probe)
+        return int(st.f_blocks * st.f_frsize * pct / 100)
+    size = parse_size(text, what=what)
+    if size <= 0:
+        raise ConfigError(f"{what}: must be positive (or `unlimited`)")
+    return size
+
+
+def build_cache_config(*, cache_dir: Path, cache_size: str | None,
+                       compression: str | None) -> CacheConfig:
+    limit = parse_cache_size(cache_size or DEFAULT_CACHE_SIZE, cache_dir)
+    mode = compression or "auto"
+    if mode not in COMPRESSION_MODES:
+        raise ConfigError(f"--compression: {mode!r} is not one of {', '.join(COMPRESSION_MODES)}")
+    return CacheConfig(limit=limit, compression=mode)
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -51,7 +86,10 @@ class MountConfig:
     fetch: FetchConfig
     fs: FsConfig
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     allow_other: bool = False
+    force: bool = False
+    revision_ttl: float = DEFAULT_REVISION_TTL  # branches and tags are re-resolved this often
     token: str | None = field(default=None, repr=False)
 
 
@@ -154,6 +192,10 @@ def build_mount_config(
     memory_limit: str | None = None,
     bandwidth_limit: str | None = None,
     prefetch_on_open: str | None = None,
+    cache_size: str | None = None,
+    compression: str | None = None,
+    force: bool = False,
+    revision_ttl: float | None = None,
     env: Mapping[str, str] | None = None,
 ) -> MountConfig:
     env = os.environ if env is None else env
@@ -171,15 +213,20 @@ def build_mount_config(
     fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     prefetch = build_prefetch_config(per_file_connections, prefetch_on_open)
+    _at_least(revision_ttl, 0.1, "--revision-ttl", "at least 0.1 seconds")
+    cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(env)
     return MountConfig(
         mountpoint=Path(mountpoint).absolute(),
         repos=refs,
-        cache_dir=Path(cache_dir).absolute() if cache_dir else default_cache_dir(env),
+        cache_dir=cdir,
         hub=hub,
         fetch=fetch,
         fs=FsConfig(),
         prefetch=prefetch,
+        cache=build_cache_config(cache_dir=cdir, cache_size=cache_size, compression=compression),
         allow_other=allow_other,
+        force=force,
+        revision_ttl=DEFAULT_REVISION_TTL if revision_ttl is None else revision_ttl,
         token=load_token(token_file, env),
     )
 
@@ -192,6 +239,7 @@ class PrefetchJobConfig:
     cache_dir: Path
     hub: HubConfig
     fetch: FetchConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
     token: str | None = field(default=None, repr=False)
 
 
@@ -212,6 +260,10 @@ def build_job_config(
     parallel_files: int | None = None,
     memory_limit: str | None = None,
     bandwidth_limit: str | None = None,
+    cache_size: str | None = None,
+    compression: str | None = None,
+    force: bool = False,
+    pin: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> PrefetchJobConfig:
     env = os.environ if env is None else env
@@ -224,14 +276,15 @@ def build_job_config(
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     # Nothing else reads through this process: no slots need holding back for demand reads.
     fetch = replace(fetch, scheduler=replace(fetch.scheduler, demand_reserve=0))
-    spec = JobSpec(refs, tuple(include), tuple(exclude))
+    spec = JobSpec(refs, tuple(include), tuple(exclude), force=force, pin=pin)
     _at_least(parallel_files, 1, "--parallel-files", "1 or more")
     _at_least(per_file_connections, 1, "--per-file-connections", "1 or more")
     if parallel_files is not None:
         spec = replace(spec, parallel_files=parallel_files)
     if per_file_connections is not None:
         spec = replace(spec, per_file=per_file_connections)
+    cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(env)
     return PrefetchJobConfig(
-        spec=spec,
-        cache_dir=Path(cache_dir).absolute() if cache_dir else default_cache_dir(env),
-        hub=hub, fetch=fetch, token=load_token(token_file, env))
+        spec=spec, cache_dir=cdir, hub=hub, fetch=fetch,
+        cache=build_cache_config(cache_dir=cdir, cache_size=cache_size, compression=compression),
+        token=load_token(token_file, env))

@@ -68,7 +68,13 @@ class CacheError(ModelfsError):
     errno = _errno.EIO
 
 
+class CacheFull(CacheError):
+    """The cache's file system is full (ENOSPC), even after evicting."""
+
+    errno = _errno.ENOSPC
+
+
 class CacheCorrupt(ModelfsError):
-    """A chunk on disk does not hash to its name."""
+    """A chunk on disk does not hash to its name, or the index is unusable."""
 
     errno = _errno.EIO

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import ChunkStore, Index
+from .cache import ChunkCache
 from .fetch import (
     ChunkReader,
     FetchConfig,
@@ -50,6 +50,8 @@ class JobSpec:
     exclude: tuple[str, ...] = ()
     parallel_files: int = 4
     per_file: int = 8
+    force: bool = False  # drop what is cached of the selected files and fetch them again
+    pin: bool = False  # pin the repos' revisions: eviction never removes them
 
 
 @dataclass(slots=True)
@@ -66,12 +68,12 @@ def selected(path: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
     return (not include or matches(path, include)) and not (exclude and matches(path, exclude))
 
 
-async def run_job(spec: JobSpec, source: Source, index: Index, store: ChunkStore,
+async def run_job(spec: JobSpec, source: Source, cache: ChunkCache,
                   fetch: FetchConfig, on_update: Callable[[FileProgress], None] | None = None,
                   ) -> JobResult:
     """Run a prefetch job to the end; `on_update` sees every progress change."""
     result = JobResult()
-    reader = ChunkReader(index, store, fetch)
+    reader = ChunkReader(cache, fetch)
 
     def notify(p: FileProgress) -> None:
         if on_update:
@@ -82,13 +84,17 @@ async def run_job(spec: JobSpec, source: Source, index: Index, store: ChunkStore
         work: list[tuple[RemoteFile, FileProgress]] = []
         for ref in spec.refs:
             try:
-                snap, _ = await load_snapshot(source, index, ref)
+                snap, _ = await load_snapshot(source, cache.index, ref, force=spec.force)
             except Exception as exc:
                 result.errors.append(str(exc))
                 log.info("%s", exc)
                 continue
+            if spec.pin:
+                cache.index.pin(source.key, ref.repo_id, ref.revision)
             for entry in snap.files:
                 if selected(entry.path, spec.include, spec.exclude):
+                    if spec.force:
+                        await trio.to_thread.run_sync(cache.drop_content, entry.content_id)
                     p = FileProgress(ref.repo_id, ref.revision, entry.path, entry.size)
                     work.append((RemoteFile(source, ref.repo_id, snap.commit, entry), p))
                     result.files.append(p)

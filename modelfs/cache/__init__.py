@@ -4,7 +4,10 @@ Knows nothing about sources or FUSE; `modelfs.fetch` is where cache and
 sources meet.
 """
 
-from .index import Index, IndexStats
+from .chunk_cache import CacheConfig, ChunkCache, FileCheck
+from .codec import MODES as COMPRESSION_MODES
+from .index import Blob, Index, IndexStats, Revision
 from .store import ChunkStore
 
-__all__ = ["ChunkStore", "Index", "IndexStats"]
+__all__ = ["COMPRESSION_MODES", "Blob", "CacheConfig", "ChunkCache", "ChunkStore", "FileCheck",
+           "Index", "IndexStats", "Revision"]

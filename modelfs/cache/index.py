@@ -4,29 +4,50 @@ Sub-databases:
 
 - `revs`:   source \\0 repo \\0 revision  -> JSON {commit, resolved_at}
 - `snaps`:  source \\0 repo \\0 commit    -> zstd(JSON listing)
-- `chunks`: content_id \\0 chunk_size \\0 index (u64 BE) -> chunk sha256 (32 bytes)
-- `blobs`:  chunk sha256 (32 bytes)      -> (stored_size u64, raw_size u64, codec u8, last_access f64)
+- `chunks`: content_id \\0 chunk_size \\0 index (u64 BE) -> chunk digest (32 bytes)
+- `refs`:   chunk digest + chunk key    -> b"" (who uses a blob, so dropping one finds the other)
+- `blobs`:  chunk digest               -> (disk_bytes u64, raw_size u64, codec u8, last_access f64)
+- `pins`:   source \\0 repo \\0 revision  -> b""
+- `checked`: content_id                -> f64 (when the whole file last matched its sha256)
+- `meta`:   b"format" -> u32; b"usage" -> u64, the sum of `disk_bytes` over `blobs`
 
 Every transaction is short and synchronous; callers never hold one across an
-`await`. LMDB allows several processes (daemon, `modelfs prefetch`) at once.
+`await`. LMDB allows several processes (daemon, `modelfs prefetch`, `modelfs
+cache`) at once: write transactions are serialised by LMDB, so `usage` stays
+exact. Access times are kept in memory and written in batches (`touch`,
+`flush_access`): a read never pays for a write transaction.
+
+The map grows by doubling when full (`MapFullError`) and follows another
+process's growth (`MapResizedError`); both need every transaction of this
+process closed, which `_Guard` provides.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
-from ..errors import CacheCorrupt, CacheError
+from ..errors import CacheCorrupt, CacheError, CacheFull
 from ..types import FileEntry, Snapshot
 from . import codec
 
+T = TypeVar("T")
+
+FORMAT = 2
 _BLOB = struct.Struct(">QQBd")
+_U64 = struct.Struct(">Q")
+_F64 = struct.Struct(">d")
 CODEC_RAW = 0
+CODEC_ZSTD = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,37 +56,150 @@ class IndexStats:
     snapshots: int
     chunk_refs: int
     blobs: int
+    usage: int
+    map_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    digest: str
+    disk_bytes: int
+    raw_size: int
+    codec: int
+    last_access: float
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    source: str
+    repo_id: str
+    revision: str
+    commit: str
+    resolved_at: float
 
 
 def chunk_key(content_id: str, chunk_size: int, index: int) -> bytes:
     return f"{content_id}\0{chunk_size}\0".encode() + index.to_bytes(8, "big")
 
 
+def _parse_chunk_key(key: bytes) -> tuple[str, int, int]:
+    cid, size, _ = key[:-8].split(b"\0")
+    return cid.decode(), int(size), int.from_bytes(key[-8:], "big")
+
+
+def _name(source: str, repo: str, rev: str) -> bytes:
+    return f"{source}\0{repo}\0{rev}".encode()
+
+
+class _Guard:
+    """Shared for transactions, exclusive for a map resize (which LMDB allows
+    only while this process has no transaction open)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
 class Index:
-    # LMDB's map is address space, not disk: the file grows only as pages are
-    # written. 1 TiB means the index never fills (it would take billions of
-    # chunks), so no resize dance across processes and threads is needed.
-    def __init__(self, path: Path, *, map_size: int = 1 << 40) -> None:
+    def __init__(self, path: Path, *, map_size: int = 1 << 30) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True)
+            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=10, subdir=True)
         except OSError as exc:
             raise CacheError(f"cache index {path}: {exc.strerror or exc}") from None
         except lmdb.Error as exc:
             raise CacheCorrupt(f"cannot open cache index {path}: {exc}") from None
-        self._revs = self._env.open_db(b"revs")
-        self._snaps = self._env.open_db(b"snaps")
-        self._chunks = self._env.open_db(b"chunks")
-        self._blobs = self._env.open_db(b"blobs")
+        self.path = path
+        self._guard = _Guard()
+        self._touched: dict[bytes, float] = {}
+        db = self._env.open_db
+        self._revs, self._snaps, self._chunks = db(b"revs"), db(b"snaps"), db(b"chunks")
+        self._refs, self._blobs, self._pins = db(b"refs"), db(b"blobs"), db(b"pins")
+        self._checked, self._meta = db(b"checked"), db(b"meta")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        def check(txn: lmdb.Transaction) -> int | None:
+            raw = txn.get(b"format", db=self._meta)
+            if raw is None and txn.stat(self._chunks)["entries"] == 0:
+                txn.put(b"format", struct.pack(">I", FORMAT), db=self._meta)
+                return FORMAT
+            return struct.unpack(">I", raw)[0] if raw else None
+
+        found = self._write(check)
+        if found != FORMAT:
+            raise CacheCorrupt(f"cache index {self.path} has format {found or 1}; this modelfs "
+                               f"uses format {FORMAT}: remove the cache directory to start over")
 
     def close(self) -> None:
+        self.flush_access()
         self._env.close()
+
+    # Transactions, with map growth -----------------------------------------------------
+
+    def _read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        while True:
+            try:
+                with self._guard.shared(), self._env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+
+    def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        while True:
+            try:
+                with self._guard.shared(), self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+            except lmdb.MapFullError:
+                self._grow_map()
+            except lmdb.DiskError as exc:
+                raise CacheFull(f"cache index {self.path}: {exc}") from None
+
+    def _adopt_map_size(self) -> None:
+        with self._guard.exclusive():
+            self._env.set_mapsize(0)  # take the size another process grew the map to
+
+    def _grow_map(self) -> None:
+        with self._guard.exclusive():
+            size = self._env.info()["map_size"] * 2
+            self._env.set_mapsize(size)
 
     # Revisions and listings ---------------------------------------------------
 
     def get_revision(self, source: str, repo: str, rev: str) -> tuple[str, float] | None:
-        with self._env.begin(db=self._revs) as txn:
-            raw = txn.get(f"{source}\0{repo}\0{rev}".encode())
+        raw = self._read(lambda txn: txn.get(_name(source, repo, rev), db=self._revs))
         if raw is None:
             return None
         rec = json.loads(raw)
@@ -74,12 +208,25 @@ class Index:
     def put_revision(self, source: str, repo: str, rev: str, commit: str,
                      resolved_at: float | None = None) -> None:
         rec = {"commit": commit, "resolved_at": time.time() if resolved_at is None else resolved_at}
-        with self._env.begin(db=self._revs, write=True) as txn:
-            txn.put(f"{source}\0{repo}\0{rev}".encode(), json.dumps(rec).encode())
+        self._write(lambda txn: txn.put(_name(source, repo, rev), json.dumps(rec).encode(),
+                                        db=self._revs))
+
+    def revisions(self) -> list[Revision]:
+        def scan(txn: lmdb.Transaction) -> list[Revision]:
+            out = []
+            for key, raw in txn.cursor(db=self._revs):
+                source, repo, rev = key.decode().split("\0")
+                rec = json.loads(raw)
+                out.append(Revision(source, repo, rev, rec["commit"], rec["resolved_at"]))
+            return out
+
+        return self._read(scan)
+
+    def drop_revision(self, source: str, repo: str, rev: str) -> None:
+        self._write(lambda txn: txn.delete(_name(source, repo, rev), db=self._revs))
 
     def get_snapshot(self, source: str, repo: str, commit: str) -> Snapshot | None:
-        with self._env.begin(db=self._snaps) as txn:
-            raw = txn.get(f"{source}\0{repo}\0{commit}".encode())
+        raw = self._read(lambda txn: txn.get(_name(source, repo, commit), db=self._snaps))
         if raw is None:
             return None
         rec = json.loads(codec.decompress(raw))
@@ -90,35 +237,276 @@ class Index:
         rec = {"files": [[f.path, f.size, f.content_id, f.sha256] for f in snap.files],
                "dirs": list(snap.directories)}
         blob = codec.compress(json.dumps(rec, separators=(",", ":")).encode())
-        with self._env.begin(db=self._snaps, write=True) as txn:
-            txn.put(f"{source}\0{snap.repo_id}\0{snap.commit}".encode(), blob)
+        self._write(lambda txn: txn.put(_name(source, snap.repo_id, snap.commit), blob,
+                                        db=self._snaps))
+
+    # Pins -----------------------------------------------------------------------------
+
+    def pin(self, source: str, repo: str, rev: str) -> None:
+        self._write(lambda txn: txn.put(_name(source, repo, rev), b"", db=self._pins))
+
+    def unpin(self, source: str, repo: str, rev: str) -> bool:
+        return self._write(lambda txn: txn.delete(_name(source, repo, rev), db=self._pins))
+
+    def pins(self) -> list[tuple[str, str, str]]:
+        def scan(txn: lmdb.Transaction) -> list[tuple[str, str, str]]:
+            return [tuple(k.decode().split("\0")) for k in txn.cursor(db=self._pins).iternext(
+                values=False)]  # type: ignore[misc]
+
+        return self._read(scan)
 
     # Chunks ---------------------------------------------------------------------
 
     def get_chunk(self, content_id: str, chunk_size: int, index: int) -> str | None:
-        """The sha256 (hex) of a cached chunk of a file version, or None."""
-        with self._env.begin(db=self._chunks) as txn:
-            raw = txn.get(chunk_key(content_id, chunk_size, index))
+        """The digest (hex sha256) of a cached chunk of a file version, or None."""
+        raw = self._read(lambda txn: txn.get(chunk_key(content_id, chunk_size, index),
+                                             db=self._chunks))
         return raw.hex() if raw is not None else None
 
-    def put_chunk(self, content_id: str, chunk_size: int, index: int, digest: str,
-                  stored_size: int, raw_size: int, codec_id: int = CODEC_RAW) -> None:
-        """Record a chunk stored on disk (after its file was renamed into place)."""
-        d = bytes.fromhex(digest)
-        with self._env.begin(write=True) as txn:
-            txn.put(chunk_key(content_id, chunk_size, index), d, db=self._chunks)
-            txn.put(d, _BLOB.pack(stored_size, raw_size, codec_id, time.time()), db=self._blobs)
+    def file_chunks(self, content_id: str, chunk_size: int) -> dict[int, str]:
+        """Every cached chunk of a file version: index -> digest."""
+        prefix = f"{content_id}\0{chunk_size}\0".encode()
 
-    def drop_chunk(self, content_id: str, chunk_size: int, index: int) -> None:
-        """Forget one chunk reference (its file was found missing or damaged)."""
-        with self._env.begin(write=True, db=self._chunks) as txn:
-            txn.delete(chunk_key(content_id, chunk_size, index))
+        def scan(txn: lmdb.Transaction) -> dict[int, str]:
+            out = {}
+            cur = txn.cursor(db=self._chunks)
+            if cur.set_range(prefix):
+                for key, d in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out[int.from_bytes(key[-8:], "big")] = d.hex()
+            return out
+
+        return self._read(scan)
+
+    def chunk_sizes(self, content_id: str) -> set[int]:
+        """The chunk sizes a file version has chunks cached at (usually one)."""
+        prefix = f"{content_id}\0".encode()
+
+        def scan(txn: lmdb.Transaction) -> set[int]:
+            sizes: set[int] = set()
+            cur = txn.cursor(db=self._chunks)
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                _, size, _ = _parse_chunk_key(cur.key())
+                sizes.add(size)
+                ok = cur.set_range(f"{content_id}\0{size + 1}\0".encode())
+            return sizes
+
+        return self._read(scan)
+
+    def put_chunk(self, content_id: str, chunk_size: int, index: int, digest: str,
+                  disk_bytes: int, raw_size: int, codec_id: int = CODEC_RAW) -> list[str]:
+        """Record a chunk stored on disk (after its file was renamed into place).
+
+        Returns the digests of blobs this made unused (the key pointed at other
+        bytes before): the caller deletes their files.
+        """
+        d = bytes.fromhex(digest)
+        key = chunk_key(content_id, chunk_size, index)
+        now = time.time()
+
+        def put(txn: lmdb.Transaction) -> list[str]:
+            orphans = []
+            old = txn.get(key, db=self._chunks)
+            if old is not None and old != d:
+                orphans = self._unref(txn, old, key)
+            txn.put(key, d, db=self._chunks)
+            txn.put(d + key, b"", db=self._refs)
+            if txn.get(d, db=self._blobs) is None:
+                txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now), db=self._blobs)
+                self._add_usage(txn, disk_bytes)
+            self._write_touches(txn)
+            return orphans
+
+        return self._write(put)
+
+    def drop_chunk(self, content_id: str, chunk_size: int, index: int) -> list[str]:
+        """Forget one chunk reference; returns the digests of blobs left unused."""
+        key = chunk_key(content_id, chunk_size, index)
+
+        def drop(txn: lmdb.Transaction) -> list[str]:
+            d = txn.pop(key, db=self._chunks)
+            return self._unref(txn, d, key) if d is not None else []
+
+        return self._write(drop)
+
+    def drop_content(self, content_id: str) -> list[str]:
+        """Forget every chunk of a file version (all chunk sizes); returns unused digests."""
+        prefix = f"{content_id}\0".encode()
+
+        def drop(txn: lmdb.Transaction) -> list[str]:
+            cur = txn.cursor(db=self._chunks)
+            found = []
+            if cur.set_range(prefix):
+                for key, d in cur:
+                    if not key.startswith(prefix):
+                        break
+                    found.append((key, d))
+            orphans = []
+            for key, d in found:
+                txn.delete(key, db=self._chunks)
+                orphans += self._unref(txn, d, key)
+            txn.delete(content_id.encode(), db=self._checked)
+            return orphans
+
+        return self._write(drop)
+
+    def drop_blob(self, digest: str) -> None:
+        """Forget a blob and every chunk that points at it (its file is damaged or gone)."""
+        d = bytes.fromhex(digest)
+        self._write(lambda txn: self._drop_blob(txn, d))
+
+    def _drop_blob(self, txn: lmdb.Transaction, d: bytes) -> None:
+        cur = txn.cursor(db=self._refs)
+        keys = []
+        if cur.set_range(d):
+            for ref, _ in cur:
+                if not ref.startswith(d):
+                    break
+                keys.append(ref[len(d):])
+        for key in keys:
+            txn.delete(d + key, db=self._refs)
+            if txn.get(key, db=self._chunks) == d:
+                txn.delete(key, db=self._chunks)
+                txn.delete(_parse_chunk_key(key)[0].encode(), db=self._checked)
+        raw = txn.pop(d, db=self._blobs)
+        if raw is not None:
+            self._add_usage(txn, -_BLOB.unpack(raw)[0])
+
+    def _unref(self, txn: lmdb.Transaction, d: bytes, key: bytes) -> list[str]:
+        """Remove one reference to blob `d`; drop the blob when none are left."""
+        txn.delete(d + key, db=self._refs)
+        cur = txn.cursor(db=self._refs)
+        if cur.set_range(d) and cur.key().startswith(d):
+            return []
+        raw = txn.pop(d, db=self._blobs)
+        if raw is None:
+            return []
+        self._add_usage(txn, -_BLOB.unpack(raw)[0])
+        return [d.hex()]
+
+    def _add_usage(self, txn: lmdb.Transaction, delta: int) -> None:
+        usage = self._usage_in(txn) + delta
+        txn.put(b"usage", _U64.pack(max(0, usage)), db=self._meta)
+
+    def blob(self, digest: str) -> Blob | None:
+        raw = self._read(lambda txn: txn.get(bytes.fromhex(digest), db=self._blobs))
+        return Blob(digest, *_BLOB.unpack(raw)) if raw is not None else None
+
+    def blobs(self) -> list[Blob]:
+        return self._read(lambda txn: [Blob(d.hex(), *_BLOB.unpack(v))
+                                       for d, v in txn.cursor(db=self._blobs)])
+
+    def usage(self) -> int:
+        """Disk bytes of every indexed chunk file."""
+        return self._read(self._usage_in)
+
+    # Access times and eviction ------------------------------------------------------
+
+    def touch(self, digest: str) -> None:
+        """Note a read of a blob; written with the next write transaction or flush."""
+        self._touched[bytes.fromhex(digest)] = time.time()
+
+    def flush_access(self) -> None:
+        if self._touched:
+            self._write(self._write_touches)
+
+    def _write_touches(self, txn: lmdb.Transaction) -> None:
+        touched, self._touched = self._touched, {}
+        for d, at in touched.items():
+            raw = txn.get(d, db=self._blobs)
+            if raw is not None:
+                disk, size, cid, _ = _BLOB.unpack(raw)
+                txn.put(d, _BLOB.pack(disk, size, cid, at), db=self._blobs)
+
+    def evict(self, target: int, protect: Callable[[str], bool]) -> list[str]:
+        """Drop least-recently-used blobs until `usage` <= `target`, skipping those
+        `protect` names (pinned, being read). Returns the digests dropped: the
+        caller deletes their files after this commit, so a crash in between leaves
+        only an unindexed file (`cache gc` removes it), never an entry without bytes."""
+
+        def evict(txn: lmdb.Transaction) -> list[str]:
+            self._write_touches(txn)
+            usage = self._usage_in(txn)
+            if usage <= target:
+                return []
+            order = sorted((_BLOB.unpack(v)[3], d, _BLOB.unpack(v)[0])
+                           for d, v in txn.cursor(db=self._blobs))
+            dropped = []
+            for _, d, disk in order:
+                if usage <= target:
+                    break
+                if protect(d.hex()):
+                    continue
+                self._drop_blob(txn, d)
+                usage -= disk
+                dropped.append(d.hex())
+            return dropped
+
+        return self._write(evict)
+
+    def pinned_content(self) -> set[str]:
+        """Content ids of every file in a pinned revision (as far as the index knows it)."""
+        out: set[str] = set()
+        for source, repo, rev in self.pins():
+            known = self.get_revision(source, repo, rev)
+            commit = known[0] if known else rev
+            snap = self.get_snapshot(source, repo, commit)
+            if snap:
+                out.update(f.content_id for f in snap.files)
+        return out
+
+    def blob_contents(self, digest: str) -> set[str]:
+        """Content ids of the files that use a blob."""
+        d = bytes.fromhex(digest)
+
+        def scan(txn: lmdb.Transaction) -> set[str]:
+            out = set()
+            cur = txn.cursor(db=self._refs)
+            if cur.set_range(d):
+                for ref in cur.iternext(values=False):
+                    if not ref.startswith(d):
+                        break
+                    out.add(_parse_chunk_key(ref[len(d):])[0])
+            return out
+
+        return self._read(scan)
+
+    # Whole-file checks ----------------------------------------------------------------
+
+    def set_checked(self, content_id: str) -> None:
+        self._write(lambda txn: txn.put(content_id.encode(), _F64.pack(time.time()),
+                                        db=self._checked))
+
+    def is_checked(self, content_id: str) -> bool:
+        return self._read(lambda txn: txn.get(content_id.encode(), db=self._checked)) is not None
+
+    # Whole index ----------------------------------------------------------------------
+
+    def clear_chunks(self) -> None:
+        """Forget every chunk (listings and pins stay)."""
+        def clear(txn: lmdb.Transaction) -> None:
+            for db in (self._chunks, self._refs, self._blobs, self._checked):
+                txn.drop(db, delete=False)
+            txn.put(b"usage", _U64.pack(0), db=self._meta)
+            self._touched.clear()
+
+        self._write(clear)
 
     def statistics(self) -> IndexStats:
-        with self._env.begin() as txn:
+        def stat(txn: lmdb.Transaction) -> IndexStats:
             return IndexStats(
                 revisions=txn.stat(self._revs)["entries"],
                 snapshots=txn.stat(self._snaps)["entries"],
                 chunk_refs=txn.stat(self._chunks)["entries"],
                 blobs=txn.stat(self._blobs)["entries"],
+                usage=self._usage_in(txn),
+                map_size=self._env.info()["map_size"],
             )
+
+        return self._read(stat)
+
+    def _usage_in(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"usage", db=self._meta)
+        return _U64.unpack(raw)[0] if raw else 0

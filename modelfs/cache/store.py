@@ -1,8 +1,9 @@
-"""Chunk files on disk, named by the sha256 of their bytes.
+"""Chunk files on disk, named by the sha256 of their (uncompressed) bytes.
 
 A chunk is written under `tmp/`, then renamed into `chunks/ab/abcdef...`:
 rename is atomic, so a reader (or a restart after `kill -9`) never sees a
 partial chunk. Identical bytes land on the same name and are stored once.
+A file holds the raw bytes or a zstd frame of them; the index records which.
 All methods are synchronous; callers run them in a worker thread.
 """
 
@@ -11,9 +12,20 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CacheError
+from . import codec
+from .index import CODEC_RAW, CODEC_ZSTD
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    digest: str
+    disk_bytes: int  # blocks actually used, what the cache size limit counts
+    codec: int
 
 
 class ChunkStore:
@@ -43,25 +55,29 @@ class ChunkStore:
     def path_for(self, digest: str) -> Path:
         return self._chunks / digest[:2] / digest
 
-    def put(self, data: bytes) -> str:
-        """Store `data`; return its hex sha256 (its name)."""
+    def put(self, data: bytes | bytearray, compression: str = "never") -> Stored:
+        """Store `data` (compressed if `compression` says so) under its sha256."""
         digest = hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
-        if final.exists():
-            return digest
+        packed = codec.compress_chunk(data, compression)
+        body = data if packed is None else packed
         final.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=self._prefix)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.write(body)
+                blocks = os.fstat(f.fileno()).st_blocks
             os.rename(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return digest
+        # st_blocks right after a write may not count delayed allocation yet; the
+        # file's size rounded up to 4 KiB is what it will take.
+        disk = max(blocks * 512, -(-len(body) // 4096) * 4096)
+        return Stored(digest, disk, CODEC_RAW if packed is None else CODEC_ZSTD)
 
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
-        """`length` bytes at `offset` of a chunk, or None when its file is gone."""
+        """`length` bytes at `offset` of a raw chunk, or None when its file is gone."""
         try:
             fd = os.open(self.path_for(digest), os.O_RDONLY)
         except FileNotFoundError:
@@ -70,6 +86,26 @@ class ChunkStore:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
+
+    def load(self, digest: str, codec_id: int, raw_size: int) -> bytes | None:
+        """A whole chunk, decompressed, if its file exists and holds `raw_size` bytes
+        whose sha256 is `digest`; None otherwise (missing or damaged)."""
+        try:
+            with open(self.path_for(digest), "rb") as f:
+                body = f.read()
+        except FileNotFoundError:
+            return None
+        if codec_id == CODEC_ZSTD:
+            try:
+                body = codec.decompress(body, raw_size)
+            except Exception:
+                return None
+        if len(body) != raw_size or hashlib.sha256(body).hexdigest() != digest:
+            return None
+        return body
+
+    def delete(self, digest: str) -> None:
+        self.path_for(digest).unlink(missing_ok=True)
 
     def willneed(self, digest: str) -> None:
         """Start reading a chunk file into the page cache (asynchronous readahead)."""
@@ -84,9 +120,16 @@ class ChunkStore:
         finally:
             os.close(fd)
 
+    def digests(self) -> Iterator[str]:
+        """Every chunk file's name (walks the tree: for `cache gc`/`verify`, not hot paths)."""
+        for _, _, files in os.walk(self._chunks):
+            yield from files
+
     def count(self) -> int:
-        """Number of chunk files (walks the tree: for tests and `cache ls`, not hot paths)."""
-        return sum(len(files) for _, _, files in os.walk(self._chunks))
+        return sum(1 for _ in self.digests())
+
+    def temp_files(self) -> list[Path]:
+        return list(self._tmp.iterdir())
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,9 @@ served.
 
 Chunk lifecycle: missing -> fetching (a `_Flight` in `_inflight`) -> stored
 (a file under `chunks/` and an index entry; for a while also in `_recent`).
+A stored chunk's first read in this process is a flight too: the whole chunk
+is loaded and checked against its sha256 in a worker thread (`ChunkCache.load`),
+and fetched again if it is damaged.
 
 - Single flight: a fetch is registered in `_inflight` before the first
   checkpoint and runs in the reader's own nursery, so concurrent readers of one
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from ..cache import ChunkStore, Index
+from ..cache import ChunkCache
 from ..errors import ModelfsError
 from ..remote import Source
 from ..types import FileEntry
@@ -73,6 +76,8 @@ class ReaderStats:
     fetches: int = 0
     fetch_errors: int = 0
     bytes_fetched: int = 0
+    loads: int = 0  # chunks loaded (and checked) from disk
+    bytes_served: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -85,7 +90,7 @@ class _Flight:
     ticket: Ticket
     done: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)
-    buf: bytearray | None = None
+    buf: bytes | bytearray | None = None
     filled: int = 0
     error: BaseException | None = None
 
@@ -96,14 +101,17 @@ class _Flight:
 
 
 class ChunkReader:
-    def __init__(self, index: Index, store: ChunkStore, config: FetchConfig) -> None:
-        self._index = index
-        self._store = store
+    def __init__(self, cache: ChunkCache, config: FetchConfig) -> None:
+        self.cache = cache
         self.config = config
         self.scheduler = FetchScheduler(config.scheduler)
         self._inflight: dict[tuple[str, int], _Flight] = {}
         self._streams: dict[str, StreamTracker] = {}
-        self._recent: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, int], bytes | bytearray] = OrderedDict()
+        # Per file version with a known sha256: chunks not yet cached, so the whole-file
+        # check starts when the last one arrives.
+        self._missing: dict[str, set[int]] = {}
+        self._mismatched: set[str] = set()
         self._recent_size = 0
         self._io = trio.CapacityLimiter(config.io_threads)
         self._nursery: trio.Nursery | None = None
@@ -141,6 +149,7 @@ class ChunkReader:
         except ModelfsError as exc:
             log.error("read of %s at offset %d (%d bytes) failed: %s", f.name, offset, size, exc)
             raise
+        self._stats.bytes_served += sum(map(len, out))
         return out[0] if len(out) == 1 else b"".join(out)
 
     async def _read_piece(self, f: RemoteFile, p: Piece) -> bytes | memoryview:
@@ -150,24 +159,28 @@ class ChunkReader:
             self._recent.move_to_end(key)
             self._stats.hits += 1
             return memoryview(recent)[p.start:p.end]
+        cached = False
         if key not in self._inflight:
-            digest = self._index.get_chunk(f.entry.content_id, self.config.chunk_size, p.index)
-            if digest is not None:
-                data = self._store.read(digest, p.start, p.end - p.start)
-                if data is not None and len(data) == p.end - p.start:
+            digest = self.cache.lookup(f.entry.content_id, self.config.chunk_size, p.index)
+            cached = digest is not None
+            if digest is not None and not self.cache.needs_load(digest):
+                data = self.cache.read(digest, p.start, p.end - p.start)
+                if data is not None:
                     self._stats.hits += 1
                     return data
-                log.warning("chunk %d of %s missing or short on disk; fetching again",
-                            p.index, f.name)
-                self._index.drop_chunk(f.entry.content_id, self.config.chunk_size, p.index)
-        self._stats.misses += 1
+                # Gone or short since it was checked: the flight below loads it (and
+                # drops and refetches it if it is damaged).
+        if cached:
+            self._stats.hits += 1
+        else:
+            self._stats.misses += 1
         data = await self._wait(f, p.index, Priority.DEMAND, need=p.end)
         return memoryview(data)[p.start:p.end]
 
     # Fetching -----------------------------------------------------------------------
 
     def is_cached(self, f: RemoteFile, idx: int) -> bool:
-        return (f.entry.content_id, idx) in self._recent or self._index.get_chunk(
+        return (f.entry.content_id, idx) in self._recent or self.cache.lookup(
             f.entry.content_id, self.config.chunk_size, idx) is not None
 
     async def ensure(self, f: RemoteFile, idx: int, priority: Priority) -> int:
@@ -183,7 +196,7 @@ class ChunkReader:
         return t.position() if t else None
 
     async def _wait(self, f: RemoteFile, idx: int, priority: Priority,
-                    need: int | None = None) -> bytearray:
+                    need: int | None = None) -> bytes | bytearray:
         """Chunk `idx`, sharing any fetch already in flight: the whole chunk, or with
         `need`, as soon as its first `need` bytes have arrived."""
         while True:
@@ -216,6 +229,15 @@ class ChunkReader:
         cs = self.config.chunk_size
         cid = f.entry.content_id
         try:
+            digest = self.cache.lookup(cid, cs, idx)
+            if digest is not None:
+                loaded = await trio.to_thread.run_sync(self.cache.load, digest, limiter=self._io)
+                if loaded is not None:
+                    self._stats.loads += 1
+                    flight.buf = loaded
+                    flight.filled = len(loaded)
+                    self._remember(cid, idx, loaded)
+                    return
             start, length = chunk_extent(idx, f.entry.size, cs)
             async with self.scheduler.slot(flight.ticket):
                 data = flight.buf = bytearray(length)
@@ -224,11 +246,14 @@ class ChunkReader:
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
             try:
-                await trio.to_thread.run_sync(self._store_chunk, cid, idx, data, limiter=self._io)
-            except OSError as exc:
+                await trio.to_thread.run_sync(self.cache.put, cid, cs, idx, data,
+                                              limiter=self._io)
+            except (OSError, ModelfsError) as exc:
                 # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
                 log.error("could not store chunk %d of %s (%s); serving it uncached",
                           idx, f.name, exc)
+            else:
+                self._chunk_stored(f, idx)
             if flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
         except Exception as exc:
@@ -244,15 +269,43 @@ class ChunkReader:
             flight.done.set()
             flight.changed.set()
 
-    def _store_chunk(self, cid: str, idx: int, data: bytearray) -> None:
-        """In a worker thread: hash, write, rename, then index (LMDB commits fsync)."""
-        digest = self._store.put(data)
-        self._index.put_chunk(cid, self.config.chunk_size, idx, digest, len(data), len(data))
+    def _chunk_stored(self, f: RemoteFile, idx: int) -> None:
+        """Start the whole-file sha256 check once the last missing chunk is stored."""
+        cid = f.entry.content_id
+        if not f.entry.sha256 or cid in self._mismatched:
+            return
+        missing = self._missing.get(cid)
+        if missing is None:
+            have = self.cache.index.file_chunks(cid, self.config.chunk_size)
+            missing = self._missing[cid] = set(
+                range(chunk_count(f.entry.size, self.config.chunk_size))) - have.keys()
+        missing.discard(idx)
+        if not missing:
+            del self._missing[cid]
+            self.spawn(self._check_file, f)
+
+    async def _check_file(self, f: RemoteFile) -> None:
+        cs = self.config.chunk_size
+        res = await trio.to_thread.run_sync(self.cache.check_file, f.entry, cs, limiter=self._io)
+        if res.sha256_ok is not False:
+            log.info("%s: all %d chunks cached, sha256 %s", f.name, res.chunks,
+                     "verified" if res.sha256_ok else "not checked")
+            return
+        log.error("INTEGRITY: %s does not match its sha256 %s; dropped its %d cached chunks%s",
+                  f.name, f.entry.sha256, res.chunks,
+                  "" if f.entry.content_id in self._mismatched else ", fetching it again")
+        if f.entry.content_id in self._mismatched:
+            return  # twice in a row: the origin serves bad bytes; reads will fetch again
+        self._mismatched.add(f.entry.content_id)
+        for key in [k for k in self._recent if k[0] == f.entry.content_id]:
+            self._recent_size -= len(self._recent.pop(key))
+        for idx in range(chunk_count(f.entry.size, cs)):
+            await self.ensure(f, idx, Priority.PREFETCH)
 
     async def _willneed(self, digest: str) -> None:
-        await trio.to_thread.run_sync(self._store.willneed, digest, limiter=self._io)
+        await trio.to_thread.run_sync(self.cache.store.willneed, digest, limiter=self._io)
 
-    def _remember(self, cid: str, idx: int, data: bytearray) -> None:
+    def _remember(self, cid: str, idx: int, data: bytes | bytearray) -> None:
         """Keep a just-fetched chunk in memory, evicting the oldest beyond `recent_bytes`."""
         budget = self.config.recent_bytes
         if len(data) > budget:
@@ -275,12 +328,16 @@ class ChunkReader:
         cs = self.config.chunk_size
         first = span[0] // cs
         last = min(chunk_count(f.entry.size, cs), -(-span[1] // cs))
+        # Chunks loaded ahead wait in `_recent`: load no more than half of it ahead.
+        load_until = end + self.config.recent_bytes // 2
         for idx in range(first, last):
             if (cid, idx) in self._inflight or (cid, idx) in self._recent:
                 continue
-            digest = self._index.get_chunk(cid, cs, idx)
+            digest = self.cache.lookup(cid, cs, idx)
             if digest is None:
                 self._start(f, idx, Priority.READAHEAD)
+            elif self.cache.needs_load(digest) and idx * cs < load_until:
+                self._start(f, idx, Priority.READAHEAD)  # load and check it ahead of the reader
             elif self._nursery is not None:
                 # Cached on disk: have the kernel read it in before the reader gets there
                 # (in a thread: submitting the I/O can block).

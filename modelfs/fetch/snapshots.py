@@ -6,25 +6,37 @@ import logging
 import time
 
 from ..cache import Index
+from ..errors import RemoteUnavailable
 from ..remote import Source
 from ..types import RepoRef, Snapshot
 
 log = logging.getLogger(__name__)
 
 
-async def load_snapshot(source: Source, index: Index, ref: RepoRef) -> tuple[Snapshot, float]:
+async def load_snapshot(source: Source, index: Index, ref: RepoRef, *, force: bool = False,
+                        commit: str | None = None) -> tuple[Snapshot, float]:
     """The snapshot `ref` names now, and when its revision was first resolved.
 
     A commit sha with a cached listing needs no request; branches and tags are
-    resolved (cheap) and their listing fetched only for a commit not seen before.
+    resolved (cheap) and their listing fetched only for a commit not seen before
+    (or always, with `force`); `commit` skips the resolve. When the origin is unreachable, a branch or tag
+    the index has seen before is served at the commit it last resolved to.
     """
+    known = index.get_revision(source.key, ref.repo_id, ref.revision)
     if ref.is_commit:
         commit = ref.revision
-    else:
-        commit = await source.resolve(ref)
-    known = index.get_revision(source.key, ref.repo_id, ref.revision)
+    elif commit is None:
+        try:
+            commit = await source.resolve(ref)
+        except RemoteUnavailable as exc:
+            if known is None or index.get_snapshot(source.key, ref.repo_id, known[0]) is None:
+                raise
+            log.warning("%s; serving %s at %s from the cache (last resolved %s)", exc, ref,
+                        known[0][:12], time.strftime("%Y-%m-%d %H:%M:%S",
+                                                     time.localtime(known[1])))
+            commit = known[0]
     resolved_at = known[1] if known and known[0] == commit else time.time()
-    snap = index.get_snapshot(source.key, ref.repo_id, commit)
+    snap = None if force else index.get_snapshot(source.key, ref.repo_id, commit)
     if snap is None:
         snap = await source.list_files(ref.repo_id, commit)
         index.put_snapshot(source.key, snap)

@@ -81,6 +81,7 @@ class Operations(pyfuse3.Operations):
         # Kernel references per inode (lookup/readdirplus minus forget): an inode of a
         # tree that was replaced may be dropped only once this reaches zero.
         self._lookups: Counter[int] = Counter()
+        self._detached: set[int] = set()  # replaced inodes the kernel still references
         self._handles: dict[int, RemoteFile] = {}
         self._fh = itertools.count(1)
 
@@ -123,6 +124,27 @@ class Operations(pyfuse3.Operations):
         self._lookups[node.inode] += 1
         return self._attrs(node.inode)
 
+    @property
+    def tree(self) -> Tree:
+        return self._tree
+
+    def replace(self, parent: int, name: str, build: Callable[[Tree], object]) -> None:
+        """Swap the subtree at `parent`/`name` for the one `build` adds (a repo moved to
+        a new commit). Call from a task, never from a request handler: it asks the
+        kernel to drop its cached entry, which must not wait on a request in flight.
+
+        Open files keep reading what they opened (handles hold their `RemoteFile`);
+        old inodes go away once the kernel forgets them.
+        """
+        for ino in self._tree.detach(parent, name):
+            if self._lookups[ino] > 0:
+                self._detached.add(ino)
+            else:
+                self._tree.remove(ino)
+        build(self._tree)
+        pyfuse3.invalidate_entry_async(pyfuse3.InodeT(parent), pyfuse3.FileNameT(os.fsencode(name)),
+                                       ignore_enoent=True)
+
     @_boundary
     async def forget(self, inode_list: Any) -> None:
         for inode, n in inode_list:
@@ -131,6 +153,9 @@ class Operations(pyfuse3.Operations):
                 self._lookups[inode] = left
             else:
                 del self._lookups[inode]
+                if inode in self._detached:
+                    self._detached.discard(inode)
+                    self._tree.remove(inode)
 
     @_boundary
     async def getattr(self, inode: pyfuse3.InodeT,

@@ -78,5 +78,22 @@ class Tree:
         d = self.mkdirs(parent, head, mtime_ns)
         return self._add(d.inode, name, mtime_ns, file=file)
 
+    def detach(self, parent: int, name: str) -> list[int]:
+        """Unlink `name` from `parent`; return the inodes of the subtree it heads.
+        The nodes stay until `remove`d: the kernel may still hold references."""
+        p = self._nodes[parent]
+        assert p.children is not None
+        top = p.children.pop(name, None)
+        out: list[int] = []
+        stack = [top] if top is not None else []
+        while stack:
+            ino = stack.pop()
+            out.append(ino)
+            stack.extend((self._nodes[ino].children or {}).values())
+        return out
+
+    def remove(self, inode: int) -> None:
+        self._nodes.pop(inode, None)
+
     def total_size(self) -> int:
         return sum(n.file.entry.size for n in self._nodes.values() if n.file)

@@ -38,7 +38,12 @@ class HubSource:
         self._endpoint = config.endpoint.rstrip("/")
         self._config = config
         self._http = HttpClient(config.http, auth_host=urlsplit(self._endpoint).netloc, token=token)
-        self.key = f"hf:{self._endpoint}"
+        self.key = self.key_for(config)
+
+    @staticmethod
+    def key_for(config: HubConfig) -> str:
+        """How the cache index names this origin (listings and pins are per origin)."""
+        return f"hf:{config.endpoint.rstrip('/')}"
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -16,7 +16,7 @@ def test_index_round_trips_and_persists(tmp_path: Path) -> None:
                                         FileEntry("z.json", 3, "d" * 40)), ("x",))
     ix.put_snapshot("hf:e", snap)
     ix.put_revision("hf:e", "org/r", "main", "a" * 40, 123.0)
-    ix.put_chunk("c" * 64, 1024, 0, "e" * 64, 1024, 1024)
+    ix.put_chunk("c" * 64, 1024, 0, "e" * 64, 4096, 1024)
     ix.close()
 
     ix = Index(tmp_path / "ix")
@@ -26,10 +26,12 @@ def test_index_round_trips_and_persists(tmp_path: Path) -> None:
     assert ix.get_chunk("c" * 64, 1024, 0) == "e" * 64
     assert ix.get_chunk("c" * 64, 2048, 0) is None  # another chunk size is another key
     assert ix.get_chunk("c" * 64, 1024, 1) is None
-    ix.drop_chunk("c" * 64, 1024, 0)
+    assert ix.usage() == 4096
+    assert ix.drop_chunk("c" * 64, 1024, 0) == ["e" * 64]  # its last user: the blob goes too
     assert ix.get_chunk("c" * 64, 1024, 0) is None
     stats = ix.statistics()
-    assert (stats.snapshots, stats.revisions, stats.chunk_refs, stats.blobs) == (1, 1, 0, 1)
+    assert (stats.snapshots, stats.revisions, stats.chunk_refs, stats.blobs) == (1, 1, 0, 0)
+    assert stats.usage == 0
     ix.close()
 
 
@@ -43,10 +45,10 @@ def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == [live]  # crash left-overs are dropped
     live.unlink()
     data = b"hello chunk" * 1000
-    digest = store.put(data)
+    digest = store.put(data).digest
     assert digest == hashlib.sha256(data).hexdigest()
     assert store.path_for(digest).read_bytes() == data
-    assert store.put(data) == digest
+    assert store.put(data).digest == digest
     assert store.count() == 1
     assert store.read(digest, 5, 6) == data[5:11]
     assert store.read("0" * 64, 0, 1) is None

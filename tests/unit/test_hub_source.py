@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.cache import ChunkStore, Index
+from modelfs.cache import CacheConfig, ChunkCache, ChunkStore, Index
 from modelfs.errors import (
     ListingRejected,
     RemoteAuthError,
@@ -152,7 +152,8 @@ async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_pat
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
     index = Index(tmp_path / "ix")
-    reader = ChunkReader(index, ChunkStore(tmp_path / "store"), FetchConfig(chunk_size=MiB))
+    reader = ChunkReader(ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig()),
+                         FetchConfig(chunk_size=MiB))
     origin.delay = 0.2
     results: list[bytes] = [b""] * 8
     async with trio.open_nursery() as nursery:
@@ -198,7 +199,7 @@ async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: 
     f = await remote_file(src)
     index = Index(tmp_path / "ix")
     cfg = FetchConfig(chunk_size=MiB, readahead=ReadAheadConfig(min_window=MiB, max_window=MiB))
-    reader = ChunkReader(index, ChunkStore(tmp_path / "store"), cfg)
+    reader = ChunkReader(ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig()), cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         await reader.read(f, 6 * MiB, 100)  # a reader is at 6 MiB
@@ -220,7 +221,8 @@ async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
     index = Index(tmp_path / "ix")
-    reader = ChunkReader(index, ChunkStore(tmp_path / "store"), FetchConfig(chunk_size=MiB))
+    reader = ChunkReader(ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig()),
+                         FetchConfig(chunk_size=MiB))
     origin.throttle = 2 * MiB  # 1 MiB chunk: about half a second
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
@@ -241,7 +243,7 @@ async def test_a_chunk_that_cannot_be_stored_is_still_served(origin: Origin, rep
     w = repo_data["org/model@main"]["model.safetensors"]
     store = ChunkStore(tmp_path / "store")
     index = Index(tmp_path / "ix")
-    reader = ChunkReader(index, store, FetchConfig(chunk_size=MiB))
+    reader = ChunkReader(ChunkCache(index, store, CacheConfig()), FetchConfig(chunk_size=MiB))
     (tmp_path / "store" / "tmp").rmdir()
     (tmp_path / "store" / "tmp").write_bytes(b"")  # a chunk can no longer be written (ENOTDIR)
     async with trio.open_nursery() as nursery:

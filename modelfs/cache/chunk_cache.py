@@ -1,0 +1,207 @@
+"""The chunk cache as the fetch layer sees it: the index and the chunk files
+kept consistent, within a size limit, with damaged chunks never served.
+
+- Integrity: every chunk file is named by the sha256 of its bytes. The first
+  read of a chunk in a process loads the whole chunk and checks that hash
+  (`load`); later reads of it trust the file and `pread` the range they need
+  (`read`). So a chunk damaged on disk (flipped, truncated, deleted) while the
+  daemon was down is found before a byte of it is served; damage done under a
+  running daemon is found by the next restart or `modelfs cache verify`.
+- Space: `limit` counts disk blocks of chunk files (`usage` in the index).
+  Adding a chunk that takes the cache over the limit evicts least-recently-used
+  chunks down to `low_water` of it at once, so eviction is rare and batched.
+  Chunks of pinned revisions and chunks being read are never evicted.
+- Disk full while storing: evict and retry once; if it still fails the caller
+  serves the bytes uncached.
+
+Synchronous: callers run `put`, `load` and `evict` in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..errors import CacheFull
+from ..types import FileEntry
+from .index import CODEC_RAW, Index
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """`limit`: bytes of disk the chunk files may use (None: no limit);
+    `compression`: `auto|always|never`; `low_water`: eviction frees down to
+    this share of the limit."""
+
+    limit: int | None = None
+    compression: str = "auto"
+    low_water: float = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    """Result of checking one file version's cached chunks."""
+
+    chunks: int  # cached chunks
+    damaged: int  # of those, dropped because their bytes did not match their name
+    complete: bool  # every chunk of the file is cached (after dropping the damaged)
+    sha256_ok: bool | None  # whole-file hash: True/False when checked, None when not possible
+
+
+class ChunkCache:
+    def __init__(self, index: Index, store: ChunkStore, config: CacheConfig) -> None:
+        self.index = index
+        self.store = store
+        self.config = config
+        self._verified: set[str] = set()
+        self._reading: Counter[str] = Counter()
+        self._evicting = threading.Lock()
+        self._lock = threading.Lock()
+
+    # Reads ------------------------------------------------------------------------
+
+    def lookup(self, content_id: str, chunk_size: int, idx: int) -> str | None:
+        return self.index.get_chunk(content_id, chunk_size, idx)
+
+    def needs_load(self, digest: str) -> bool:
+        """True when a read of this chunk must go through `load` (first use, or compressed)."""
+        return digest not in self._verified
+
+    def read(self, digest: str, offset: int, length: int) -> bytes | None:
+        """A range of a verified raw chunk; None if its file is gone or short."""
+        with self._in_use(digest):
+            data = self.store.read(digest, offset, length)
+        if data is None or len(data) != length:
+            self._verified.discard(digest)
+            return None
+        self.index.touch(digest)
+        return data
+
+    def load(self, digest: str) -> bytes | None:
+        """The whole chunk, checked against its name. A damaged or missing chunk is
+        dropped from the index (and disk) and None returned: the caller refetches."""
+        blob = self.index.blob(digest)
+        if blob is None:
+            return None
+        with self._in_use(digest):
+            data = self.store.load(digest, blob.codec, blob.raw_size)
+        if data is None:
+            log.error("chunk %s is damaged or missing on disk; dropped, it will be fetched "
+                      "again", digest[:16])
+            self.index.drop_blob(digest)
+            self.store.delete(digest)
+            self._verified.discard(digest)
+            return None
+        if blob.codec == CODEC_RAW:
+            self._verified.add(digest)  # later reads may pread ranges of it
+        self.index.touch(digest)
+        return data
+
+    @contextmanager
+    def _in_use(self, digest: str) -> Iterator[None]:
+        with self._lock:
+            self._reading[digest] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading[digest] -= 1
+                if not self._reading[digest]:
+                    del self._reading[digest]
+
+    # Writes -------------------------------------------------------------------------
+
+    def put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray) -> str:
+        """Store and index a chunk; evict if that took the cache over its limit.
+        Raises `OSError`/`CacheFull` when it cannot be stored even after evicting."""
+        try:
+            digest = self._put(content_id, chunk_size, idx, data)
+        except (OSError, CacheFull) as exc:
+            if getattr(exc, "errno", None) != errno.ENOSPC:
+                raise
+            freed = self._evict_to(max(0, self.index.usage() - 8 * len(data)))
+            log.warning("cache file system full while storing a chunk: evicted %d chunks, "
+                        "retrying", freed)
+            digest = self._put(content_id, chunk_size, idx, data)
+        self._verified.add(digest)
+        limit = self.config.limit
+        if limit is not None and self.index.usage() > limit:
+            self._evict_to(int(limit * self.config.low_water))
+        return digest
+
+    def _put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray) -> str:
+        stored = self.store.put(data, self.config.compression)
+        orphans = self.index.put_chunk(content_id, chunk_size, idx, stored.digest,
+                                       stored.disk_bytes, len(data), stored.codec)
+        self._delete(orphans)
+        return stored.digest
+
+    def _delete(self, digests: list[str]) -> None:
+        for d in digests:
+            self.store.delete(d)
+            self._verified.discard(d)
+
+    def _evict_to(self, target: int) -> int:
+        """Evict down to `target` bytes; one evictor per process at a time."""
+        if not self._evicting.acquire(blocking=False):
+            return 0
+        try:
+            pinned = self.index.pinned_content()
+
+            def protect(digest: str) -> bool:
+                if digest in self._reading:
+                    return True
+                return bool(pinned) and not self.index.blob_contents(digest).isdisjoint(pinned)
+
+            dropped = self.index.evict(target, protect)
+            self._delete(dropped)
+            if dropped:
+                log.info("evicted %d chunks; cache now uses %d bytes", len(dropped),
+                         self.index.usage())
+            return len(dropped)
+        finally:
+            self._evicting.release()
+
+    def evict(self, target: int) -> int:
+        return self._evict_to(target)
+
+    def drop_content(self, content_id: str) -> None:
+        """Forget every cached chunk of a file version (`--force`, a bad whole-file hash)."""
+        self._delete(self.index.drop_content(content_id))
+
+    # Checks -------------------------------------------------------------------------
+
+    def check_file(self, entry: FileEntry, chunk_size: int) -> FileCheck:
+        """Load and check every cached chunk of `entry`; when all are there and the
+        origin vouched for a sha256, check the whole file too. A mismatching file
+        loses all its chunks (they are refetched on the next read)."""
+        n = -(-entry.size // chunk_size) if entry.size else 0
+        chunks = self.index.file_chunks(entry.content_id, chunk_size)
+        damaged = 0
+        whole = hashlib.sha256() if entry.sha256 and len(chunks) == n else None
+        for idx in sorted(chunks):
+            data = self.load(chunks[idx])
+            if data is None:
+                damaged += 1
+                whole = None
+            elif whole is not None:
+                whole.update(data)
+        complete = len(chunks) - damaged == n
+        ok: bool | None = None
+        if whole is not None and complete:
+            ok = whole.hexdigest() == entry.sha256
+            if ok:
+                self.index.set_checked(entry.content_id)
+            else:
+                self.drop_content(entry.content_id)
+                complete = False
+        return FileCheck(len(chunks), damaged, complete, ok)
