@@ -8,6 +8,7 @@ answers a `stat`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -127,6 +128,8 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                 nursery.start_soon(_main_then_cancel, nursery)
                 nursery.start_soon(_stop_on_signal)
                 nursery.start_soon(_flush_access, cache)
+                reader.on_content_dropped = functools.partial(
+                    nursery.start_soon, ops.invalidate_content)
                 commits = {ref: snap.commit for ref, snap, _ in snaps}
                 if any(not ref.is_commit for ref in config.repos):
                     nursery.start_soon(_follow_revisions, config, source, index, ops, commits)

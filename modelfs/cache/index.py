@@ -321,6 +321,22 @@ class Index:
 
         return self._write(put)
 
+    def put_chunks(self, records: list[tuple[str, int, int, str, int, int, int]]) -> None:
+        """Record many stored chunks in one transaction: (content_id, chunk_size,
+        index, digest, disk_bytes, raw_size, codec). For bulk imports; keys must be new."""
+        now = time.time()
+
+        def put(txn: lmdb.Transaction) -> None:
+            for cid, cs, idx, digest, disk, raw, codec_id in records:
+                d, key = bytes.fromhex(digest), chunk_key(cid, cs, idx)
+                txn.put(key, d, db=self._chunks)
+                txn.put(d + key, b"", db=self._refs)
+                if txn.get(d, db=self._blobs) is None:
+                    txn.put(d, _BLOB.pack(disk, raw, codec_id, now), db=self._blobs)
+                    self._add_usage(txn, disk)
+
+        self._write(put)
+
     def drop_chunk(self, content_id: str, chunk_size: int, index: int) -> list[str]:
         """Forget one chunk reference; returns the digests of blobs left unused."""
         key = chunk_key(content_id, chunk_size, index)

@@ -112,6 +112,9 @@ class ChunkReader:
         # check starts when the last one arrives.
         self._missing: dict[str, set[int]] = {}
         self._mismatched: set[str] = set()
+        # Told when a file version's cached bytes were found bad and dropped, so the
+        # mount can drop the kernel's copy of them too.
+        self.on_content_dropped: Callable[[str], None] | None = None
         self._recent_size = 0
         self._io = trio.CapacityLimiter(config.io_threads)
         self._nursery: trio.Nursery | None = None
@@ -272,7 +275,7 @@ class ChunkReader:
     def _chunk_stored(self, f: RemoteFile, idx: int) -> None:
         """Start the whole-file sha256 check once the last missing chunk is stored."""
         cid = f.entry.content_id
-        if not f.entry.sha256 or cid in self._mismatched:
+        if not f.entry.sha256:
             return
         missing = self._missing.get(cid)
         if missing is None:
@@ -287,18 +290,24 @@ class ChunkReader:
     async def _check_file(self, f: RemoteFile) -> None:
         cs = self.config.chunk_size
         res = await trio.to_thread.run_sync(self.cache.check_file, f.entry, cs, limiter=self._io)
+        cid = f.entry.content_id
         if res.sha256_ok is not False:
             log.info("%s: all %d chunks cached, sha256 %s", f.name, res.chunks,
                      "verified" if res.sha256_ok else "not checked")
+            self._mismatched.discard(cid)
             return
+        again = cid in self._mismatched
         log.error("INTEGRITY: %s does not match its sha256 %s; dropped its %d cached chunks%s",
                   f.name, f.entry.sha256, res.chunks,
-                  "" if f.entry.content_id in self._mismatched else ", fetching it again")
-        if f.entry.content_id in self._mismatched:
-            return  # twice in a row: the origin serves bad bytes; reads will fetch again
-        self._mismatched.add(f.entry.content_id)
-        for key in [k for k in self._recent if k[0] == f.entry.content_id]:
+                  " (twice in a row: the origin serves bad bytes)" if again
+                  else ", fetching it again")
+        for key in [k for k in self._recent if k[0] == cid]:
             self._recent_size -= len(self._recent.pop(key))
+        if self.on_content_dropped:
+            self.on_content_dropped(cid)
+        if again:
+            return  # reads fetch what they need; no refetch loop against a bad origin
+        self._mismatched.add(cid)
         for idx in range(chunk_count(f.entry.size, cs)):
             await self.ensure(f, idx, Priority.PREFETCH)
 

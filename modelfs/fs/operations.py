@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from ..errors import ModelfsError
 from ..fetch import ChunkReader, OpenPrefetcher, RemoteFile
@@ -144,6 +145,18 @@ class Operations(pyfuse3.Operations):
         build(self._tree)
         pyfuse3.invalidate_entry_async(pyfuse3.InodeT(parent), pyfuse3.FileNameT(os.fsencode(name)),
                                        ignore_enoent=True)
+
+    async def invalidate_content(self, content_id: str) -> None:
+        """Drop the kernel's cached pages of every inode showing `content_id`. In a
+        worker thread: the kernel may wait for a read in flight on those pages, which
+        this event loop must stay free to answer."""
+        inodes = [n.inode for n in list(self._tree.nodes())
+                  if n.file is not None and n.file.entry.content_id == content_id]
+        for ino in inodes:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, pyfuse3.InodeT(ino))
+            except OSError as exc:
+                log.debug("kernel cache of inode %d not invalidated: %s", ino, exc)
 
     @_boundary
     async def forget(self, inode_list: Any) -> None:

@@ -8,6 +8,7 @@ the kernel may cache its pages forever; content that changes gets new inodes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..fetch import RemoteFile
@@ -40,6 +41,9 @@ class Tree:
 
     def __getitem__(self, inode: int) -> Node:
         return self._nodes[inode]
+
+    def nodes(self) -> Iterator[Node]:
+        return iter(self._nodes.values())
 
     def get(self, inode: int) -> Node | None:
         return self._nodes.get(inode)

@@ -70,7 +70,7 @@ class RequestRecord:
 
 @dataclass
 class _Fault:
-    kind: str  # "status" or "reset"
+    kind: str  # "status", "reset" or "corrupt"
     remaining: int
     match: str | None
     status: int = 503
@@ -249,6 +249,24 @@ class Origin:
         """The next `n` data requests send `after_bytes` of body, then a TCP reset."""
         with self._lock:
             self._faults.append(_Fault("reset", n, match, after_bytes=after_bytes))
+
+    def corrupt_next(self, n: int = 1, *, match: str | None = None) -> None:
+        """The next `n` data requests send a body whose first byte is flipped, with
+        every header right (a bad mirror or a bit flip in transit)."""
+        with self._lock:
+            self._faults.append(_Fault("corrupt", n, match))
+
+    def go_down(self) -> None:
+        """Stop answering: both ports refuse connections until `come_back`."""
+        self.stop()
+        self._threads.clear()
+
+    def come_back(self) -> None:
+        """Listen again on the same ports."""
+        hub, cdn = self._hub.server_address, self._cdn.server_address
+        self._hub = _Server((hub[0], hub[1]), _Handler, self, "hub")
+        self._cdn = _Server((cdn[0], cdn[1]), _Handler, self, "cdn")
+        self.start()
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -460,9 +478,12 @@ class _Handler(BaseHTTPRequestHandler):
         return fault
 
     def _serve_file(self, f: OriginFile, etag: str, extra: dict[str, str], path: str) -> None:
-        fault = self._fault(f"{path} {f.path}")
+        fault = self._fault(f"{path} {f.path}", ("status", "reset", "corrupt"))
         if fault and fault.kind == "status":
             return
+        corrupt = fault is not None and fault.kind == "corrupt"
+        if corrupt:
+            fault = None
         if_match = self.headers.get("If-Match")
         if if_match and if_match != "*" and etag not in [v.strip() for v in if_match.split(",")]:
             self._send(412, b"precondition failed", {"ETag": etag})
@@ -501,7 +522,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.flush()
         try:
-            rec.bytes_sent = self._sendfile(f.disk, start, min(length, limit))
+            if corrupt and length:
+                with open(f.disk, "rb") as fh:
+                    fh.seek(start)
+                    self.connection.sendall(bytes([fh.read(1)[0] ^ 0xFF]))
+                rec.bytes_sent = 1 + self._sendfile(f.disk, start + 1, length - 1)
+            else:
+                rec.bytes_sent = self._sendfile(f.disk, start, min(length, limit))
         except OSError:
             rec.bytes_sent = 0  # the client went away; what it got is unknown
             raise

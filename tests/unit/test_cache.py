@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from modelfs.cache import ChunkStore, Index
+from modelfs.cache import CacheConfig, ChunkCache, ChunkStore, FileCheck, Index
+from modelfs.cache.index import CODEC_RAW, CODEC_ZSTD
 from modelfs.types import FileEntry, Snapshot
 
 
@@ -53,3 +59,125 @@ def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert store.read(digest, 5, 6) == data[5:11]
     assert store.read("0" * 64, 0, 1) is None
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def _cache(root: Path, **kw: object) -> ChunkCache:
+    return ChunkCache(Index(root / "index"), ChunkStore(root), CacheConfig(**kw))  # type: ignore[arg-type]
+
+
+def _chunk(seed: int, n: int = 64 << 10) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_eviction_is_lru_within_the_limit_and_spares_pins(tmp_path: Path) -> None:
+    size = 64 << 10
+    cache = _cache(tmp_path, limit=10 * size, low_water=1.0, compression="never")
+    pinned = Snapshot("org/pinned", "p" * 40, (FileEntry("w.bin", 2 * size, "pin-cid"),))
+    cache.index.put_snapshot("hf:e", pinned)
+    cache.index.put_revision("hf:e", "org/pinned", "main", "p" * 40)
+    cache.index.pin("hf:e", "org/pinned", "main")
+    pin_digests = [cache.put("pin-cid", size, i, _chunk(100 + i)) for i in range(2)]
+    digests = [cache.put("cid", size, i, _chunk(i)) for i in range(8)]
+    assert cache.index.usage() == 10 * size
+    cache.load(digests[0])  # chunk 0 is now the most recently used
+    time.sleep(0.01)
+    cache.put("cid", size, 8, _chunk(8))  # over the limit by one chunk: evict the LRU one
+    assert cache.index.usage() <= 10 * size
+    assert cache.lookup("cid", size, 1) is None  # least recently used
+    assert not cache.store.path_for(digests[1]).exists()
+    assert cache.lookup("cid", size, 0) == digests[0]  # touched, kept
+    for _ in range(6):
+        time.sleep(0.01)
+        cache.put("cid", size, 9 + _, _chunk(9 + _))
+    assert cache.index.usage() <= 10 * size
+    for i, d in enumerate(pin_digests):  # the oldest, but pinned
+        assert cache.lookup("pin-cid", size, i) == d
+    cache.index.unpin("hf:e", "org/pinned", "main")
+    cache.put("cid", size, 20, _chunk(20))
+    assert cache.lookup("pin-cid", size, 0) is None
+    cache.index.close()
+
+
+def test_compression_auto_keeps_only_chunks_that_shrink(tmp_path: Path) -> None:
+    cache = _cache(tmp_path, compression="auto")
+    text = json.dumps({f"token{i}": i for i in range(60000)}).encode()
+    noise = _chunk(1, 1 << 20)
+    d_text = cache.put("tok", 4 << 20, 0, text)
+    d_noise = cache.put("w", 4 << 20, 0, noise)
+    blob_text, blob_noise = cache.index.blob(d_text), cache.index.blob(d_noise)
+    assert blob_text is not None and blob_noise is not None
+    assert blob_text.codec == CODEC_ZSTD and blob_text.disk_bytes < len(text) // 3
+    assert blob_noise.codec == CODEC_RAW
+    fresh = _reopen(cache, tmp_path)
+    assert fresh.needs_load(d_text)
+    assert fresh.load(d_text) == text
+    assert fresh.needs_load(d_text)  # compressed chunks are always loaded whole
+    assert fresh.load(d_noise) == noise and not fresh.needs_load(d_noise)
+    assert fresh.read(d_noise, 10, 5) == noise[10:15]
+    fresh.index.close()
+
+
+def _reopen(cache: ChunkCache, root: Path) -> ChunkCache:
+    """What a restarted daemon sees: same files and index, nothing checked yet."""
+    cache.index.close()
+    return _cache(root, compression=cache.config.compression)
+
+
+def test_damaged_chunks_are_never_served_after_a_restart(tmp_path: Path) -> None:
+    cache = _cache(tmp_path, compression="never")
+    chunks = [_chunk(i) for i in range(3)]
+    digests = [cache.put("cid", 64 << 10, i, c) for i, c in enumerate(chunks)]
+    cache.index.put_chunk("other", 64 << 10, 0, digests[0], 65536, 65536)  # shared blob
+    p0, p1, p2 = (cache.store.path_for(d) for d in digests)
+    raw = bytearray(p0.read_bytes())
+    raw[1000] ^= 1  # a flipped bit
+    p0.write_bytes(bytes(raw))
+    p1.write_bytes(p1.read_bytes()[:100])  # truncated
+    p2.unlink()  # deleted
+    cache = _reopen(cache, tmp_path)
+    usage = cache.index.usage()
+    for d in digests:
+        assert cache.needs_load(d)
+        assert cache.load(d) is None
+    assert cache.lookup("cid", 64 << 10, 0) is None and cache.lookup("other", 64 << 10, 0) is None
+    assert cache.index.usage() == usage - 3 * 65536
+    assert not p0.exists() and not p1.exists()
+    cache.index.close()
+
+
+def test_whole_file_mismatch_drops_the_file(tmp_path: Path) -> None:
+    cache = _cache(tmp_path, compression="never")
+    data = _chunk(7, 200_000)
+    good = FileEntry("w.bin", len(data), "cid", hashlib.sha256(data).hexdigest())
+    for i in range(4):
+        cache.put("cid", 64 << 10, i, data[i * 65536:(i + 1) * 65536])
+    assert cache.check_file(good, 64 << 10) == FileCheck(4, 0, True, True)
+    assert cache.index.is_checked("cid")
+    bad = FileEntry("w.bin", len(data), "cid", "0" * 64)
+    assert cache.check_file(bad, 64 << 10) == FileCheck(4, 0, False, False)
+    assert cache.index.file_chunks("cid", 64 << 10) == {}
+    assert cache.index.usage() == 0
+    cache.index.close()
+
+
+def test_index_map_grows_and_follows_another_process(tmp_path: Path) -> None:
+    ix = Index(tmp_path / "ix", map_size=256 << 10)
+    for i in range(200):  # ~2 MiB of listings through a 256 KiB map
+        files = tuple(FileEntry(f"f{i}-{j}", j, _chunk(i * 1000 + j, 16).hex()) for j in range(400))
+        ix.put_snapshot("hf:e", Snapshot("org/r", f"{i:040x}", files))
+    assert ix.statistics().map_size > 256 << 10
+    assert ix.get_snapshot("hf:e", "org/r", f"{7:040x}") is not None
+    before = ix.statistics().map_size
+    code = (
+        "import os; from pathlib import Path; from modelfs.cache import Index;"
+        "from modelfs.types import FileEntry, Snapshot;"
+        f"ix = Index(Path({str(tmp_path / 'ix')!r}), map_size={before});"
+        "[ix.put_snapshot('hf:e', Snapshot('org/big', f'{i:040x}', tuple(FileEntry(f'x{i}-{j}',"
+        " j, os.urandom(32).hex()) for j in range(2000)))) for i in range(100)];"
+        "print(ix.statistics().map_size)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) > before
+    ix.put_revision("hf:e", "org/r", "main", "a" * 40)  # adopts the other process's map
+    assert ix.get_snapshot("hf:e", "org/big", f"{99:040x}") is not None
+    ix.close()
