@@ -1,12 +1,14 @@
 """The chunk cache as the fetch layer sees it: the index and the chunk files
 kept consistent, within a size limit, with damaged chunks never served.
 
-- Integrity: every chunk file is named by the sha256 of its bytes. The first
-  read of a chunk in a process loads the whole chunk and checks that hash
-  (`load`); later reads of it trust the file and `pread` the range they need
-  (`read`). So a chunk damaged on disk (flipped, truncated, deleted) while the
-  daemon was down is found before a byte of it is served; damage done under a
-  running daemon is found by the next restart or `modelfs cache verify`.
+- Integrity: every chunk file is named by the sha256 of its bytes, and the
+  index keeps its crc32. The first read of a chunk in a process loads the
+  whole chunk and checks its crc32 (`load`; 4x cheaper than sha256 and enough
+  for accidental damage); later reads trust the file and `pread` the range they
+  need (`read`). So a chunk damaged on disk (flipped, truncated, deleted) while
+  the daemon was down is found before a byte of it is served; damage done under
+  a running daemon is found by the next restart. `modelfs cache verify` and the
+  whole-file check recompute sha256 (`load(full=True)`).
 - Space: `limit` counts disk blocks of chunk files (`usage` in the index).
   Adding a chunk that takes the cache over the limit evicts least-recently-used
   chunks down to `low_water` of it at once, so eviction is rare and batched.
@@ -86,25 +88,46 @@ class ChunkCache:
         self.index.touch(digest)
         return data
 
-    def load(self, digest: str) -> bytes | None:
-        """The whole chunk, checked against its name. A damaged or missing chunk is
-        dropped from the index (and disk) and None returned: the caller refetches."""
+    def load(self, digest: str, full: bool = False) -> bytes | None:
+        """The whole chunk, checked against its crc32 (`full`: its sha256 name). A
+        damaged or missing chunk is dropped from the index (and disk) and None
+        returned: the caller refetches."""
         blob = self.index.blob(digest)
         if blob is None:
             return None
         with self._in_use(digest):
-            data = self.store.load(digest, blob.codec, blob.raw_size)
+            data = self.store.load(digest, blob.codec, blob.raw_size,
+                                   None if full else blob.crc32)
         if data is None:
-            log.error("chunk %s is damaged or missing on disk; dropped, it will be fetched "
-                      "again", digest[:16])
-            self.index.drop_blob(digest)
-            self.store.delete(digest)
-            self._verified.discard(digest)
+            self._drop_damaged(digest)
             return None
         if blob.codec == CODEC_RAW:
             self._verified.add(digest)  # later reads may pread ranges of it
         self.index.touch(digest)
         return data
+
+    def check(self, digest: str) -> bool:
+        """Check a chunk ahead of its first read (no bytes kept); like `load`, a
+        damaged chunk is dropped. Compressed chunks are left to `load`."""
+        blob = self.index.blob(digest)
+        if blob is None:
+            return False
+        if blob.codec != CODEC_RAW or digest in self._verified:
+            return True
+        with self._in_use(digest):
+            ok = self.store.check(digest, blob.raw_size, blob.crc32)
+        if ok:
+            self._verified.add(digest)
+        else:
+            self._drop_damaged(digest)
+        return ok
+
+    def _drop_damaged(self, digest: str) -> None:
+        log.error("chunk %s is damaged or missing on disk; dropped, it will be fetched "
+                  "again", digest[:16])
+        self.index.drop_blob(digest)
+        self.store.delete(digest)
+        self._verified.discard(digest)
 
     @contextmanager
     def _in_use(self, digest: str) -> Iterator[None]:
@@ -141,7 +164,7 @@ class ChunkCache:
     def _put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray) -> str:
         stored = self.store.put(data, self.config.compression)
         orphans = self.index.put_chunk(content_id, chunk_size, idx, stored.digest,
-                                       stored.disk_bytes, len(data), stored.codec)
+                                       stored.disk_bytes, len(data), stored.codec, stored.crc32)
         self._delete(orphans)
         return stored.digest
 
@@ -189,7 +212,7 @@ class ChunkCache:
         damaged = 0
         whole = hashlib.sha256() if entry.sha256 and len(chunks) == n else None
         for idx in sorted(chunks):
-            data = self.load(chunks[idx])
+            data = self.load(chunks[idx], full=True)
             if data is None:
                 damaged += 1
                 whole = None

@@ -2,7 +2,7 @@
 
 Listings (JSON, highly repetitive) are always compressed. Chunks follow the
 `compression` setting: `never`, `always`, or `auto`, which keeps a chunk
-compressed only when that saves at least `MIN_SAVING` of it. `auto` first
+compressed only when that saves at least `MIN_SAVING` of it and a disk block. `auto` first
 compresses a small sample at the fastest level, so incompressible chunks (most
 weights) cost one 128 KiB trial, not a whole-chunk compression.
 """
@@ -14,6 +14,7 @@ import zstandard
 _LEVEL = 3
 MIN_SAVING = 0.10
 _SAMPLE = 128 << 10
+_BLOCK = 4096
 MODES = ("auto", "always", "never")
 
 
@@ -28,14 +29,15 @@ def decompress(data: bytes, size: int | None = None) -> bytes:
 
 def compress_chunk(data: bytes | bytearray, mode: str) -> bytes | None:
     """The compressed form of a chunk to store, or None to store it raw."""
-    if mode == "never" or not data:
-        return None
+    if mode == "never" or not data or (mode == "auto" and len(data) <= _BLOCK):
+        return None  # auto: a chunk of one disk block or less cannot get smaller on disk
     if mode == "auto" and len(data) > 2 * _SAMPLE:
         mid = len(data) // 2
         sample = memoryview(data)[mid:mid + _SAMPLE]
         if len(compress(sample, level=1)) > (1 - MIN_SAVING) * _SAMPLE:
             return None
     packed = compress(data)
-    if mode == "auto" and len(packed) > (1 - MIN_SAVING) * len(data):
+    saved = len(data) - len(packed)
+    if mode == "auto" and (saved < MIN_SAVING * len(data) or saved < _BLOCK):
         return None
     return packed

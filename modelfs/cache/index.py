@@ -6,7 +6,8 @@ Sub-databases:
 - `snaps`:  source \\0 repo \\0 commit    -> zstd(JSON listing)
 - `chunks`: content_id \\0 chunk_size \\0 index (u64 BE) -> chunk digest (32 bytes)
 - `refs`:   chunk digest + chunk key    -> b"" (who uses a blob, so dropping one finds the other)
-- `blobs`:  chunk digest               -> (disk_bytes u64, raw_size u64, codec u8, last_access f64)
+- `blobs`:  chunk digest               -> (disk_bytes u64, raw_size u64, codec u8, last_access f64,
+                                          crc32 u32 of the raw bytes: the quick check on first use)
 - `pins`:   source \\0 repo \\0 revision  -> b""
 - `checked`: content_id                -> f64 (when the whole file last matched its sha256)
 - `meta`:   b"format" -> u32; b"usage" -> u64, the sum of `disk_bytes` over `blobs`
@@ -43,7 +44,7 @@ from . import codec
 T = TypeVar("T")
 
 FORMAT = 2
-_BLOB = struct.Struct(">QQBd")
+_BLOB = struct.Struct(">QQBdI")
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
 CODEC_RAW = 0
@@ -67,6 +68,7 @@ class Blob:
     raw_size: int
     codec: int
     last_access: float
+    crc32: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +298,8 @@ class Index:
         return self._read(scan)
 
     def put_chunk(self, content_id: str, chunk_size: int, index: int, digest: str,
-                  disk_bytes: int, raw_size: int, codec_id: int = CODEC_RAW) -> list[str]:
+                  disk_bytes: int, raw_size: int, codec_id: int = CODEC_RAW,
+                  crc32: int = 0) -> list[str]:
         """Record a chunk stored on disk (after its file was renamed into place).
 
         Returns the digests of blobs this made unused (the key pointed at other
@@ -314,25 +317,25 @@ class Index:
             txn.put(key, d, db=self._chunks)
             txn.put(d + key, b"", db=self._refs)
             if txn.get(d, db=self._blobs) is None:
-                txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now), db=self._blobs)
+                txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now, crc32), db=self._blobs)
                 self._add_usage(txn, disk_bytes)
             self._write_touches(txn)
             return orphans
 
         return self._write(put)
 
-    def put_chunks(self, records: list[tuple[str, int, int, str, int, int, int]]) -> None:
+    def put_chunks(self, records: list[tuple[str, int, int, str, int, int, int, int]]) -> None:
         """Record many stored chunks in one transaction: (content_id, chunk_size,
-        index, digest, disk_bytes, raw_size, codec). For bulk imports; keys must be new."""
+        index, digest, disk_bytes, raw_size, codec, crc32). For bulk imports; keys must be new."""
         now = time.time()
 
         def put(txn: lmdb.Transaction) -> None:
-            for cid, cs, idx, digest, disk, raw, codec_id in records:
+            for cid, cs, idx, digest, disk, raw, codec_id, crc in records:
                 d, key = bytes.fromhex(digest), chunk_key(cid, cs, idx)
                 txn.put(key, d, db=self._chunks)
                 txn.put(d + key, b"", db=self._refs)
                 if txn.get(d, db=self._blobs) is None:
-                    txn.put(d, _BLOB.pack(disk, raw, codec_id, now), db=self._blobs)
+                    txn.put(d, _BLOB.pack(disk, raw, codec_id, now, crc), db=self._blobs)
                     self._add_usage(txn, disk)
 
         self._write(put)
@@ -433,8 +436,8 @@ class Index:
         for d, at in touched.items():
             raw = txn.get(d, db=self._blobs)
             if raw is not None:
-                disk, size, cid, _ = _BLOB.unpack(raw)
-                txn.put(d, _BLOB.pack(disk, size, cid, at), db=self._blobs)
+                disk, size, cid, _, crc = _BLOB.unpack(raw)
+                txn.put(d, _BLOB.pack(disk, size, cid, at, crc), db=self._blobs)
 
     def evict(self, target: int, protect: Callable[[str], bool]) -> list[str]:
         """Drop least-recently-used blobs until `usage` <= `target`, skipping those

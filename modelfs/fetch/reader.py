@@ -112,6 +112,7 @@ class ChunkReader:
         # check starts when the last one arrives.
         self._missing: dict[str, set[int]] = {}
         self._mismatched: set[str] = set()
+        self._checking: set[str] = set()  # digests being checked ahead of a reader
         # Told when a file version's cached bytes were found bad and dropped, so the
         # mount can drop the kernel's copy of them too.
         self.on_content_dropped: Callable[[str], None] | None = None
@@ -311,6 +312,12 @@ class ChunkReader:
         for idx in range(chunk_count(f.entry.size, cs)):
             await self.ensure(f, idx, Priority.PREFETCH)
 
+    async def _check_ahead(self, digest: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self.cache.check, digest, limiter=self._io)
+        finally:
+            self._checking.discard(digest)
+
     async def _willneed(self, digest: str) -> None:
         await trio.to_thread.run_sync(self.cache.store.willneed, digest, limiter=self._io)
 
@@ -337,16 +344,18 @@ class ChunkReader:
         cs = self.config.chunk_size
         first = span[0] // cs
         last = min(chunk_count(f.entry.size, cs), -(-span[1] // cs))
-        # Chunks loaded ahead wait in `_recent`: load no more than half of it ahead.
-        load_until = end + self.config.recent_bytes // 2
         for idx in range(first, last):
             if (cid, idx) in self._inflight or (cid, idx) in self._recent:
                 continue
             digest = self.cache.lookup(cid, cs, idx)
             if digest is None:
                 self._start(f, idx, Priority.READAHEAD)
-            elif self.cache.needs_load(digest) and idx * cs < load_until:
-                self._start(f, idx, Priority.READAHEAD)  # load and check it ahead of the reader
+            elif self._nursery is not None and self.cache.needs_load(digest):
+                # Check it ahead of the reader (reading it also pulls it into the page
+                # cache); the bytes are not kept, so the window is not bounded by memory.
+                if digest not in self._checking:
+                    self._checking.add(digest)
+                    self._nursery.start_soon(self._check_ahead, digest)
             elif self._nursery is not None:
                 # Cached on disk: have the kernel read it in before the reader gets there
                 # (in a thread: submitting the I/O can block).

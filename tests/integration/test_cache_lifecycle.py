@@ -248,7 +248,7 @@ def test_start_up_does_not_scan_the_chunks(mount_factory, origin: Origin, tmp_pa
         if not d.exists():
             d.mkdir(parents=True)
         (d / digest).write_bytes(b"x")
-        records.append((f"bulk{i // 1000}", MiB, i % 1000, digest, 4096, 1, 0))
+        records.append((f"bulk{i // 1000}", MiB, i % 1000, digest, 4096, 1, 0, 0))
     ix.put_chunks(records)
     assert ix.statistics().blobs == n
     ix.close()
