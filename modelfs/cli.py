@@ -107,6 +107,10 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--repo", "repos", multiple=True, metavar="ORG/NAME[@REV]",
               help="Repo to mount (repeatable). @REV pins a branch, tag or commit.")
+@click.option("--url", "urls", multiple=True, metavar="ORG/NAME=URL",
+              help="Plain HTTP file, or directory with a JSON index (URL ending in /), to mount "
+                   "as ORG/NAME (repeatable). Versions are ETags, revalidated every "
+                   "--revision-ttl.")
 @_source_options
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--max-listing-entries", type=int, help="Refuse repo listings larger than this.")

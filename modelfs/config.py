@@ -80,13 +80,14 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
 @dataclass(frozen=True, slots=True)
 class MountConfig:
     mountpoint: Path
-    repos: tuple[RepoRef, ...]
+    repos: tuple[RepoRef, ...]  # Hub repos
     cache_dir: Path
     hub: HubConfig
     fetch: FetchConfig
     fs: FsConfig
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    urls: tuple[tuple[RepoRef, str], ...] = ()  # plain HTTP repos (`--url ORG/NAME=URL`)
     allow_other: bool = False
     force: bool = False
     revision_ttl: float = DEFAULT_REVISION_TTL  # branches and tags are re-resolved this often
@@ -179,6 +180,7 @@ def build_mount_config(
     mountpoint: str,
     repos: tuple[str, ...],
     endpoint: str | None,
+    urls: tuple[str, ...] = (),
     cache_dir: str | None,
     token_file: str | None,
     allow_other: bool,
@@ -199,14 +201,15 @@ def build_mount_config(
     env: Mapping[str, str] | None = None,
 ) -> MountConfig:
     env = os.environ if env is None else env
-    if not repos:
-        raise ConfigError("--repo: give at least one ORG/NAME[@REVISION]")
+    if not repos and not urls:
+        raise ConfigError("--repo: give at least one ORG/NAME[@REVISION] (or --url ORG/NAME=URL)")
     refs = tuple(RepoRef.parse(r) for r in repos)
+    url_refs = tuple(_parse_url(u) for u in urls)
     seen: dict[tuple[str, str], RepoRef] = {}
-    for ref in refs:
+    for ref in refs + tuple(r for r, _ in url_refs):
         key = (ref.repo_id.split("/")[0], ref.mount_name)
         if key in seen:
-            raise ConfigError(f"--repo {ref}: listed twice")
+            raise ConfigError(f"--repo/--url {ref}: listed twice")
         seen[key] = ref
     hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
                            timeout=timeout, max_listing_entries=max_listing_entries, env=env)
@@ -218,6 +221,7 @@ def build_mount_config(
     return MountConfig(
         mountpoint=Path(mountpoint).absolute(),
         repos=refs,
+        urls=url_refs,
         cache_dir=cdir,
         hub=hub,
         fetch=fetch,
@@ -229,6 +233,17 @@ def build_mount_config(
         revision_ttl=DEFAULT_REVISION_TTL if revision_ttl is None else revision_ttl,
         token=load_token(token_file, env),
     )
+
+
+def _parse_url(text: str) -> tuple[RepoRef, str]:
+    """`ORG/NAME=URL` -> (ref, url)."""
+    name, sep, url = text.partition("=")
+    if not sep or not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(f"--url {text!r}: expected ORG/NAME=http(s)://host/path[/]")
+    ref = RepoRef.parse(name)
+    if ref.pinned:
+        raise ConfigError(f"--url {text!r}: a plain URL has no revisions; drop @{ref.revision}")
+    return ref, url
 
 
 @dataclass(frozen=True, slots=True)

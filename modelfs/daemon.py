@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -25,7 +26,7 @@ from .errors import ConfigError, ModelfsError
 from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
 from .fs.tree import ROOT_INODE
-from .remote import HubSource, Source
+from .remote import HttpSource, HttpSourceConfig, HubSource, Source
 from .types import RepoRef, Snapshot
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,6 @@ def add_repo(tree: Tree, source: Source, ref: RepoRef, snap: Snapshot, resolved_
     for entry in snap.files:
         tree.add_file(top.inode, entry.path,
                       RemoteFile(source, ref.repo_id, snap.commit, entry), mtime)
-
-
-def build_tree(source: Source, snaps: list[tuple[RepoRef, Snapshot, float]]) -> Tree:
-    tree = Tree(time.time_ns())
-    for ref, snap, resolved_at in snaps:
-        add_repo(tree, source, ref, snap, resolved_at)
-    return tree
 
 
 def check_mountpoint(path: Path) -> None:
@@ -100,21 +94,45 @@ def tune_kernel(mountpoint: Path) -> None:
             log.info("could not set %s (%s); using the kernel default", path, exc.strerror)
 
 
+@dataclass(slots=True)
+class _Mounted:
+    """One repo of the mount and the snapshot it shows now."""
+
+    ref: RepoRef
+    source: Source
+    snap: Snapshot
+    resolved_at: float
+
+
+def _sources(config: MountConfig) -> list[tuple[RepoRef, Source]]:
+    pairs: list[tuple[RepoRef, Source]] = []
+    if config.repos:
+        hub = HubSource(config.hub, config.token)
+        pairs += [(ref, hub) for ref in config.repos]
+    if config.urls:
+        http = HttpSource(HttpSourceConfig(urls={r.repo_id: u for r, u in config.urls},
+                                           http=config.hub.http))
+        pairs += [(ref, http) for ref, _ in config.urls]
+    return pairs
+
+
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure."""
     check_mountpoint(config.mountpoint)
     index = Index(config.cache_dir / "index")
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
-    source = HubSource(config.hub, config.token)
+    pairs = _sources(config)
     try:
-        snaps = []
-        for ref in config.repos:
+        repos = []
+        for ref, source in pairs:
             snap, resolved_at = await load_snapshot(source, index, ref, force=config.force)
-            snaps.append((ref, snap, resolved_at))
+            repos.append(_Mounted(ref, source, snap, resolved_at))
             if config.force:
                 for entry in snap.files:
                     await trio.to_thread.run_sync(cache.drop_content, entry.content_id)
-        tree = build_tree(source, snaps)
+        tree = Tree(time.time_ns())
+        for r in repos:
+            add_repo(tree, r.source, r.ref, r.snap, r.resolved_at)
         reader = ChunkReader(cache, config.fetch)
         prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
         ops = Operations(tree, reader, config.fs, prefetcher)
@@ -130,55 +148,82 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                 nursery.start_soon(_flush_access, cache)
                 reader.on_content_dropped = functools.partial(
                     nursery.start_soon, ops.invalidate_content)
-                commits = {ref: snap.commit for ref, snap, _ in snaps}
-                if any(not ref.is_commit for ref in config.repos):
-                    nursery.start_soon(_follow_revisions, config, source, index, ops, commits)
+                moving = [r for r in repos if not r.ref.is_commit]
+                if moving:
+                    wake = _Wake()
+                    reader.on_stale = wake.set
+                    nursery.start_soon(_follow_revisions, config, cache, ops, moving, wake)
                 await trio.to_thread.run_sync(os.stat, config.mountpoint)
                 tune_kernel(config.mountpoint)
-                log.info("mounted %s at %s", ", ".join(map(str, config.repos)), config.mountpoint)
+                log.info("mounted %s at %s", ", ".join(str(r.ref) for r in repos),
+                         config.mountpoint)
                 ready()
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", config.mountpoint)
     finally:
-        await source.aclose()
+        for source in {id(s): s for _, s in pairs}.values():
+            await source.aclose()
         index.close()
 
 
-async def _follow_revisions(config: MountConfig, source: Source, index: Index, ops: Operations,
-                            commits: dict[RepoRef, str]) -> None:
-    """Re-resolve branches and tags every `revision_ttl`; when one moved, swap in the
-    new tree. An origin that cannot be reached keeps the current tree (logged once
-    per outage)."""
+class _Wake:
+    """A re-armable event: `set` from anywhere in the loop, `wait` with a timeout."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._event.wait()
+        self._event = trio.Event()
+
+
+async def _follow_revisions(config: MountConfig, cache: ChunkCache, ops: Operations,
+                            repos: list[_Mounted], wake: _Wake) -> None:
+    """Re-resolve branches, tags and plain URLs every `revision_ttl`; when one moved,
+    swap in the new tree. Files whose version is an ETag (plain HTTP) can never be
+    fetched at their old version again: their chunks are dropped and the kernel's
+    pages of them invalidated. An origin that cannot be reached keeps the current
+    tree (logged once per outage). A read that found its file stale wakes it early."""
     failing: set[RepoRef] = set()
     while True:
-        await trio.sleep(config.revision_ttl)
-        for ref in config.repos:
-            if ref.is_commit:
-                continue
+        await wake.wait(config.revision_ttl)
+        for r in repos:
             try:
-                commit = await source.resolve(ref)
-                if commit != commits[ref]:
-                    snap, resolved_at = await load_snapshot(source, index, ref, commit=commit)
+                commit = await r.source.resolve(r.ref)
+                if commit != r.snap.commit:
+                    snap, resolved_at = await load_snapshot(r.source, cache.index, r.ref,
+                                                            commit=commit)
             except ModelfsError as exc:
-                if ref not in failing:
-                    log.warning("cannot re-resolve %s (%s); still serving %s", ref, exc,
-                                commits[ref][:12])
-                    failing.add(ref)
+                if r.ref not in failing:
+                    log.warning("cannot re-resolve %s (%s); still serving %s", r.ref, exc,
+                                r.snap.commit[:12])
+                    failing.add(r.ref)
                 continue
-            if ref in failing:
-                log.info("%s: origin reachable again", ref)
-                failing.discard(ref)
-            if commit == commits[ref]:
+            if r.ref in failing:
+                log.info("%s: origin reachable again", r.ref)
+                failing.discard(r.ref)
+            if commit == r.snap.commit:
                 continue
-            org = ops.tree.child(ROOT_INODE, ref.repo_id.split("/")[0])
+            org = ops.tree.child(ROOT_INODE, r.ref.repo_id.split("/")[0])
             assert org is not None
-            ops.replace(org.inode, ref.mount_name,
-                        lambda tree, ref=ref, snap=snap, at=resolved_at:
-                        add_repo(tree, source, ref, snap, at))
-            log.info("%s moved %s -> %s: new opens see the new tree", ref, commits[ref][:12],
+            ops.replace(org.inode, r.ref.mount_name,
+                        lambda tree, r=r, snap=snap, at=resolved_at:
+                        add_repo(tree, r.source, r.ref, snap, at))
+            log.info("%s moved %s -> %s: new opens see the new tree", r.ref, r.snap.commit[:12],
                      commit[:12])
-            commits[ref] = commit
+            now = {f.path: f.content_id for f in snap.files}
+            for old in r.snap.files:
+                if old.etag and now.get(old.path) != old.content_id:
+                    log.info("%s/%s changed (ETag %s): dropping the old version", r.ref,
+                             old.path, old.etag)
+                    await trio.to_thread.run_sync(cache.drop_content, old.content_id)
+                    await ops.invalidate_content(old.content_id)
+            r.snap, r.resolved_at = snap, resolved_at
 
 
 async def _flush_access(cache: ChunkCache) -> None:
@@ -208,4 +253,4 @@ async def _stop_on_signal() -> None:
             return
 
 
-__all__ = ["build_tree", "check_mountpoint", "is_mounted", "serve", "tune_kernel"]
+__all__ = ["add_repo", "check_mountpoint", "is_mounted", "serve", "tune_kernel"]

@@ -49,7 +49,8 @@ class FileEntry:
     """One file of a snapshot.
 
     `content_id` names the bytes, not the path: the LFS sha256 when there is one,
-    else the git blob id. Cache keys use it, so identical files in two repos or
+    else the git blob id; for plain HTTP, a hash of URL and ETag (the ETag is the
+    version there). Cache keys use it, so identical files in two repos or
     revisions share their chunks. `sha256` is set when the origin vouches for
     the whole-file hash.
     """
@@ -58,6 +59,7 @@ class FileEntry:
     size: int
     content_id: str
     sha256: str | None = None
+    etag: str | None = None  # plain HTTP: the version the content id stands for
 
 
 @dataclass(frozen=True, slots=True)

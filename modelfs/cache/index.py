@@ -232,11 +232,12 @@ class Index:
         if raw is None:
             return None
         rec = json.loads(codec.decompress(raw))
-        files = tuple(FileEntry(p, s, c, h) for p, s, c, h in rec["files"])
+        files = tuple(FileEntry(*row) for row in rec["files"])
         return Snapshot(repo, commit, files, tuple(rec["dirs"]))
 
     def put_snapshot(self, source: str, snap: Snapshot) -> None:
-        rec = {"files": [[f.path, f.size, f.content_id, f.sha256] for f in snap.files],
+        rec = {"files": [[f.path, f.size, f.content_id, f.sha256, *([f.etag] if f.etag else [])]
+                         for f in snap.files],
                "dirs": list(snap.directories)}
         blob = codec.compress(json.dumps(rec, separators=(",", ":")).encode())
         self._write(lambda txn: txn.put(_name(source, snap.repo_id, snap.commit), blob,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from ..cache import ChunkCache
-from ..errors import ModelfsError
+from ..errors import ModelfsError, RemoteStale
 from ..remote import Source
 from ..types import FileEntry
 from .chunks import Piece, chunk_count, chunk_extent, pieces
@@ -116,6 +116,9 @@ class ChunkReader:
         # Told when a file version's cached bytes were found bad and dropped, so the
         # mount can drop the kernel's copy of them too.
         self.on_content_dropped: Callable[[str], None] | None = None
+        # Told when the origin serves another version than the one being read, so the
+        # mount re-resolves now rather than at its next scheduled check.
+        self.on_stale: Callable[[], None] | None = None
         self._recent_size = 0
         self._io = trio.CapacityLimiter(config.io_threads)
         self._nursery: trio.Nursery | None = None
@@ -152,6 +155,8 @@ class ChunkReader:
             out = [await self._read_piece(f, p) for p in parts]
         except ModelfsError as exc:
             log.error("read of %s at offset %d (%d bytes) failed: %s", f.name, offset, size, exc)
+            if isinstance(exc, RemoteStale) and self.on_stale:
+                self.on_stale()
             raise
         self._stats.bytes_served += sum(map(len, out))
         return out[0] if len(out) == 1 else b"".join(out)

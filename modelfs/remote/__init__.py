@@ -1,4 +1,4 @@
-"""Sources: where model files come from (hf now; http, s3, file later).
+"""Sources: where model files come from (hf and plain http now; s3, file later).
 
 Every source answers the same small interface (`Source`): resolve a
 repo+revision to an immutable commit, list its files, read a byte range of one
@@ -13,6 +13,7 @@ from typing import Protocol
 from ..types import FileEntry, RepoRef, Snapshot
 from ._http import HttpConfig
 from .hf import HubConfig, HubSource
+from .http import HttpSource, HttpSourceConfig
 
 
 class Source(Protocol):
@@ -26,4 +27,4 @@ class Source(Protocol):
     async def aclose(self) -> None: ...
 
 
-__all__ = ["HttpConfig", "HubConfig", "HubSource", "Source"]
+__all__ = ["HttpConfig", "HttpSource", "HttpSourceConfig", "HubConfig", "HubSource", "Source"]

@@ -73,6 +73,16 @@ class Expect:
     size: int
     etag: str | None = None
     sha256: str | None = None
+    strict_etag: bool = False  # the ETag *is* the version (plain HTTP): any other is stale
+
+
+@dataclass(frozen=True, slots=True)
+class HeadResult:
+    """A (conditional) HEAD: `changed` is False for a 304 to If-None-Match."""
+
+    changed: bool
+    size: int | None
+    etag: str | None
 
 
 @dataclass(slots=True)
@@ -186,6 +196,33 @@ class HttpClient:
         result: JsonPage = await self._with_retries(what, attempt)
         return result
 
+    async def head(self, url: str, *, what: str, auth_msg: str,
+                   if_none_match: str | None = None) -> HeadResult:
+        """Size and ETag of the resource at `url`; with `if_none_match`, a 304
+        (unchanged) costs no body and no listing work."""
+
+        async def attempt() -> HeadResult:
+            extra = {"If-None-Match": if_none_match} if if_none_match else {}
+            try:
+                resp = await self._client.head(url, headers=self._headers(url, extra))
+                hops = 0
+                while resp.status_code in _REDIRECT_STATUS and hops < self._config.max_redirects:
+                    nxt = urljoin(str(resp.url), resp.headers.get("Location", ""))
+                    resp = await self._client.head(nxt, headers=self._headers(nxt, extra))
+                    hops += 1
+            except httpx.TransportError as exc:
+                raise _Retry(_describe(exc)) from None
+            if resp.status_code == 304:
+                return HeadResult(False, None, if_none_match)
+            self._check_status(resp, what, auth_msg)
+            clen = resp.headers.get("Content-Length", "")
+            if not clen.isdigit():
+                raise RemoteProtocolError(f"{what}: origin sent no Content-Length")
+            return HeadResult(True, int(clen), resp.headers.get("ETag"))
+
+        result: HeadResult = await self._with_retries(what, attempt)
+        return result
+
     async def get_range(
         self, url: str, start: int, length: int, expect: Expect, *, what: str, auth_msg: str,
         content_id: str, into: bytearray | None = None,
@@ -234,6 +271,8 @@ class HttpClient:
                 # Only a validator this host gave us for this content: a foreign one
                 # (the Hub's id sent to a CDN or a plain mirror) would never match.
                 validator = self._host_etags.get((host, content_id))
+                if expect.strict_etag:
+                    validator = expect.etag
                 if validator and not validator.startswith("W/"):
                     extra["If-Range"] = validator
                 req = self._client.build_request("GET", url, headers=self._headers(url, extra))
@@ -261,6 +300,9 @@ class HttpClient:
                     skip = self._check_body_range(resp, first, last, expect, what, "If-Range" in extra)
                     etag = resp.headers.get("ETag")
                     _check_content_etag(etag, expect, what)
+                    if expect.strict_etag and etag != expect.etag:
+                        raise RemoteStale(f"{what}: the origin's copy changed (ETag {etag}, "
+                                          f"opened as {expect.etag})")
                     if etag:
                         old = self._host_etags.setdefault((host, content_id), etag)
                         if old != etag:
@@ -374,4 +416,4 @@ def _describe(exc: httpx.TransportError) -> str:
     return f"{kind}: {exc}" if str(exc) else kind
 
 
-__all__ = ["Expect", "HttpClient", "HttpConfig", "JsonPage"]
+__all__ = ["Expect", "HeadResult", "HttpClient", "HttpConfig", "JsonPage"]

@@ -65,7 +65,9 @@ class RequestRecord:
     @property
     def is_data(self) -> bool:
         """A request for file content (resolve or CDN), as opposed to metadata."""
-        return self.server == "cdn" or "/resolve/" in self.path
+        plain_file = self.path.startswith("/plain/") and not self.path.endswith("/")
+        return self.server == "cdn" or "/resolve/" in self.path or (
+            plain_file and self.method == "GET")
 
 
 @dataclass
@@ -374,6 +376,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._api(path[len("/api/models/"):], parse_qs(url.query))
             elif "/resolve/" in path:
                 self._resolve(path)
+            elif path.startswith("/plain/"):
+                self._plain(path)
             else:
                 self._send(404, b"not found", error_code="EntryNotFound")
         except (BrokenPipeError, ConnectionResetError):
@@ -458,6 +462,46 @@ class _Handler(BaseHTTPRequestHandler):
                                   "ETag": f'"{f.sha256}"'})
             return
         self._serve_file(f, f'"{f.git_oid}"', {"X-Repo-Commit": commit}, path)
+
+    def _plain(self, path: str) -> None:
+        """A plain HTTP mirror: `/plain/ORG/NAME/REF/PATH` serves the file as nginx
+        would (ETag "mtime-size"-like, Range, If-Range, If-None-Match); a path ending
+        in `/` is a directory index in nginx's `autoindex_format json`."""
+        parts = path[len("/plain/"):].split("/", 3)
+        if len(parts) < 3:
+            self._send(404, b"not found")
+            return
+        repo_id, ref, rest = f"{parts[0]}/{parts[1]}", parts[2], parts[3] if len(parts) > 3 else ""
+        try:
+            _, files = self.server.origin._lookup(repo_id, ref)
+        except KeyError:
+            self._send(404, b"not found")
+            return
+        if rest == "" or rest.endswith("/"):
+            seen: dict[str, dict[str, Any]] = {}
+            for p, f in files.items():
+                if not p.startswith(rest):
+                    continue
+                head, sep, _ = p[len(rest):].partition("/")
+                seen[head] = ({"name": head, "type": "directory", "mtime": "-"} if sep else
+                              {"name": head, "type": "file", "mtime": "-", "size": f.size})
+            if not seen and rest:
+                self._send(404, b"not found")
+                return
+            self._json(sorted(seen.values(), key=lambda e: e["name"]))
+            return
+        f = files.get(rest)
+        if f is None:
+            self._send(404, b"not found")
+            return
+        etag = f'"{f.git_oid[:8]}-{f.size:x}"'
+        if self.headers.get("If-None-Match") == etag:
+            self._done(304, 0)
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
+        self._serve_file(f, etag, {}, path)
 
     def _cdn(self, path: str) -> None:
         sha = path.removeprefix("/cdn/")

@@ -43,7 +43,7 @@ def test_bad_values_name_their_source(tmp_path: Path) -> None:
         build({}, chunk_size="lots")
     with pytest.raises(ConfigError, match="--token-file"):
         build({}, token_file=str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="--repo org/a: listed twice"):
+    with pytest.raises(ConfigError, match="--repo/--url org/a: listed twice"):
         build({}, repos=("org/a", "org/a"))
     with pytest.raises(ConfigError, match="--retries"):
         build({}, retries=-1)
@@ -56,3 +56,27 @@ def test_parse_size() -> None:
     assert parse_size("64K", what="x") == 64 << 10
     assert parse_size("123", what="x") == 123
     assert parse_size("1G", what="x") == 1 << 30
+
+
+def test_cache_and_url_options(tmp_path: Path) -> None:
+    c = build({}, cache_dir=str(tmp_path), cache_size="2GiB", compression="never", force=True)
+    assert (c.cache.limit, c.cache.compression, c.force) == (2 << 30, "never", True)
+    assert build({}, cache_dir=str(tmp_path), cache_size="unlimited").cache.limit is None
+    half = build({}, cache_dir=str(tmp_path / "not" / "yet"), cache_size="50%").cache.limit
+    assert half is not None and half > 0  # a share of the file system the dir will be on
+    c = build({}, urls=("mirror/m=http://127.0.0.1:8/models/",))
+    assert [(r.repo_id, u) for r, u in c.urls] == [("mirror/m", "http://127.0.0.1:8/models/")]
+    with pytest.raises(ConfigError, match="--cache-size"):
+        build({}, cache_size="150%")
+    with pytest.raises(ConfigError, match="--cache-size"):
+        build({}, cache_size="lots")
+    with pytest.raises(ConfigError, match="--compression"):
+        build({}, compression="max")
+    with pytest.raises(ConfigError, match="--revision-ttl"):
+        build({}, revision_ttl=0)
+    with pytest.raises(ConfigError, match="--url 'mirror/m': expected"):
+        build({}, urls=("mirror/m",))
+    with pytest.raises(ConfigError, match="no revisions"):
+        build({}, urls=("mirror/m@v1=http://h/x",))
+    with pytest.raises(ConfigError, match="listed twice"):
+        build({}, repos=("org/a",), urls=("org/a=http://h/x",))

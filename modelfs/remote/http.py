@@ -1,0 +1,130 @@
+"""Plain HTTP(S) origins: a file URL, or a directory served with a JSON index.
+
+`--url ORG/NAME=URL` mounts one URL as a repo. A URL ending in `/` is a
+directory whose listing is nginx's `autoindex_format json` (a JSON list of
+`{"name", "type": "file"|"directory", "size"}`), walked recursively; any other
+URL is a single file. There are no commits: a file's version is its ETag, its
+content id a hash of URL and ETag, and the repo's "commit" a hash of the whole
+listing. `resolve` revalidates every file with `If-None-Match`, so an unchanged
+repo costs one 304 per file; a changed ETag is a new version (new content id),
+and reads of the old one fail as stale rather than mix versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+from ..errors import ConfigError, ListingRejected, RemoteProtocolError
+from ..types import FileEntry, RepoRef, Snapshot
+from ._http import Expect, HttpClient, HttpConfig
+from .listing import clean_listing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSourceConfig:
+    """`urls`: repo id -> URL; `max_listing_entries` caps a directory walk."""
+
+    urls: dict[str, str] = field(default_factory=dict)
+    max_listing_entries: int = 100_000
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+
+def content_id(url: str, etag: str) -> str:
+    return "http-" + hashlib.sha256(f"{url}\n{etag}".encode()).hexdigest()
+
+
+class HttpSource:
+    key = "http"
+
+    def __init__(self, config: HttpSourceConfig) -> None:
+        for repo, url in config.urls.items():
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+                raise ConfigError(f"--url {repo}={url}: not an http(s) URL")
+        self._config = config
+        self._http = HttpClient(config.http, auth_host=None, token=None)
+        self._snapshots: dict[tuple[str, str], Snapshot] = {}
+        self._last: dict[str, dict[str, FileEntry]] = {}  # repo -> path -> entry last seen
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _url(self, repo_id: str) -> str:
+        return self._config.urls[repo_id]
+
+    def file_url(self, repo_id: str, path: str) -> str:
+        base = self._url(repo_id)
+        return urljoin(base, quote(path)) if base.endswith("/") else base
+
+    async def resolve(self, ref: RepoRef) -> str:
+        """Walk the listing and revalidate every file; the 'commit' is a hash of
+        (path, size, ETag) over all files, so it changes exactly when one does."""
+        base = self._url(ref.repo_id)
+        paths = await self._walk(ref.repo_id, base) if base.endswith("/") else [
+            unquote(urlsplit(base).path.rsplit("/", 1)[-1]) or "index"]
+        last = self._last.get(ref.repo_id, {})
+        files = []
+        for path in paths:
+            url = self.file_url(ref.repo_id, path)
+            old = last.get(path)
+            head = await self._http.head(url, what=f"{ref.repo_id}: {path}", auth_msg=(
+                f"{ref.repo_id}: {url} needs credentials"), if_none_match=old and old.etag)
+            if not head.changed and old is not None:
+                files.append(old)
+                continue
+            if not head.etag or head.etag.startswith("W/"):
+                raise RemoteProtocolError(f"{ref.repo_id}: {path}: the origin sends no strong "
+                                          "ETag, so versions cannot be told apart")
+            assert head.size is not None
+            files.append(FileEntry(path, head.size, content_id(url, head.etag), etag=head.etag))
+        kept, dirs = clean_listing(ref.repo_id, files)
+        self._last[ref.repo_id] = {f.path: f for f in kept}
+        commit = hashlib.sha1("\n".join(f"{f.path}\0{f.size}\0{f.etag}" for f in kept)
+                              .encode()).hexdigest()
+        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, dirs)
+        return commit
+
+    async def _walk(self, repo_id: str, base: str) -> list[str]:
+        out: list[str] = []
+        todo = [""]
+        while todo:
+            prefix = todo.pop()
+            page = await self._http.get_json(urljoin(base, quote(prefix)),
+                                             what=f"{repo_id}: listing of /{prefix}",
+                                             auth_msg=f"{repo_id}: {base} needs credentials")
+            if not isinstance(page.data, list):
+                raise RemoteProtocolError(f"{repo_id}: {base}{prefix} is not a JSON directory "
+                                          "index (nginx: autoindex on; autoindex_format json)")
+            for item in page.data:
+                name = item.get("name") if isinstance(item, dict) else None
+                if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+                    continue
+                if item.get("type") == "directory":
+                    todo.append(f"{prefix}{name}/")
+                elif item.get("type") == "file":
+                    out.append(prefix + name)
+            if len(out) > self._config.max_listing_entries:
+                raise ListingRejected(f"{repo_id}: more than {self._config.max_listing_entries} "
+                                      f"files under {base}")
+        return sorted(out)
+
+    async def list_files(self, repo_id: str, commit: str) -> Snapshot:
+        snap = self._snapshots.get((repo_id, commit))
+        if snap is None:
+            raise RemoteProtocolError(f"{repo_id}: listing {commit[:12]} is no longer known")
+        return snap
+
+    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
+                   *, into: bytearray | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray:
+        url = self.file_url(repo_id, entry.path)
+        expect = Expect(size=entry.size, etag=entry.etag, strict_etag=True)
+        return await self._http.get_range(
+            url, start, length, expect, what=f"{repo_id}: {entry.path}",
+            auth_msg=f"{repo_id}: {url} needs credentials", content_id=entry.content_id,
+            into=into, progress=progress)
