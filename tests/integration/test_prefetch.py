@@ -140,3 +140,16 @@ def test_an_unusable_cache_dir_is_a_clear_error(origin: Origin, tmp_path: Path) 
     assert res.returncode == 1
     assert str(not_a_dir) in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_prefetch_force_refetches_and_pin_pins(origin: Origin, repo_data, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert prefetch(origin, cache, "org/model@v1").returncode == 0
+    origin.reset_stats()
+    res = prefetch(origin, cache, "org/model@v1", "--force", "--pin")
+    assert res.returncode == 0, res.stderr
+    v1_bytes = sum(len(d) for d in repo_data["org/model@v1"].values())
+    assert sum(r.bytes_sent for r in origin.data_requests() if r.status in (200, 206)) == v1_bytes
+    ls = subprocess.run([sys.executable, "-m", "modelfs", "cache", "ls", "--cache-dir", str(cache)],
+                        capture_output=True, text=True, check=True).stdout
+    assert "org/model@v1 -> " in ls and "pinned" in ls
