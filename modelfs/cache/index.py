@@ -306,40 +306,36 @@ class Index:
         Returns the digests of blobs this made unused (the key pointed at other
         bytes before): the caller deletes their files.
         """
-        d = bytes.fromhex(digest)
-        key = chunk_key(content_id, chunk_size, index)
-        now = time.time()
+        rec = (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, crc32)
 
         def put(txn: lmdb.Transaction) -> list[str]:
-            orphans = []
-            old = txn.get(key, db=self._chunks)
-            if old is not None and old != d:
-                orphans = self._unref(txn, old, key)
-            txn.put(key, d, db=self._chunks)
-            txn.put(d + key, b"", db=self._refs)
-            if txn.get(d, db=self._blobs) is None:
-                txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now, crc32), db=self._blobs)
-                self._add_usage(txn, disk_bytes)
+            orphans = self._insert(txn, rec, time.time())
             self._write_touches(txn)
             return orphans
 
         return self._write(put)
 
     def put_chunks(self, records: list[tuple[str, int, int, str, int, int, int, int]]) -> None:
-        """Record many stored chunks in one transaction: (content_id, chunk_size,
-        index, digest, disk_bytes, raw_size, codec, crc32). For bulk imports; keys must be new."""
+        """Record many stored chunks in one transaction, as `put_chunk` takes them
+        (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec, crc32).
+        For bulk imports: blobs made unused are not reported."""
         now = time.time()
+        self._write(lambda txn: [self._insert(txn, rec, now) for rec in records])
 
-        def put(txn: lmdb.Transaction) -> None:
-            for cid, cs, idx, digest, disk, raw, codec_id, crc in records:
-                d, key = bytes.fromhex(digest), chunk_key(cid, cs, idx)
-                txn.put(key, d, db=self._chunks)
-                txn.put(d + key, b"", db=self._refs)
-                if txn.get(d, db=self._blobs) is None:
-                    txn.put(d, _BLOB.pack(disk, raw, codec_id, now, crc), db=self._blobs)
-                    self._add_usage(txn, disk)
-
-        self._write(put)
+    def _insert(self, txn: lmdb.Transaction, rec: tuple[str, int, int, str, int, int, int, int],
+                now: float) -> list[str]:
+        content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, crc32 = rec
+        d, key = bytes.fromhex(digest), chunk_key(content_id, chunk_size, index)
+        orphans = []
+        old = txn.get(key, db=self._chunks)
+        if old is not None and old != d:
+            orphans = self._unref(txn, old, key)
+        txn.put(key, d, db=self._chunks)
+        txn.put(d + key, b"", db=self._refs)
+        if txn.get(d, db=self._blobs) is None:
+            txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now, crc32), db=self._blobs)
+            self._add_usage(txn, disk_bytes)
+        return orphans
 
     def drop_chunk(self, content_id: str, chunk_size: int, index: int) -> list[str]:
         """Forget one chunk reference; returns the digests of blobs left unused."""
