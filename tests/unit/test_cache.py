@@ -181,3 +181,18 @@ def test_index_map_grows_and_follows_another_process(tmp_path: Path) -> None:
     ix.put_revision("hf:e", "org/r", "main", "a" * 40)  # adopts the other process's map
     assert ix.get_snapshot("hf:e", "org/big", f"{99:040x}") is not None
     ix.close()
+
+
+def test_a_chunk_being_read_is_not_evicted(tmp_path: Path) -> None:
+    size = 64 << 10
+    cache = _cache(tmp_path, limit=2 * size, low_water=1.0, compression="never")
+    first = cache.put("cid", size, 0, _chunk(0))
+    cache.put("cid", size, 1, _chunk(1))
+    with cache._in_use(first):  # what `read`/`load`/`check` hold while reading a chunk file
+        cache.put("cid", size, 2, _chunk(2))  # over the limit: the LRU chunk is `first`...
+        assert cache.lookup("cid", size, 0) == first  # ...but it is being read
+        assert cache.lookup("cid", size, 1) is None
+    cache.put("cid", size, 3, _chunk(3))
+    assert cache.lookup("cid", size, 0) is None
+    assert cache.index.usage() <= 2 * size
+    cache.index.close()
