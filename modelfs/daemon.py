@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ def tune_kernel(mountpoint: Path) -> None:
     Without root the defaults stay, which only costs speed.
     """
     knobs = []
+    _mount_fusectl()
     try:
         with open("/proc/self/mountinfo") as f:
             bdi = next((ln.split()[2] for ln in f if ln.split()[4] == str(mountpoint)), None)
@@ -114,6 +116,21 @@ def _sources(config: MountConfig) -> list[tuple[RepoRef, Source]]:
                                            http=config.hub.http))
         pairs += [(ref, http) for ref, _ in config.urls]
     return pairs
+
+
+def _mount_fusectl() -> None:
+    """The FUSE control file system (`/sys/fs/fuse/connections`) holds
+    `max_background`; systemd mounts it at boot, a container or a minimal VM may not."""
+    conns = Path("/sys/fs/fuse/connections")
+    if os.geteuid() != 0 or not conns.is_dir() or any(conns.iterdir()):
+        return
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[2] == "fusectl" for line in f):
+            return
+    res = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(conns)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        log.info("cannot mount fusectl on %s: %s", conns, res.stderr.strip())
 
 
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
