@@ -4,10 +4,10 @@ Knows nothing about sources or FUSE; `modelfs.fetch` is where cache and
 sources meet.
 """
 
-from .chunk_cache import CacheConfig, ChunkCache, FileCheck
+from .chunk_cache import CacheConfig, ChunkCache, FileCheck, FileHasher
 from .codec import MODES as COMPRESSION_MODES
 from .index import Blob, Index, IndexStats, Revision
 from .store import ChunkStore
 
 __all__ = ["COMPRESSION_MODES", "Blob", "CacheConfig", "ChunkCache", "ChunkStore", "FileCheck",
-           "Index", "IndexStats", "Revision"]
+           "FileHasher", "Index", "IndexStats", "Revision"]

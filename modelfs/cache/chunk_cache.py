@@ -59,6 +59,60 @@ class FileCheck:
     sha256_ok: bool | None  # whole-file hash: True/False when checked, None when not possible
 
 
+class FileHasher:
+    """The whole-file sha256 of one file version, computed as its chunks are stored.
+
+    Chunks arrive out of order (parallel fetches); the hash advances in order:
+    a stored chunk that is the next one is hashed from memory; one that is ahead
+    is held (up to `hold` chunks: parallel fetches finish nearly in order) or,
+    beyond that, read back from disk when the hash gets there. So the check costs
+    one sha256 pass overlapped with the download, not a second read of the whole
+    file at the end. Thread-safe (one lock).
+    """
+
+    def __init__(self, cache: ChunkCache, entry: FileEntry, chunk_size: int,
+                 hold: int = 8) -> None:
+        self._cache = cache
+        self._entry = entry
+        self._cs = chunk_size
+        self._n = -(-entry.size // chunk_size)
+        self._next = 0
+        self._sha = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._held: dict[int, bytes | bytearray] = {}
+        self._hold = hold
+        self.result: bool | None = None  # set once every chunk was hashed
+
+    def feed(self, idx: int, data: bytes | bytearray) -> bool | None:
+        """Chunk `idx` was just stored with `data`; returns True/False once the whole
+        file was hashed (and matched or not), else None."""
+        with self._lock:
+            if self.result is not None or idx < self._next:
+                return None
+            if idx > self._next:
+                if len(self._held) < self._hold:
+                    self._held[idx] = data
+                return None
+            self._sha.update(data)
+            self._next += 1
+            while self._next < self._n:
+                chunk = self._held.pop(self._next, None)
+                if chunk is None:
+                    digest = self._cache.lookup(self._entry.content_id, self._cs, self._next)
+                    chunk = self._cache.load(digest) if digest else None
+                if chunk is None:
+                    return None  # wait for it to be stored
+                self._sha.update(chunk)
+                self._next += 1
+            self._held.clear()
+            self.result = self._sha.hexdigest() == self._entry.sha256
+            if self.result:
+                self._cache.index.set_checked(self._entry.content_id)
+            else:
+                self._cache.drop_content(self._entry.content_id)
+            return self.result
+
+
 class ChunkCache:
     def __init__(self, index: Index, store: ChunkStore, config: CacheConfig) -> None:
         self.index = index

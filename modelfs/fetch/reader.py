@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from ..cache import ChunkCache
+from ..cache import ChunkCache, FileHasher
 from ..errors import ModelfsError, RemoteStale
 from ..remote import Source
 from ..types import FileEntry
@@ -108,9 +108,8 @@ class ChunkReader:
         self._inflight: dict[tuple[str, int], _Flight] = {}
         self._streams: dict[str, StreamTracker] = {}
         self._recent: OrderedDict[tuple[str, int], bytes | bytearray] = OrderedDict()
-        # Per file version with a known sha256: chunks not yet cached, so the whole-file
-        # check starts when the last one arrives.
-        self._missing: dict[str, set[int]] = {}
+        # Whole-file sha256 in progress, per file version with a known sha256.
+        self._hashers: dict[str, FileHasher] = {}
         self._mismatched: set[str] = set()
         self._checking: set[str] = set()  # digests being checked ahead of a reader
         # Told when a file version's cached bytes were found bad and dropped, so the
@@ -254,17 +253,18 @@ class ChunkReader:
                                     progress=flight.advance)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
+            if flight.ticket.priority != Priority.PREFETCH:
+                self._remember(cid, idx, data)  # a reader will want it soon
             try:
-                await trio.to_thread.run_sync(self.cache.put, cid, cs, idx, data,
-                                              limiter=self._io)
+                verdict = await trio.to_thread.run_sync(self._store, f, idx, data,
+                                                        limiter=self._io)
             except (OSError, ModelfsError) as exc:
                 # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
                 log.error("could not store chunk %d of %s (%s); serving it uncached",
                           idx, f.name, exc)
             else:
-                self._chunk_stored(f, idx)
-            if flight.ticket.priority != Priority.PREFETCH:
-                self._remember(cid, idx, data)  # a reader will want it soon
+                if verdict is not None:
+                    self._file_checked(f, verdict)
         except Exception as exc:
             self._stats.fetch_errors += 1
             flight.error = exc
@@ -278,33 +278,33 @@ class ChunkReader:
             flight.done.set()
             flight.changed.set()
 
-    def _chunk_stored(self, f: RemoteFile, idx: int) -> None:
-        """Start the whole-file sha256 check once the last missing chunk is stored."""
+    def _store(self, f: RemoteFile, idx: int, data: bytearray) -> bool | None:
+        """In a worker thread: store the chunk, then advance the file's whole-file
+        hash; returns its verdict once the whole file was hashed."""
         cid = f.entry.content_id
+        self.cache.put(cid, self.config.chunk_size, idx, data)
         if not f.entry.sha256:
-            return
-        missing = self._missing.get(cid)
-        if missing is None:
-            have = self.cache.index.file_chunks(cid, self.config.chunk_size)
-            missing = self._missing[cid] = set(
-                range(chunk_count(f.entry.size, self.config.chunk_size))) - have.keys()
-        missing.discard(idx)
-        if not missing:
-            del self._missing[cid]
-            self.spawn(self._check_file, f)
+            return None
+        hasher = self._hashers.get(cid)
+        if hasher is None:
+            if self.cache.index.is_checked(cid):
+                return None
+            hasher = self._hashers.setdefault(
+                cid, FileHasher(self.cache, f.entry, self.config.chunk_size))
+        verdict = hasher.feed(idx, data)
+        if verdict is not None:
+            self._hashers.pop(cid, None)
+        return verdict
 
-    async def _check_file(self, f: RemoteFile) -> None:
-        cs = self.config.chunk_size
-        res = await trio.to_thread.run_sync(self.cache.check_file, f.entry, cs, limiter=self._io)
+    def _file_checked(self, f: RemoteFile, ok: bool) -> None:
         cid = f.entry.content_id
-        if res.sha256_ok is not False:
-            log.info("%s: all %d chunks cached, sha256 %s", f.name, res.chunks,
-                     "verified" if res.sha256_ok else "not checked")
+        if ok:
+            log.info("%s: whole file cached, sha256 verified", f.name)
             self._mismatched.discard(cid)
             return
         again = cid in self._mismatched
-        log.error("INTEGRITY: %s does not match its sha256 %s; dropped its %d cached chunks%s",
-                  f.name, f.entry.sha256, res.chunks,
+        log.error("INTEGRITY: %s does not match its sha256 %s; dropped its cached chunks%s",
+                  f.name, f.entry.sha256,
                   " (twice in a row: the origin serves bad bytes)" if again
                   else ", fetching it again")
         for key in [k for k in self._recent if k[0] == cid]:
@@ -314,7 +314,10 @@ class ChunkReader:
         if again:
             return  # reads fetch what they need; no refetch loop against a bad origin
         self._mismatched.add(cid)
-        for idx in range(chunk_count(f.entry.size, cs)):
+        self.spawn(self._refetch, f)
+
+    async def _refetch(self, f: RemoteFile) -> None:
+        for idx in range(chunk_count(f.entry.size, self.config.chunk_size)):
             await self.ensure(f, idx, Priority.PREFETCH)
 
     async def _check_ahead(self, digest: str) -> None:

@@ -86,6 +86,9 @@ class HttpSource:
         self._last[ref.repo_id] = {f.path: f for f in kept}
         commit = hashlib.sha1("\n".join(f"{f.path}\0{f.size}\0{f.etag}" for f in kept)
                               .encode()).hexdigest()
+        # Only the newest listing per repo is kept: a URL that changes for months
+        # must not grow this without bound (older ones live in the index).
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
         self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, dirs)
         return commit
 

@@ -155,6 +155,32 @@ def test_whole_file_sha256_mismatch_is_dropped_and_refetched(mount_factory, orig
     assert "model.safetensors: ok, sha256 verified" in res.stdout
 
 
+# Compression --------------------------------------------------------------------------
+
+
+def test_compressible_files_are_stored_compressed_and_read_back(mount_factory, origin: Origin,
+                                                                repo_data, tmp_path: Path) -> None:
+    tok = repo_data["org/model@main"]["tokenizer.json"]
+    w = repo_data["org/model@main"]["model.safetensors"]
+    m = mount_factory(["org/model"])
+    assert m.p("org/model/tokenizer.json").read_bytes() == tok
+    assert m.p("org/model/model.safetensors").read_bytes() == w
+    m.close()
+    ix = Index(tmp_path / "cache" / "index")
+    tok_blob = ix.blob(ix.get_chunk(hashlib.sha1(b"blob %d\0" % len(tok) + tok).hexdigest(), MiB, 0)
+                       or "")
+    w_blob = ix.blob(ix.get_chunk(hashlib.sha256(w).hexdigest(), MiB, 0) or "")
+    ix.close()
+    raw_disk = -(-len(tok) // 4096) * 4096
+    assert tok_blob is not None and tok_blob.codec == 1 and tok_blob.disk_bytes < raw_disk
+    assert w_blob is not None and w_blob.codec == 0  # random weights: stored raw
+    origin.reset_stats()
+    m = mount_factory(["org/model"])
+    drop_page_cache()
+    assert m.p("org/model/tokenizer.json").read_bytes() == tok  # decompressed from the cache
+    assert origin.data_requests() == []
+
+
 # Space ----------------------------------------------------------------------------------
 
 
