@@ -244,6 +244,16 @@ main.add_command(cache_group)
 
 
 @main.command()
+def demo() -> None:
+    """Offline end to end: serve a real small model from a local origin, mount it,
+    load it with transformers from the mount, show what was fetched, unmount."""
+    from . import demo as demo_mod
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    demo_mod.run(click.echo)
+
+
+@main.command()
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon.")
 def umount(mountpoint: str, timeout: float) -> None:

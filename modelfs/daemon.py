@@ -26,7 +26,7 @@ from .config import MountConfig
 from .errors import ConfigError, ModelfsError
 from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
-from .fs.tree import ROOT_INODE
+from .fs.tree import ROOT_INODE, StaticFile
 from .remote import HttpSource, HttpSourceConfig, HubSource, Source
 from .types import RepoRef, Snapshot
 
@@ -41,16 +41,49 @@ MAX_BACKGROUND = 64
 ACCESS_FLUSH_INTERVAL = 10.0
 
 
+# The Hugging Face cache view: `HF_HUB_CACHE=MOUNT/.hf-cache/hub HF_HUB_OFFLINE=1`.
+HF_VIEW = ".hf-cache/hub"
+
+
+def hf_dir_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def add_hf_view(tree: Tree, repos: list[_Mounted]) -> None:
+    """`MOUNT/.hf-cache/hub/models--ORG--NAME/{refs/REV, snapshots/COMMIT/...}` for the
+    Hub repos among `repos` (all of one repo id when called for an update), laid out
+    like huggingface_hub's cache so unchanged code loads from the mount offline."""
+    repos = [r for r in repos if isinstance(r.source, HubSource)]
+    hub = tree.mkdirs(ROOT_INODE, HF_VIEW, 0) if repos else None
+    for r in repos:
+        assert hub is not None
+        mtime = int(r.resolved_at * 1e9)
+        top = tree.mkdirs(hub.inode, hf_dir_name(r.ref.repo_id), mtime)
+        tree.mkdirs(top.inode, "refs", mtime)
+        if not r.ref.is_commit:
+            tree.add_file(top.inode, f"refs/{r.ref.revision}",
+                          StaticFile(r.snap.commit.encode()), mtime)
+        snap_dir = f"snapshots/{r.snap.commit}"
+        if tree.child(tree.mkdirs(top.inode, "snapshots", mtime).inode, r.snap.commit):
+            continue  # two refs at one commit share a snapshot
+        add_snapshot(tree, tree.mkdirs(top.inode, snap_dir, mtime).inode, r.source, r.ref,
+                     r.snap, mtime)
+
+
+def add_snapshot(tree: Tree, top: int, source: Source, ref: RepoRef, snap: Snapshot,
+                 mtime: int) -> None:
+    for d in snap.directories:
+        tree.mkdirs(top, d, mtime)
+    for entry in snap.files:
+        tree.add_file(top, entry.path, RemoteFile(source, ref.repo_id, snap.commit, entry), mtime)
+
+
 def add_repo(tree: Tree, source: Source, ref: RepoRef, snap: Snapshot, resolved_at: float) -> None:
     """`MOUNT/<org>/<name>[@rev]/...` for one snapshot."""
     mtime = int(resolved_at * 1e9)
     org = ref.repo_id.split("/")[0]
     top = tree.mkdirs(tree.mkdirs(ROOT_INODE, org, mtime).inode, ref.mount_name, mtime)
-    for d in snap.directories:
-        tree.mkdirs(top.inode, d, mtime)
-    for entry in snap.files:
-        tree.add_file(top.inode, entry.path,
-                      RemoteFile(source, ref.repo_id, snap.commit, entry), mtime)
+    add_snapshot(tree, top.inode, source, ref, snap, mtime)
 
 
 def check_mountpoint(path: Path) -> None:
@@ -150,6 +183,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         tree = Tree(time.time_ns())
         for r in repos:
             add_repo(tree, r.source, r.ref, r.snap, r.resolved_at)
+        add_hf_view(tree, repos)
         reader = ChunkReader(cache, config.fetch)
         prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
         ops = Operations(tree, reader, config.fs, prefetcher)
@@ -169,7 +203,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                 if moving:
                     wake = _Wake()
                     reader.on_stale = wake.set
-                    nursery.start_soon(_follow_revisions, config, cache, ops, moving, wake)
+                    nursery.start_soon(_follow_revisions, config, cache, ops, repos, wake)
                 await trio.to_thread.run_sync(os.stat, config.mountpoint)
                 tune_kernel(config.mountpoint)
                 log.info("mounted %s at %s", ", ".join(str(r.ref) for r in repos),
@@ -210,6 +244,8 @@ async def _follow_revisions(config: MountConfig, cache: ChunkCache, ops: Operati
     while True:
         await wake.wait(config.revision_ttl)
         for r in repos:
+            if r.ref.is_commit:
+                continue
             try:
                 commit = await r.source.resolve(r.ref)
                 if commit != r.snap.commit:
@@ -241,6 +277,11 @@ async def _follow_revisions(config: MountConfig, cache: ChunkCache, ops: Operati
                     await trio.to_thread.run_sync(cache.drop_content, old.content_id)
                     await ops.invalidate_content(old.content_id)
             r.snap, r.resolved_at = snap, resolved_at
+            if isinstance(r.source, HubSource):
+                hub = ops.tree.mkdirs(ROOT_INODE, HF_VIEW, 0)
+                same = [x for x in repos if x.ref.repo_id == r.ref.repo_id]
+                ops.replace(hub.inode, hf_dir_name(r.ref.repo_id),
+                            lambda tree, same=same: add_hf_view(tree, same))
 
 
 async def _flush_access(cache: ChunkCache) -> None:

@@ -62,55 +62,70 @@ class FileCheck:
 class FileHasher:
     """The whole-file sha256 of one file version, computed as its chunks are stored.
 
-    Chunks arrive out of order (parallel fetches); the hash advances in order:
-    a stored chunk that is the next one is hashed from memory; one that is ahead
-    is held (up to `hold` chunks: parallel fetches finish nearly in order) or,
-    beyond that, read back from disk when the hash gets there. So the check costs
-    one sha256 pass overlapped with the download, not a second read of the whole
-    file at the end. Thread-safe (one lock).
+    Chunks arrive out of order (parallel fetches); the hash advances in order.
+    `offer` keeps a just-stored chunk's bytes when it is at most `hold` chunks
+    ahead (parallel fetches finish nearly in order); `step`, run by one task per
+    file in a worker thread, hashes every consecutive stored chunk from there or,
+    failing that, reads it back from the page cache into one reused buffer. So
+    the check costs one sha256 pass overlapped with the download, never blocks a
+    store, and never re-reads the whole file at the end.
     """
 
     def __init__(self, cache: ChunkCache, entry: FileEntry, chunk_size: int,
-                 hold: int = 8) -> None:
+                 hold: int = 4) -> None:
         self._cache = cache
         self._entry = entry
         self._cs = chunk_size
         self._n = -(-entry.size // chunk_size)
         self._next = 0
         self._sha = hashlib.sha256()
-        self._lock = threading.Lock()
         self._held: dict[int, bytes | bytearray] = {}
         self._hold = hold
-        self.result: bool | None = None  # set once every chunk was hashed
+        self._buf: bytearray | None = None
 
-    def feed(self, idx: int, data: bytes | bytearray) -> bool | None:
-        """Chunk `idx` was just stored with `data`; returns True/False once the whole
-        file was hashed (and matched or not), else None."""
-        with self._lock:
-            if self.result is not None or idx < self._next:
-                return None
-            if idx > self._next:
-                if len(self._held) < self._hold:
-                    self._held[idx] = data
-                return None
-            self._sha.update(data)
+    def offer(self, idx: int, data: bytes | bytearray) -> None:
+        if self._next <= idx < self._next + self._hold:
+            self._held[idx] = data
+
+    def step(self) -> bool | None:
+        """Hash on as far as chunks are stored; True/False once the whole file was
+        hashed (matched, or not: then its chunks are dropped), else None."""
+        for stale in [i for i in list(self._held) if i < self._next]:
+            self._held.pop(stale, None)  # offered while the hash passed it
+        while self._next < self._n:
+            chunk = self._held.pop(self._next, None)
+            if chunk is None:
+                chunk = self._read_back(self._next)
+            if chunk is None:
+                return None  # not stored yet
+            self._sha.update(chunk)
             self._next += 1
-            while self._next < self._n:
-                chunk = self._held.pop(self._next, None)
-                if chunk is None:
-                    digest = self._cache.lookup(self._entry.content_id, self._cs, self._next)
-                    chunk = self._cache.load(digest) if digest else None
-                if chunk is None:
-                    return None  # wait for it to be stored
-                self._sha.update(chunk)
-                self._next += 1
-            self._held.clear()
-            self.result = self._sha.hexdigest() == self._entry.sha256
-            if self.result:
-                self._cache.index.set_checked(self._entry.content_id)
-            else:
-                self._cache.drop_content(self._entry.content_id)
-            return self.result
+        self._held.clear()
+        self._buf = None
+        ok = self._sha.hexdigest() == self._entry.sha256
+        if ok:
+            self._cache.index.set_checked(self._entry.content_id)
+        else:
+            self._cache.drop_content(self._entry.content_id)
+        return ok
+
+    def _read_back(self, idx: int) -> bytes | bytearray | memoryview | None:
+        """A stored chunk's bytes from disk (page cache), into one reused buffer: no
+        crc (the sha256 being computed covers it) and no allocation per chunk."""
+        digest = self._cache.lookup(self._entry.content_id, self._cs, idx)
+        blob = self._cache.index.blob(digest) if digest else None
+        if digest is None or blob is None:
+            return None
+        if blob.codec != CODEC_RAW:
+            return self._cache.load(digest)
+        if self._buf is None:
+            self._buf = bytearray(self._cs)
+        try:
+            with open(self._cache.store.path_for(digest), "rb", buffering=0) as f:
+                n = f.readinto(self._buf)
+        except FileNotFoundError:
+            return None
+        return memoryview(self._buf)[:n] if n == blob.raw_size else None
 
 
 class ChunkCache:

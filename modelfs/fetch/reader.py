@@ -108,8 +108,9 @@ class ChunkReader:
         self._inflight: dict[tuple[str, int], _Flight] = {}
         self._streams: dict[str, StreamTracker] = {}
         self._recent: OrderedDict[tuple[str, int], bytes | bytearray] = OrderedDict()
-        # Whole-file sha256 in progress, per file version with a known sha256.
-        self._hashers: dict[str, FileHasher] = {}
+        # Whole-file sha256 in progress, per file version with a known sha256: the
+        # hasher, and the event its task waits on for the next stored chunk.
+        self._hashers: dict[str, tuple[FileHasher, trio.Event]] = {}
         self._mismatched: set[str] = set()
         self._checking: set[str] = set()  # digests being checked ahead of a reader
         # Told when a file version's cached bytes were found bad and dropped, so the
@@ -256,15 +257,14 @@ class ChunkReader:
             if flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
             try:
-                verdict = await trio.to_thread.run_sync(self._store, f, idx, data,
-                                                        limiter=self._io)
+                await trio.to_thread.run_sync(self.cache.put, cid, cs, idx, data,
+                                              limiter=self._io)
             except (OSError, ModelfsError) as exc:
                 # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
                 log.error("could not store chunk %d of %s (%s); serving it uncached",
                           idx, f.name, exc)
             else:
-                if verdict is not None:
-                    self._file_checked(f, verdict)
+                self._hash_on(f, idx, data)
         except Exception as exc:
             self._stats.fetch_errors += 1
             flight.error = exc
@@ -278,23 +278,35 @@ class ChunkReader:
             flight.done.set()
             flight.changed.set()
 
-    def _store(self, f: RemoteFile, idx: int, data: bytearray) -> bool | None:
-        """In a worker thread: store the chunk, then advance the file's whole-file
-        hash; returns its verdict once the whole file was hashed."""
+    def _hash_on(self, f: RemoteFile, idx: int, data: bytearray) -> None:
+        """A chunk of `f` was stored: feed the file's whole-file sha256 check."""
         cid = f.entry.content_id
-        self.cache.put(cid, self.config.chunk_size, idx, data)
         if not f.entry.sha256:
-            return None
-        hasher = self._hashers.get(cid)
-        if hasher is None:
+            return
+        state = self._hashers.get(cid)
+        if state is None:
             if self.cache.index.is_checked(cid):
-                return None
-            hasher = self._hashers.setdefault(
-                cid, FileHasher(self.cache, f.entry, self.config.chunk_size))
-        verdict = hasher.feed(idx, data)
-        if verdict is not None:
-            self._hashers.pop(cid, None)
-        return verdict
+                return
+            state = self._hashers[cid] = (
+                FileHasher(self.cache, f.entry, self.config.chunk_size), trio.Event())
+            self.spawn(self._hash_task, f)
+        hasher, wake = state
+        hasher.offer(idx, data)
+        wake.set()
+
+    async def _hash_task(self, f: RemoteFile) -> None:
+        """One per file being checked: hash on (in a worker thread) whenever a chunk
+        was stored, until the whole file is hashed."""
+        cid = f.entry.content_id
+        while True:
+            hasher, wake = self._hashers[cid]
+            await wake.wait()
+            self._hashers[cid] = (hasher, trio.Event())
+            verdict = await trio.to_thread.run_sync(hasher.step, limiter=self._io)
+            if verdict is not None:
+                del self._hashers[cid]
+                self._file_checked(f, verdict)
+                return
 
     def _file_checked(self, f: RemoteFile, ok: bool) -> None:
         cid = f.entry.content_id

@@ -23,7 +23,7 @@ import trio
 
 from ..errors import ModelfsError
 from ..fetch import ChunkReader, OpenPrefetcher, RemoteFile
-from .tree import Tree
+from .tree import StaticFile, Tree
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
         # tree that was replaced may be dropped only once this reaches zero.
         self._lookups: Counter[int] = Counter()
         self._detached: set[int] = set()  # replaced inodes the kernel still references
-        self._handles: dict[int, RemoteFile] = {}
+        self._handles: dict[int, RemoteFile | StaticFile] = {}
         self._fh = itertools.count(1)
 
     # Every mutating request: read-only file system.
@@ -104,7 +104,7 @@ class Operations(pyfuse3.Operations):
         else:
             a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
             a.st_nlink = 1
-            a.st_size = node.file.entry.size
+            a.st_size = node.file.size if isinstance(node.file, StaticFile) else node.file.entry.size
         a.st_uid = self._uid
         a.st_gid = self._gid
         a.st_blksize = self._config.blksize
@@ -151,7 +151,7 @@ class Operations(pyfuse3.Operations):
         worker thread: the kernel may wait for a read in flight on those pages, which
         this event loop must stay free to answer."""
         inodes = [n.inode for n in list(self._tree.nodes())
-                  if n.file is not None and n.file.entry.content_id == content_id]
+                  if isinstance(n.file, RemoteFile) and n.file.entry.content_id == content_id]
         for ino in inodes:
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, pyfuse3.InodeT(ino))
@@ -210,7 +210,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._fh)
         self._handles[fh] = node.file
-        if self._prefetcher is not None:
+        if self._prefetcher is not None and isinstance(node.file, RemoteFile):
             self._prefetcher.on_open(node.file)
         # An inode never changes content, so its pages may stay cached.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
@@ -220,12 +220,14 @@ class Operations(pyfuse3.Operations):
         f = self._handles.get(fh)
         if f is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if isinstance(f, StaticFile):
+            return f.content[off:off + size]
         return await self._reader.read(f, off, size)
 
     @_boundary
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         f = self._handles.pop(fh, None)
-        if f is not None and self._prefetcher is not None:
+        if isinstance(f, RemoteFile) and self._prefetcher is not None:
             self._prefetcher.on_release(f)
 
     @_boundary

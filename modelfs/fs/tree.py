@@ -16,6 +16,17 @@ from ..fetch import RemoteFile
 ROOT_INODE = 1
 
 
+@dataclass(frozen=True, slots=True)
+class StaticFile:
+    """A small file whose bytes the daemon makes up (e.g. a Hugging Face `refs/main`)."""
+
+    content: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
 @dataclass(slots=True)
 class Node:
     inode: int
@@ -23,7 +34,7 @@ class Node:
     parent: int
     mtime_ns: int
     children: dict[str, int] | None = field(default=None)  # None for a file
-    file: RemoteFile | None = None
+    file: RemoteFile | StaticFile | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -55,7 +66,8 @@ class Tree:
         ino = node.children.get(name)
         return self._nodes[ino] if ino is not None else None
 
-    def _add(self, parent: int, name: str, mtime_ns: int, *, file: RemoteFile | None) -> Node:
+    def _add(self, parent: int, name: str, mtime_ns: int, *,
+             file: RemoteFile | StaticFile | None) -> Node:
         p = self._nodes[parent]
         assert p.children is not None
         existing = p.children.get(name)
@@ -77,7 +89,8 @@ class Tree:
             node = self._add(node.inode, part, mtime_ns, file=None)
         return node
 
-    def add_file(self, parent: int, path: str, file: RemoteFile, mtime_ns: int) -> Node:
+    def add_file(self, parent: int, path: str, file: RemoteFile | StaticFile,
+                 mtime_ns: int) -> Node:
         head, _, name = path.rpartition("/")
         d = self.mkdirs(parent, head, mtime_ns)
         return self._add(d.inode, name, mtime_ns, file=file)
@@ -100,4 +113,5 @@ class Tree:
         self._nodes.pop(inode, None)
 
     def total_size(self) -> int:
-        return sum(n.file.entry.size for n in self._nodes.values() if n.file)
+        return sum(n.file.entry.size for n in self._nodes.values()
+                   if isinstance(n.file, RemoteFile))

@@ -70,7 +70,7 @@ def test_tree_sizes_and_modes(mount_factory, repo_data) -> None:
     assert stat.S_IMODE(st_file.st_mode) == 0o444 and stat.S_ISREG(st_file.st_mode)
     assert stat.S_IMODE(st_dir.st_mode) == 0o555 and stat.S_ISDIR(st_dir.st_mode)
     assert st_file.st_uid == os.getuid()
-    assert sorted(os.listdir(m.path)) == ["org"]
+    assert sorted(os.listdir(m.path)) == [".hf-cache", "org"]
     assert sorted(os.listdir(m.p("org"))) == ["model", "model@v1", "other"]
     assert os.statvfs(m.path).f_namemax == 255
 
