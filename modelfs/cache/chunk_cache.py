@@ -243,10 +243,10 @@ class ChunkCache:
             self._verified.discard(d)
 
     def _evict_to(self, target: int) -> int:
-        """Evict down to `target` bytes; one evictor per process at a time."""
-        if not self._evicting.acquire(blocking=False):
-            return 0
-        try:
+        """Evict down to `target` bytes. One evictor per process at a time; a store
+        that finds the cache over its limit while another thread evicts waits and
+        checks again, so no store leaves the cache over its limit."""
+        with self._evicting:
             pinned = self.index.pinned_content()
 
             def protect(digest: str) -> bool:
@@ -260,8 +260,6 @@ class ChunkCache:
                 log.info("evicted %d chunks; cache now uses %d bytes", len(dropped),
                          self.index.usage())
             return len(dropped)
-        finally:
-            self._evicting.release()
 
     def evict(self, target: int) -> int:
         return self._evict_to(target)

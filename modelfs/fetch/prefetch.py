@@ -2,7 +2,10 @@
 
 Chunks are fetched `per_file` at a time at PREFETCH priority (demand reads and
 read-ahead go first), in an order that follows the file's reader: the next
-missing chunk at or after where it reads now, then the rest. What is already
+missing chunk at or after where it reads now, then the rest. On open of a
+safetensors file "after" means in the order loaders consume it: tensors by name
+(`tensors.py`), so a loader calling `get_tensor` over sorted keys finds the next
+tensor being fetched or already cached, and its faults join those fetches. What is already
 cached costs nothing, so a rerun fetches only what is missing.
 """
 
@@ -19,6 +22,7 @@ from ..errors import ModelfsError
 from .chunks import chunk_count
 from .reader import ChunkReader, RemoteFile
 from .scheduler import Priority
+from .tensors import loader_chunk_order, safetensors_header_size, tensor_extents
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +46,36 @@ def matches(path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
 
 
+async def loader_order(reader: ChunkReader, f: RemoteFile) -> list[int] | None:
+    """For a safetensors file, the chunk order loaders consume it in (tensors by
+    name); None for other files or a header that does not parse. Reads the header
+    through the cache (a loader needs it first anyway)."""
+    if not f.entry.path.endswith(".safetensors") or f.entry.size < 8:
+        return None
+    data_start = safetensors_header_size(bytes(await reader.read(f, 0, 8)))
+    if data_start is None or data_start > f.entry.size:
+        return None
+    header = bytes(await reader.read(f, 8, data_start - 8))
+    extents = tensor_extents(header, data_start, f.entry.size)
+    if not extents:
+        return None
+    return loader_chunk_order(extents, data_start, f.entry.size, reader.config.chunk_size)
+
+
 async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         priority: Priority = Priority.PREFETCH,
-                        progress: Callable[[int, bool], None] | None = None) -> None:
+                        progress: Callable[[int, bool], None] | None = None,
+                        order: list[int] | None = None) -> None:
     """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
     chunk with its size, and whether it came from the origin (False: already cached),
-    so progress always reaches the file size."""
+    so progress always reaches the file size. `order` is the chunk order to fetch
+    in (default: by offset); the reader's position picks where in it to go on."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
+    order = order if order is not None else list(range(total))
+    rank = {idx: i for i, idx in enumerate(order)}
     missing: list[int] = []
-    for idx in range(total):
+    for idx in order:
         if reader.is_cached(f, idx):
             if progress:
                 progress(min(cs, f.entry.size - idx * cs), False)
@@ -64,8 +88,8 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
         pos = reader.position(f)
         at = 0
         if pos is not None:
-            want = pos // cs
-            at = next((i for i, idx in enumerate(missing) if idx >= want), 0)
+            want = rank.get(pos // cs, 0)
+            at = next((i for i, idx in enumerate(missing) if rank[idx] >= want), 0)
         return missing.pop(at)
 
     async def worker() -> None:
@@ -113,7 +137,8 @@ class OpenPrefetcher:
             await trio.sleep(self._config.start_delay)
             if f.entry.content_id not in self._open:
                 return  # closed again already: a probe, not a loader
-            await prefetch_file(self._reader, f, parallel=self._config.per_file)
+            order = await loader_order(self._reader, f)
+            await prefetch_file(self._reader, f, parallel=self._config.per_file, order=order)
             log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
         except* Exception as group:
             # Demand reads retry whatever is still missing; a prefetch never ends the mount.
