@@ -253,3 +253,29 @@ def test_mmap_under_pressure_1gib(mount_factory, origin: Origin, tmp_path: Path)
     assert out.strip() == "ok"
     print(f"16 threads x 300 faults + 4 processes over 1 GiB: {time.monotonic() - t0:.1f}s")
     assert "retry" in m.log_text()
+
+
+def test_interleaved_handles_of_one_file_get_read_ahead(mount_factory, origin: Origin,
+                                                        repo_data) -> None:
+    """Two handles alternately reading the next MiB: each jumps 2 MiB, but the file
+    is read sequentially, so the daemon reads ahead (detection is per file)."""
+    w = repo_data["org/model@main"]["model.safetensors"]
+    m = mount_factory(["org/model"])
+    path = m.p("org/model/model.safetensors")
+    a, b = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    try:
+        for i in range(6):
+            fd = a if i % 2 == 0 else b
+            assert os.pread(fd, MiB, i * MiB) == w[i * MiB:(i + 1) * MiB]
+    finally:
+        os.close(a)
+        os.close(b)
+    deadline = time.monotonic() + 10
+    def furthest() -> int:
+        starts = [int(r.range.split("=")[1].split("-")[0]) for r in origin.data_requests()
+                  if r.range and r.status == 206]
+        return max(starts, default=0) // MiB
+    while furthest() < 9 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Read 6 MiB; the kernel reads at most 1 MiB ahead; chunks 9+ are the daemon's read-ahead.
+    assert furthest() >= 9
