@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ..errors import CacheFull
 from ..types import FileEntry
-from .index import CODEC_RAW, Index
+from .index import POSITIONAL, Index
 from .store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class FileHasher:
         blob = self._cache.index.blob(digest) if digest else None
         if digest is None or blob is None:
             return None
-        if blob.codec != CODEC_RAW:
+        if blob.compressed:
             return self._cache.load(digest)
         if self._buf is None:
             self._buf = bytearray(self._cs)
@@ -165,12 +165,12 @@ class ChunkCache:
         if blob is None:
             return None
         with self._in_use(digest):
-            data = self.store.load(digest, blob.codec, blob.raw_size,
-                                   None if full else blob.crc32)
+            data = self.store.load(digest, blob.codec & ~POSITIONAL, blob.raw_size,
+                                   None if full and not blob.positional else blob.crc32)
         if data is None:
             self._drop_damaged(digest)
             return None
-        if blob.codec == CODEC_RAW:
+        if not blob.compressed:
             self._verified.add(digest)  # later reads may pread ranges of it
         self.index.touch(digest)
         return data
@@ -181,7 +181,7 @@ class ChunkCache:
         blob = self.index.blob(digest)
         if blob is None:
             return False
-        if blob.codec != CODEC_RAW or digest in self._verified:
+        if blob.compressed or digest in self._verified:
             return True
         with self._in_use(digest):
             ok = self.store.check(digest, blob.raw_size, blob.crc32)
@@ -212,28 +212,35 @@ class ChunkCache:
 
     # Writes -------------------------------------------------------------------------
 
-    def put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray) -> str:
+    def put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray,
+            positional: bool = False) -> str:
         """Store and index a chunk; evict if that took the cache over its limit.
+        `positional`: name it by (content id, chunk size, index) instead of hashing
+        its bytes — for files whose whole-file sha256 is known and checked.
         Raises `OSError`/`CacheFull` when it cannot be stored even after evicting."""
         try:
-            digest = self._put(content_id, chunk_size, idx, data)
+            digest = self._put(content_id, chunk_size, idx, data, positional)
         except (OSError, CacheFull) as exc:
             if getattr(exc, "errno", None) != errno.ENOSPC:
                 raise
             freed = self._evict_to(max(0, self.index.usage() - 8 * len(data)))
             log.warning("cache file system full while storing a chunk: evicted %d chunks, "
                         "retrying", freed)
-            digest = self._put(content_id, chunk_size, idx, data)
+            digest = self._put(content_id, chunk_size, idx, data, positional)
         self._verified.add(digest)
         limit = self.config.limit
         if limit is not None and self.index.usage() > limit:
             self._evict_to(int(limit * self.config.low_water))
         return digest
 
-    def _put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray) -> str:
-        stored = self.store.put(data, self.config.compression)
+    def _put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray,
+             positional: bool) -> str:
+        name = hashlib.sha256(f"{content_id}\0{chunk_size}\0{idx}".encode()).hexdigest() \
+            if positional else None
+        stored = self.store.put(data, self.config.compression, name)
+        codec_id = stored.codec | (POSITIONAL if positional else 0)
         orphans = self.index.put_chunk(content_id, chunk_size, idx, stored.digest,
-                                       stored.disk_bytes, len(data), stored.codec, stored.crc32)
+                                       stored.disk_bytes, len(data), codec_id, stored.crc32)
         self._delete(orphans)
         return stored.digest
 

@@ -49,6 +49,10 @@ _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+# Set in a blob's codec byte when its name is derived from (content id, chunk size,
+# index) rather than hashed from its bytes: for files whose content id is itself a
+# sha256 of the whole file (LFS), which the whole-file check verifies.
+POSITIONAL = 0x80
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,15 @@ class Blob:
     codec: int
     last_access: float
     crc32: int
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec & ~POSITIONAL == CODEC_ZSTD
+
+    @property
+    def positional(self) -> bool:
+        """Named by position, not by its bytes: only crc32 checks the chunk alone."""
+        return bool(self.codec & POSITIONAL)
 
 
 @dataclass(frozen=True, slots=True)

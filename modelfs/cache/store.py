@@ -59,9 +59,11 @@ class ChunkStore:
     def path_for(self, digest: str) -> Path:
         return self._chunks / digest[:2] / digest
 
-    def put(self, data: bytes | bytearray, compression: str = "never") -> Stored:
-        """Store `data` (compressed if `compression` says so) under its sha256."""
-        digest = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes | bytearray, compression: str = "never",
+            name: str | None = None) -> Stored:
+        """Store `data` (compressed if `compression` says so) under its sha256, or
+        under `name` (a position-derived name: see `index.POSITIONAL`)."""
+        digest = name or hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
         packed = codec.compress_chunk(data, compression)
         body = data if packed is None else packed

@@ -257,8 +257,10 @@ class ChunkReader:
             if flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
             try:
+                # A file with a known sha256 is checked whole (`_hash_on`): its chunks
+                # are named by position, which saves hashing each one.
                 await trio.to_thread.run_sync(self.cache.put, cid, cs, idx, data,
-                                              limiter=self._io)
+                                              f.entry.sha256 is not None, limiter=self._io)
             except (OSError, ModelfsError) as exc:
                 # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
                 log.error("could not store chunk %d of %s (%s); serving it uncached",

@@ -196,3 +196,23 @@ def test_a_chunk_being_read_is_not_evicted(tmp_path: Path) -> None:
     assert cache.lookup("cid", size, 0) is None
     assert cache.index.usage() <= 2 * size
     cache.index.close()
+
+
+def test_positional_chunks_are_checked_by_crc_and_the_whole_file(tmp_path: Path) -> None:
+    cache = _cache(tmp_path, compression="never")
+    data = _chunk(11, 3 * 65536)
+    entry = FileEntry("w.bin", len(data), "lfs-oid", hashlib.sha256(data).hexdigest())
+    digests = [cache.put("lfs-oid", 65536, i, data[i * 65536:(i + 1) * 65536], positional=True)
+               for i in range(3)]
+    blob = cache.index.blob(digests[0])
+    assert blob is not None and blob.positional and not blob.compressed
+    assert digests[0] != hashlib.sha256(data[:65536]).hexdigest()  # not hashed from the bytes
+    assert cache.check_file(entry, 65536) == FileCheck(3, 0, True, True)
+    p = cache.store.path_for(digests[1])
+    raw = bytearray(p.read_bytes())
+    raw[7] ^= 4
+    p.write_bytes(bytes(raw))
+    cache = _reopen(cache, tmp_path)
+    assert cache.load(digests[1]) is None  # crc32 catches the flip
+    assert cache.check_file(entry, 65536) == FileCheck(2, 0, False, None)
+    cache.index.close()
