@@ -279,3 +279,16 @@ def test_interleaved_handles_of_one_file_get_read_ahead(mount_factory, origin: O
         time.sleep(0.05)
     # Read 6 MiB; the kernel reads at most 1 MiB ahead; chunks 9+ are the daemon's read-ahead.
     assert furthest() >= 9
+
+
+def test_modelfs_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The README's main job: `modelfs demo` serves, mounts, loads, reports, unmounts."""
+    pytest.importorskip("transformers")
+    minilm_dir()
+    res = subprocess.run([sys.executable, "-m", "modelfs", "demo"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "embedding[:6] = [" in res.stdout and "(dim 384)" in res.stdout
+    assert "model.safetensors" in res.stdout and res.stdout.rstrip().endswith("demo OK")
+    with open("/proc/self/mounts") as f:
+        assert "modelfs-demo" not in f.read()  # nothing left mounted
