@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import REPO, ModelfsMount, Origin, drop_caches, ensure_tools, sh
+from run import REPO, ModelfsMount, Origin, drop_caches, ensure_tools, sh, write_docs_block
 
 MiB = 1 << 20
 SHARDS = 4
@@ -202,18 +202,8 @@ def main() -> None:
                 f"{time.strftime('%Y-%m-%d')}. Command: `{cmd}`; {args.runs} runs each, "
                 f"interleaved; {SHARDS} shards of {args.shard_mib} MiB (float32, layers in "
                 f"numeric order on disk). Times include the loader, not the interpreter start.\n")
-        out = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-        text = out.read_text()
-        marker = "<!-- bench:loaders -->"
-        block = f"{marker}\n{head}\n{table}\n{marker}"
-        if marker in text:
-            pre, _, rest = text.partition(marker)
-            _, _, post = rest.partition(marker)
-            text = pre + block + post
-        else:
-            text += "\n## Loaders (issue 5)\n\n" + block + "\n"
-        out.write_text(text)
-        print(f"wrote {out}")
+        write_docs_block("<!-- bench:loaders -->", f"{head}\n{table}",
+                         "## Loaders (issue 5)\n\n")
 
 
 if __name__ == "__main__":

@@ -463,18 +463,23 @@ def main() -> None:
                 f"Linux {platform.release()}, Python {platform.python_version()}; "
                 f"{time.strftime('%Y-%m-%d')}. Command: `{cmd}`; {args.runs} runs each, "
                 f"interleaved; shards of {args.size_mib} MiB.\n")
-        out = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-        text = out.read_text() if out.exists() else "# Benchmarks\n"
-        marker = "<!-- bench:table -->"
-        block = f"{marker}\n{head}\n{table}\n{marker}"
-        if marker in text:
-            pre, _, rest = text.partition(marker)
-            _, _, post = rest.partition(marker)
-            text = pre + block + post
-        else:
-            text += "\n" + block + "\n"
-        out.write_text(text)
-        print(f"wrote {out}")
+        write_docs_block("<!-- bench:table -->", f"{head}\n{table}")
+
+
+def write_docs_block(marker: str, body: str, new_section: str = "") -> None:
+    """Replace the block between two `marker` lines in docs/benchmarks.md (or append
+    it under `new_section`): the prose around the tables stays as written."""
+    out = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    block = f"{marker}\n{body}\n{marker}"
+    if marker in text:
+        pre, _, rest = text.partition(marker)
+        _, _, post = rest.partition(marker)
+        text = pre + block + post
+    else:
+        text += f"\n{new_section}{block}\n"
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
