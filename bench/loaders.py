@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import struct
@@ -32,7 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import REPO, ModelfsMount, Origin, drop_caches, ensure_tools, sh, write_docs_block
+from run import (
+    REPO,
+    ModelfsMount,
+    Origin,
+    drop_caches,
+    ensure_tools,
+    machine_line,
+    sh,
+    write_docs_block,
+)
 
 MiB = 1 << 20
 SHARDS = 4
@@ -197,9 +205,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        cmd = " ".join(["python", "bench/loaders.py", *sys.argv[1:]])
-        head = (f"Machine: {platform.node()}, {os.cpu_count()} cores, Linux {platform.release()}; "
-                f"{time.strftime('%Y-%m-%d')}. Command: `{cmd}`; {args.runs} runs each, "
+        head = (f"{machine_line('bench/loaders.py')}; {args.runs} runs each, "
                 f"interleaved; {SHARDS} shards of {args.shard_mib} MiB (float32, layers in "
                 f"numeric order on disk). Times include the loader, not the interpreter start.\n")
         write_docs_block("<!-- bench:loaders -->", f"{head}\n{table}",

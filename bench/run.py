@@ -457,13 +457,18 @@ def main() -> None:
     table = b.table()
     print(table)
     if args.write_docs:
-        cmd = " ".join(["python", "bench/run.py", *sys.argv[1:]])
-        head = (f"Machine: {platform.node()}, {os.cpu_count()} cores, "
-                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB, "
-                f"Linux {platform.release()}, Python {platform.python_version()}; "
-                f"{time.strftime('%Y-%m-%d')}. Command: `{cmd}`; {args.runs} runs each, "
-                f"interleaved; shards of {args.size_mib} MiB.\n")
+        head = (f"{machine_line('bench/run.py')}; {args.runs} runs each, interleaved; "
+                f"shards of {args.size_mib} MiB.\n")
         write_docs_block("<!-- bench:table -->", f"{head}\n{table}")
+
+
+def machine_line(script: str) -> str:
+    """What a docs table was measured on, and the command that reruns it."""
+    cmd = " ".join(["python", script, *sys.argv[1:]])
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return (f"Machine: {platform.node()}, {os.cpu_count()} cores, {mem:.0f} GiB, "
+            f"Linux {platform.release()}, Python {platform.python_version()}; "
+            f"{time.strftime('%Y-%m-%d')}. Command: `{cmd}`")
 
 
 def write_docs_block(marker: str, body: str, new_section: str = "") -> None:

@@ -237,9 +237,6 @@ class Index:
 
         return self._read(scan)
 
-    def drop_revision(self, source: str, repo: str, rev: str) -> None:
-        self._write(lambda txn: txn.delete(_name(source, repo, rev), db=self._revs))
-
     def get_snapshot(self, source: str, repo: str, commit: str) -> Snapshot | None:
         raw = self._read(lambda txn: txn.get(_name(source, repo, commit), db=self._snaps))
         if raw is None:

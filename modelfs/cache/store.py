@@ -151,9 +151,6 @@ class ChunkStore:
     def count(self) -> int:
         return sum(1 for _ in self.digests())
 
-    def temp_files(self) -> list[Path]:
-        return list(self._tmp.iterdir())
-
 
 def _alive(pid: int) -> bool:
     try:

@@ -147,13 +147,18 @@ async def test_changed_content_is_stale_never_mixed(origin: Origin, repo_data, p
     await fresh.aclose()
 
 
+def make_reader(tmp_path: Path, cfg: FetchConfig | None = None) -> tuple[Index, ChunkReader]:
+    """A chunk reader over a fresh cache (index under ix/, chunks under store/)."""
+    index = Index(tmp_path / "ix")
+    cache = ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig())
+    return index, ChunkReader(cache, cfg or FetchConfig(chunk_size=MiB))
+
+
 async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_path: Path) -> None:
     src = source(origin)
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
-    index = Index(tmp_path / "ix")
-    reader = ChunkReader(ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig()),
-                         FetchConfig(chunk_size=MiB))
+    index, reader = make_reader(tmp_path)
     origin.delay = 0.2
     results: list[bytes] = [b""] * 8
     async with trio.open_nursery() as nursery:
@@ -197,9 +202,8 @@ async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data
 async def test_prefetch_follows_the_reader(origin: Origin, repo_data, tmp_path: Path) -> None:
     src = source(origin)
     f = await remote_file(src)
-    index = Index(tmp_path / "ix")
     cfg = FetchConfig(chunk_size=MiB, readahead=ReadAheadConfig(min_window=MiB, max_window=MiB))
-    reader = ChunkReader(ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig()), cfg)
+    index, reader = make_reader(tmp_path, cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         await reader.read(f, 6 * MiB, 100)  # a reader is at 6 MiB
@@ -220,9 +224,7 @@ async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(
     src = source(origin)
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
-    index = Index(tmp_path / "ix")
-    reader = ChunkReader(ChunkCache(index, ChunkStore(tmp_path / "store"), CacheConfig()),
-                         FetchConfig(chunk_size=MiB))
+    index, reader = make_reader(tmp_path)
     origin.throttle = 2 * MiB  # 1 MiB chunk: about half a second
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
@@ -241,9 +243,7 @@ async def test_a_chunk_that_cannot_be_stored_is_still_served(origin: Origin, rep
     src = source(origin)
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
-    store = ChunkStore(tmp_path / "store")
-    index = Index(tmp_path / "ix")
-    reader = ChunkReader(ChunkCache(index, store, CacheConfig()), FetchConfig(chunk_size=MiB))
+    index, reader = make_reader(tmp_path)
     (tmp_path / "store" / "tmp").rmdir()
     (tmp_path / "store" / "tmp").write_bytes(b"")  # a chunk can no longer be written (ENOTDIR)
     async with trio.open_nursery() as nursery:
