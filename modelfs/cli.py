@@ -7,6 +7,7 @@ reason (exit 1) with nothing left mounted. The child reports over a pipe.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -20,9 +21,17 @@ import click
 import trio
 
 from .cli_cache import cache_group
-from .config import PrefetchJobConfig, build_job_config, build_mount_config
-from .errors import ModelfsError
-from .jobs import JobResult
+from .config import (
+    PrefetchJobConfig,
+    control_socket_path,
+    default_cache_dir,
+    load_job_config,
+    load_mount_config,
+)
+from .control.client import ControlClient, ControlError
+from .errors import ConfigError, ModelfsError
+from .progress import JobProgress
+from .settings import Layered, layer, render_settings
 
 log = logging.getLogger("modelfs")
 
@@ -103,8 +112,26 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False),
+        help="TOML config file (default: $MODELFS_CONFIG, else /etc/modelfs/config.toml if "
+             "present). Flags > MODELFS_* environment > file > defaults.")(fn)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(layered: Layered, default: str) -> str:
+    level = str(layered.values.get("log_level") or default).lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{layered.origin('log_level')}: log_level {level!r} is not one of "
+                          f"{', '.join(LOG_LEVELS)}")
+    return level
+
+
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("--repo", "repos", multiple=True, metavar="ORG/NAME[@REV]",
               help="Repo to mount (repeatable). @REV pins a branch, tag or commit.")
 @click.option("--url", "urls", multiple=True, metavar="ORG/NAME=URL",
@@ -112,6 +139,7 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "as ORG/NAME (repeatable). Versions are ETags, revalidated every "
                    "--revision-ttl.")
 @_source_options
+@_config_option
 @click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
 @click.option("--max-listing-entries", type=int, help="Refuse repo listings larger than this.")
 @click.option("--prefetch-on-open", metavar="GLOBS",
@@ -119,19 +147,27 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
 @click.option("--revision-ttl", type=float,
               help="Seconds between re-resolving branches and tags (default 60).")
+@click.option("--parallel-files", type=int, help="Files prefetch jobs fetch at once (default 4).")
+@click.option("--control-socket", type=click.Path(dir_okay=False),
+              help="Unix socket of the local API (default CACHE_DIR/control.sock).")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              help="Default info.")
 @click.option("--log-file", type=click.Path(dir_okay=False),
               help="Log here (default: stderr with --foreground, else CACHE_DIR/modelfs.log).")
 @click.option("--ready-fd", type=int, hidden=True)
-def mount(mountpoint: str, foreground: bool, log_level: str, log_file: str | None,
-          ready_fd: int | None, **opts: Any) -> None:
-    """Mount REPOs at MOUNTPOINT."""
+def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
+          **opts: Any) -> None:
+    """Mount repos at MOUNTPOINT (or the config file's [mount] mountpoint).
+
+    The daemon also serves the local API (jobs, status, metrics) on its control socket.
+    """
     try:
-        config = build_mount_config(mountpoint=mountpoint, **opts)
+        config, layered = load_mount_config(opts, config=config_file)
+        log_level = _log_level(layered, "info")
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
+    log_file = layered.values.get("log_file")
     if not foreground:
         default_log = config.cache_dir / "modelfs.log"
         sys.exit(_spawn_daemon(sys.argv[2:], Path(log_file) if log_file else default_log))
@@ -193,51 +229,240 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
 @_source_options
+@_config_option
 @click.option("--parallel-files", type=int, help="Files fetched at once (default 4).")
 @click.option("--pin", is_flag=True, help="Pin the repos: eviction never removes them.")
+@click.option("--control-socket", type=click.Path(dir_okay=False),
+              help="The daemon's API socket (default CACHE_DIR/control.sock).")
+@click.option("--no-wait", is_flag=True,
+              help="Start the job on the running daemon and print its id; do not follow it.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: item updates, then the job.")
 @click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-def prefetch(log_level: str, **opts: Any) -> None:
-    """Warm the cache with whole repos (no mount needed); rerun to resume.
+              type=click.Choice(LOG_LEVELS, case_sensitive=False))
+def prefetch(log_level: str, config_file: str | None, no_wait: bool, as_json: bool,
+             **opts: Any) -> None:
+    """Warm the cache with whole repos.
+
+    With a daemon running (its control socket answers), the job runs there: it
+    survives this command, and `modelfs jobs` / `pause` / `resume` / `cancel` act on
+    it. Otherwise the same engine runs in this process; rerun to resume.
 
     Exit status: 0 when every selected file is cached, 1 when some failed (listed), 2 for
     usage errors.
     """
     try:
-        config = build_job_config(**opts)
+        config, _ = load_job_config(opts, config=config_file)
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(log_level, None, config.token)
-    try:
-        result = trio.run(_run_prefetch, config)
-    except ModelfsError as exc:
-        click.echo(f"modelfs: {exc}", err=True)
-        sys.exit(1)
-    failed = [f for f in result.files if f.state != "done"]
-    for err in result.errors:
+    from .control.client import ControlClient
+
+    with ControlClient(config.control_socket) as client:
+        daemon = client.alive()
+        if no_wait and not daemon:
+            raise click.UsageError(f"--no-wait: no daemon answers on {config.control_socket}; "
+                                   "without one the job runs in this process")
+        try:
+            if daemon:
+                job = _prefetch_via_daemon(client, config, no_wait, as_json)
+            else:
+                job = trio.run(_prefetch_in_process, config, as_json)
+        except ModelfsError as exc:
+            click.echo(f"modelfs: {exc}", err=True)
+            sys.exit(1)
+    if no_wait:
+        click.echo(json.dumps({"id": job["id"], "state": job["state"]}) if as_json else job["id"])
+        return
+    for err in job["errors"]:
         click.echo(f"modelfs: {err}", err=True)
-    for f in failed:
-        click.echo(f"modelfs: failed {f.repo}/{f.path}: {f.error}", err=True)
-    if failed or result.errors:
+    for item in job["items"]:
+        if item["state"] != "done":
+            click.echo(f"modelfs: {item['state']} {item['repo']}/{item['path']}: "
+                       f"{item['error'] or item['state']}", err=True)
+    if job["state"] != "done":
         sys.exit(1)
 
 
-async def _run_prefetch(config: PrefetchJobConfig) -> JobResult:
+def _job_body(config: PrefetchJobConfig) -> dict[str, Any]:
+    return {"repos": [r.to_json() for r in config.spec.repos], "pin": config.spec.pin,
+            "force": config.spec.force}
+
+
+def _prefetch_via_daemon(client: ControlClient, config: PrefetchJobConfig, no_wait: bool,
+                         as_json: bool) -> dict[str, Any]:
+    job = client.prefetch(_job_body(config))
+    if no_wait:
+        return job
+    log.info("job %s runs in the daemon on %s", job["id"], client.socket_path)
+    with JobProgress(sys.stderr if not as_json else sys.stdout, json_lines=as_json) as progress:
+        while job["finished"] is None:
+            time.sleep(0.5)
+            job = client.job(job["id"])
+            for item in job["items"]:
+                progress.update(item)
+        progress.finish(job)
+    return job
+
+
+async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> dict[str, Any]:
     from .cache import ChunkCache, ChunkStore, Index
-    from .jobs import run_job
-    from .progress import JobProgress
+    from .fetch import ChunkReader
+    from .jobs import JobManager
     from .remote import HubSource
 
     index = Index(config.cache_dir / "index")
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     source = HubSource(config.hub, config.token)
     try:
-        with JobProgress(sys.stderr) as progress:
-            return await run_job(config.spec, source, cache, config.fetch,
-                                 on_update=progress.update)
+        reader = ChunkReader(cache, config.fetch)
+        jobs = JobManager(reader, lambda repo: source, config.jobs, persist=False)
+        with JobProgress(sys.stderr if not as_json else sys.stdout,
+                         json_lines=as_json) as progress:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(reader.run)
+                await nursery.start(jobs.run)
+                async with jobs.subscribe() as updates:
+                    job = jobs.submit(config.spec)
+
+                    async def show() -> None:
+                        async for event in updates:
+                            for item in event["items"]:
+                                progress.update(item)
+
+                    nursery.start_soon(show)
+                    await jobs.wait(job.id)
+                nursery.cancel_scope.cancel()
+            progress.finish(job.public())
+        return job.public()
     finally:
         await source.aclose()
         index.close()
+
+
+def _client(config_file: str | None, control_socket: str | None) -> ControlClient:
+    from .control.client import ControlClient
+
+    try:
+        layered = layer({"control_socket": control_socket}, config=config_file)
+    except ModelfsError as exc:
+        raise click.UsageError(str(exc)) from None
+    cache_dir = layered.values.get("cache_dir")
+    cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(os.environ)
+    return ControlClient(control_socket_path(layered.values.get("control_socket"), cdir))
+
+
+def _talk(config_file: str | None, control_socket: str | None,
+          fn: Callable[[ControlClient], Any]) -> Any:
+    """Run `fn` against the daemon; a daemon that is not there or says no is exit 1."""
+    with _client(config_file, control_socket) as client:
+        try:
+            return fn(client)
+        except ModelfsError as exc:
+            click.echo(f"modelfs: {exc}", err=True)
+            sys.exit(1)
+
+
+_socket_option = click.option("--control-socket", type=click.Path(dir_okay=False),
+                              help="The daemon's API socket (default CACHE_DIR/control.sock).")
+
+
+@main.command()
+@_config_option
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="The raw /v1/status JSON.")
+def status(config_file: str | None, control_socket: str | None, as_json: bool) -> None:
+    """What the running daemon serves: repos and commits, cache, counters, jobs."""
+    st = _talk(config_file, control_socket, lambda c: c.status())
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"mount      {st['mountpoint']} (pid {st['pid']})")
+    for r in st["repos"]:
+        click.echo(f"repo       {r['id']}@{r['revision']} -> {r['commit'][:12]} "
+                   f"({r['files']} files, {r['source']})")
+    c, rd, f = st["cache"], st["reads"], st["fetch"]
+    limit = _size(c["limit_bytes"]) if c["limit_bytes"] is not None else "unlimited"
+    click.echo(f"cache      {_size(c['usage_bytes'])} of {limit} ({st['cache_dir']})")
+    click.echo(f"reads      {rd['hits']} hits, {rd['misses']} misses, "
+               f"{_size(rd['bytes_served'])} served")
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items())) or "none"
+    click.echo(f"fetch      {_size(f['bytes_fetched'])} in {f['fetches']} fetches, "
+               f"{f['in_flight']} in flight, {_size(f['throughput_bytes_per_s'])}/s; "
+               f"errors: {errors}")
+    jobs = ", ".join(f"{n} {s}" for s, n in st["jobs"].items()) or "none"
+    click.echo(f"jobs       {jobs}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@main.command()
+@_config_option
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="The jobs with their items, as JSON.")
+def jobs(config_file: str | None, control_socket: str | None, as_json: bool) -> None:
+    """Prefetch jobs of the running daemon."""
+    listed = _talk(config_file, control_socket, lambda c: c.jobs())
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    for j in listed:
+        repos = ", ".join(f"{r['id']}@{r['revision']}" for r in j["repos"])
+        click.echo(f"{j['id']}  {j['state']:<9} {j['files_done']}/{j['files']} files  "
+                   f"{_size(j['downloaded_bytes'])}/{_size(j['bytes'])}  {repos}")
+
+
+def _act(action: str) -> click.Command:
+    @click.command(name=action, help=f"{action.capitalize()} a job of the running daemon, or "
+                                     f"one file of it (PATH: its path, or REPO/PATH).")
+    @click.argument("job")
+    @click.argument("path", required=False)
+    @_config_option
+    @_socket_option
+    def cmd(job: str, path: str | None, config_file: str | None,
+            control_socket: str | None) -> None:
+        def go(client: ControlClient) -> dict[str, Any]:
+            item = None
+            if path is not None:
+                items = client.job(job)["items"]
+                hits = [i for i in items
+                        if path in (i["path"], f"{i['repo']}/{i['path']}")]
+                if len(hits) != 1:
+                    raise ControlError(f"job {job}: {'no' if not hits else 'more than one'} "
+                                       f"file {path!r}")
+                item = hits[0]["id"]
+            return client.act(job, action, item)
+
+        j = _talk(config_file, control_socket, go)
+        click.echo(f"{j['id']} {j['state']}")
+
+    return cmd
+
+
+for _action in ("pause", "resume", "cancel"):
+    main.add_command(_act(_action))
+
+
+@main.group("config")
+def config_group() -> None:
+    """The effective configuration."""
+
+
+@config_group.command("show")
+@_config_option
+def config_show(config_file: str | None) -> None:
+    """Print the effective configuration as TOML, each value with where it came from
+    (secrets redacted)."""
+    try:
+        layered = layer({}, config=config_file)
+    except ModelfsError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(render_settings(layered, os.environ))
 
 
 main.add_command(cache_group)

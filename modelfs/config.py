@@ -1,8 +1,10 @@
-"""The effective configuration of a mount, composed from flags and environment.
+"""The effective configuration of a mount or a prefetch, from flags, environment and file.
 
-The only module that reads environment variables. Each layer has its own
-frozen `XConfig`; `MountConfig` composes them. A bad value is a `ConfigError`
-naming the flag or variable it came from. Tokens are kept out of `repr`.
+`settings.py` merges flags > `MODELFS_*` > the TOML file; this module turns
+the merged values into each layer's frozen `XConfig` (`MountConfig` composes
+them), checks their ranges, and reads `HF_ENDPOINT` / `HF_TOKEN`. A bad value is
+a `ConfigError` naming the flag, variable or file key it came from. Tokens are
+kept out of `repr`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .cache import COMPRESSION_MODES, CacheConfig
 from .errors import ConfigError
 from .fetch import FetchConfig, PrefetchConfig
 from .fs.operations import FsConfig
-from .jobs import JobSpec
+from .jobs import JobsConfig, JobSpec, RepoRequest
 from .remote import HttpConfig, HubConfig
+from .settings import Layered, layer, relabel
 from .types import RepoRef
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -91,6 +95,8 @@ class MountConfig:
     allow_other: bool = False
     force: bool = False
     revision_ttl: float = DEFAULT_REVISION_TTL  # branches and tags are re-resolved this often
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    control_socket: Path | None = None  # the API's Unix socket (None: no API)
     token: str | None = field(default=None, repr=False)
 
 
@@ -152,13 +158,15 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
     return replace(fetch, scheduler=sched)
 
 
-def build_prefetch_config(per_file: int | None, on_open: str | None) -> PrefetchConfig:
+def build_prefetch_config(per_file: int | None,
+                          on_open: str | tuple[str, ...] | None) -> PrefetchConfig:
     cfg = PrefetchConfig()
     _at_least(per_file, 1, "--per-file-connections", "1 or more")
     if per_file is not None:
         cfg = replace(cfg, per_file=per_file)
     if on_open is not None:
-        pats = tuple(p.strip() for p in on_open.split(",") if p.strip())
+        parts = on_open.split(",") if isinstance(on_open, str) else on_open
+        pats = tuple(p.strip() for p in parts if p.strip())
         cfg = replace(cfg, on_open=pats)
     return cfg
 
@@ -175,16 +183,31 @@ def load_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
     return env.get("HF_TOKEN") or None
 
 
+def build_jobs_config(parallel_files: int | None, per_file: int | None) -> JobsConfig:
+    _at_least(parallel_files, 1, "--parallel-files", "1 or more")
+    _at_least(per_file, 1, "--per-file-connections", "1 or more")
+    cfg = JobsConfig()
+    if parallel_files is not None:
+        cfg = replace(cfg, parallel_files=parallel_files)
+    if per_file is not None:
+        cfg = replace(cfg, per_file=per_file)
+    return cfg
+
+
+def control_socket_path(control_socket: str | None, cache_dir: Path) -> Path:
+    return Path(control_socket).absolute() if control_socket else cache_dir / "control.sock"
+
+
 def build_mount_config(
     *,
-    mountpoint: str,
+    mountpoint: str | None,
     repos: tuple[str, ...],
-    endpoint: str | None,
+    endpoint: str | None = None,
     urls: tuple[str, ...] = (),
-    cache_dir: str | None,
-    token_file: str | None,
-    allow_other: bool,
-    chunk_size: str | None,
+    cache_dir: str | None = None,
+    token_file: str | None = None,
+    allow_other: bool = False,
+    chunk_size: str | None = None,
     retries: int | None = None,
     retry_backoff: float | None = None,
     timeout: float | None = None,
@@ -198,9 +221,13 @@ def build_mount_config(
     compression: str | None = None,
     force: bool = False,
     revision_ttl: float | None = None,
+    parallel_files: int | None = None,
+    control_socket: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> MountConfig:
     env = os.environ if env is None else env
+    if not mountpoint:
+        raise ConfigError("--mountpoint: give MOUNTPOINT (or [mount] mountpoint in the config file)")
     if not repos and not urls:
         raise ConfigError("--repo: give at least one ORG/NAME[@REVISION] (or --url ORG/NAME=URL)")
     refs = tuple(RepoRef.parse(r) for r in repos)
@@ -231,6 +258,8 @@ def build_mount_config(
         allow_other=allow_other,
         force=force,
         revision_ttl=DEFAULT_REVISION_TTL if revision_ttl is None else revision_ttl,
+        jobs=build_jobs_config(parallel_files, per_file_connections),
+        control_socket=control_socket_path(control_socket, cdir),
         token=load_token(token_file, env),
     )
 
@@ -248,10 +277,12 @@ def _parse_url(text: str) -> tuple[RepoRef, str]:
 
 @dataclass(frozen=True, slots=True)
 class PrefetchJobConfig:
-    """What `modelfs prefetch` needs when it runs the engine in-process."""
+    """What `modelfs prefetch` needs: the job, and how to run it in-process (no daemon)."""
 
     spec: JobSpec
+    jobs: JobsConfig
     cache_dir: Path
+    control_socket: Path
     hub: HubConfig
     fetch: FetchConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -277,29 +308,73 @@ def build_job_config(
     bandwidth_limit: str | None = None,
     cache_size: str | None = None,
     compression: str | None = None,
+    control_socket: str | None = None,
     force: bool = False,
     pin: bool = False,
     env: Mapping[str, str] | None = None,
+    **_mount_only: object,
 ) -> PrefetchJobConfig:
+    """`_mount_only`: settings of the mount (from the config file) a prefetch ignores."""
     env = os.environ if env is None else env
     if not repos:
         raise ConfigError("REPO: give at least one ORG/NAME[@REVISION]")
-    refs = tuple(dict.fromkeys(RepoRef.parse(r) for r in repos))
+    reqs = []
+    for text in repos:
+        ref = RepoRef.parse(text)
+        reqs.append(RepoRequest(ref.repo_id, ref.revision, tuple(include), tuple(exclude)))
     hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
                            timeout=timeout, env=env)
     fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     # Nothing else reads through this process: no slots need holding back for demand reads.
     fetch = replace(fetch, scheduler=replace(fetch.scheduler, demand_reserve=0))
-    spec = JobSpec(refs, tuple(include), tuple(exclude), force=force, pin=pin)
-    _at_least(parallel_files, 1, "--parallel-files", "1 or more")
-    _at_least(per_file_connections, 1, "--per-file-connections", "1 or more")
-    if parallel_files is not None:
-        spec = replace(spec, parallel_files=parallel_files)
-    if per_file_connections is not None:
-        spec = replace(spec, per_file=per_file_connections)
     cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(env)
     return PrefetchJobConfig(
-        spec=spec, cache_dir=cdir, hub=hub, fetch=fetch,
+        spec=JobSpec(tuple(dict.fromkeys(reqs)), pin=pin, force=force),
+        jobs=build_jobs_config(parallel_files, per_file_connections),
+        cache_dir=cdir, control_socket=control_socket_path(control_socket, cdir), hub=hub,
+        fetch=fetch,
         cache=build_cache_config(cache_dir=cdir, cache_size=cache_size, compression=compression),
         token=load_token(token_file, env))
+
+
+def _hf_env_wins(layered: Layered, env: Mapping[str, str]) -> dict[str, Any]:
+    """`HF_ENDPOINT` / `HF_TOKEN` are environment too: they beat the config file."""
+    values = dict(layered.values)
+    for name, var in (("endpoint", "HF_ENDPOINT"), ("token_file", "HF_TOKEN")):
+        origin = layered.origin(name)
+        if env.get(var) and origin != "default" and not origin.startswith(("--", "MODELFS_")):
+            values.pop(name, None)
+    return values
+
+
+def load_mount_config(flags: Mapping[str, Any], *, config: str | None = None,
+                      env: Mapping[str, str] | None = None) -> tuple[MountConfig, Layered]:
+    """Flags > environment > file > defaults, for `modelfs mount`."""
+    env = os.environ if env is None else env
+    layered = layer(flags, config=config, env=env)
+    values = _hf_env_wins(layered, env)
+    values.pop("log_level", None)
+    values.pop("log_file", None)
+    values.setdefault("repos", ())
+    values.setdefault("mountpoint", None)
+    try:
+        return build_mount_config(env=env, **values), layered
+    except ConfigError as exc:
+        raise relabel(exc, layered) from None
+
+
+def load_job_config(flags: Mapping[str, Any], *, config: str | None = None,
+                    env: Mapping[str, str] | None = None) -> tuple[PrefetchJobConfig, Layered]:
+    """Flags > environment > file > defaults, for `modelfs prefetch`."""
+    env = os.environ if env is None else env
+    layered = layer(flags, config=config, env=env)
+    values = _hf_env_wins(layered, env)
+    values.setdefault("repos", ())
+    for mount_only in ("log_level", "log_file", "mountpoint", "urls", "allow_other",
+                       "prefetch_on_open", "revision_ttl", "max_listing_entries"):
+        values.pop(mount_only, None)
+    try:
+        return build_job_config(env=env, **values), layered
+    except ConfigError as exc:
+        raise relabel(exc, layered) from None

@@ -12,21 +12,25 @@ import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from .cache import ChunkCache, ChunkStore, Index
 from .config import MountConfig
+from .control.server import ControlContext, check_socket_free, serve_control
 from .errors import ConfigError, ModelfsError
 from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
 from .fs.tree import ROOT_INODE, StaticFile
+from .jobs import JobManager
 from .remote import HttpSource, HttpSourceConfig, HubSource, Source
 from .types import RepoRef, Snapshot
 
@@ -139,16 +143,49 @@ class _Mounted:
     resolved_at: float
 
 
-def _sources(config: MountConfig) -> list[tuple[RepoRef, Source]]:
-    pairs: list[tuple[RepoRef, Source]] = []
-    if config.repos:
-        hub = HubSource(config.hub, config.token)
-        pairs += [(ref, hub) for ref in config.repos]
+def _sources(config: MountConfig, hub: HubSource) -> list[tuple[RepoRef, Source]]:
+    pairs: list[tuple[RepoRef, Source]] = [(ref, hub) for ref in config.repos]
     if config.urls:
         http = HttpSource(HttpSourceConfig(urls={r.repo_id: u for r, u in config.urls},
                                            http=config.hub.http))
         pairs += [(ref, http) for ref, _ in config.urls]
     return pairs
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (`Type=notify`) about our state: `READY=1`, `STOPPING=1`. A no-op
+    outside systemd. The protocol is one datagram to $NOTIFY_SOCKET (sd_notify(3))."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", addr, exc.strerror)
+
+
+def _describe(config: MountConfig, repos: list[_Mounted]) -> dict[str, Any]:
+    """The mount part of `/v1/status`."""
+    return {"mountpoint": str(config.mountpoint), "cache_dir": str(config.cache_dir),
+            "repos": [{"id": r.ref.repo_id, "revision": r.ref.revision, "source": r.source.key,
+                       "commit": r.snap.commit, "resolved_at": r.resolved_at,
+                       "path": str(config.mountpoint / r.ref.repo_id.split("/")[0]
+                                   / r.ref.mount_name),
+                       "files": len(r.snap.files)} for r in repos]}
+
+
+def _local_path(config: MountConfig, repos: list[_Mounted]) -> Callable[[str, str, str], str | None]:
+    """Where a job's file shows under the mount: its repo mounted at that revision."""
+    def find(repo: str, revision: str, path: str) -> str | None:
+        for r in repos:
+            if r.ref.repo_id == repo and r.ref.revision == revision:
+                return str(config.mountpoint / repo.split("/")[0] / r.ref.mount_name / path)
+        return None
+    return find
 
 
 def _mount_fusectl() -> None:
@@ -169,9 +206,12 @@ def _mount_fusectl() -> None:
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure."""
     check_mountpoint(config.mountpoint)
+    if config.control_socket:
+        check_socket_free(config.control_socket)
     index = Index(config.cache_dir / "index")
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
-    pairs = _sources(config)
+    hub = HubSource(config.hub, config.token)
+    pairs = _sources(config, hub)
     try:
         repos = []
         for ref, source in pairs:
@@ -204,16 +244,25 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                     wake = _Wake()
                     reader.on_stale = wake.set
                     nursery.start_soon(_follow_revisions, config, cache, ops, repos, wake)
+                by_repo = {r.ref.repo_id: r.source for r in repos}
+                jobs = JobManager(reader, lambda repo: by_repo.get(repo, hub), config.jobs,
+                                  local_path=_local_path(config, repos))
+                await nursery.start(jobs.run)
+                if config.control_socket:
+                    ctx = ControlContext(jobs, reader, lambda: _describe(config, repos))
+                    await nursery.start(serve_control, ctx, config.control_socket)
                 await trio.to_thread.run_sync(os.stat, config.mountpoint)
                 tune_kernel(config.mountpoint)
                 log.info("mounted %s at %s", ", ".join(str(r.ref) for r in repos),
                          config.mountpoint)
                 ready()
+                sd_notify(f"READY=1\nSTATUS=serving {config.mountpoint}")
         finally:
+            sd_notify("STOPPING=1")
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", config.mountpoint)
     finally:
-        for source in {id(s): s for _, s in pairs}.values():
+        for source in {id(s): s for s in [hub, *(s for _, s in pairs)]}.values():
             await source.aclose()
         index.close()
 
@@ -307,6 +356,7 @@ async def _stop_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
             pyfuse3.terminate()
             return
 

@@ -1,13 +1,16 @@
-"""Showing a prefetch job's progress (rich).
+"""Showing a prefetch job's progress (rich), from item updates as the API gives them.
 
 On a terminal: a bar per active file plus a total with throughput and ETA.
-Elsewhere (logs, CI): one line when a file starts, finishes or fails.
+Elsewhere (logs, CI): one line when a file starts, finishes, fails or is paused.
+With `json_lines`: every item update as one JSON object per line, then the job.
+The same display serves a job run in-process and one followed through the daemon.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -20,21 +23,19 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .jobs import FileProgress
-
 
 class JobProgress:
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], *, json_lines: bool = False) -> None:
+        self._stream = stream
+        self._json = json_lines
         self._console = Console(file=stream)
-        self._tty = self._console.is_terminal
+        self._tty = self._console.is_terminal and not json_lines
         self._progress = Progress(
             TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn(), console=self._console, transient=False)
-        self._tasks: dict[tuple[str, str, str], TaskID] = {}
+        self._tasks: dict[tuple[str, str], TaskID] = {}
         self._total: TaskID | None = None
-        self._total_size = 0
-        self._done: dict[tuple[str, str, str], int] = {}
-        self._fetched: dict[tuple[str, str, str], int] = {}
+        self._seen: dict[tuple[str, str], dict[str, Any]] = {}
         self._t0 = time.monotonic()
 
     def __enter__(self) -> JobProgress:
@@ -46,36 +47,54 @@ class JobProgress:
     def __exit__(self, *exc: object) -> None:
         if self._tty:
             self._progress.stop()
-        secs = time.monotonic() - self._t0
-        done, fetched = sum(self._done.values()), sum(self._fetched.values())
-        rate = fetched / secs / 1e6 if secs > 0 else 0.0
-        self._console.print(
-            f"{len(self._done)} files, {done} bytes cached; fetched {fetched} bytes in "
-            f"{secs:.1f}s ({rate:.0f} MB/s)", highlight=False, markup=False)
 
-    def update(self, p: FileProgress) -> None:
-        key = (p.repo, p.revision, p.path)
-        first = key not in self._done
-        delta = p.done - self._done.get(key, 0)
-        self._done[key] = p.done
-        self._fetched[key] = p.fetched
-        if first:
-            self._total_size += p.size
+    def _line(self, text: str) -> None:
+        self._console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def update(self, item: dict[str, Any]) -> None:
+        key = (item["repo"], item["path"])
+        before = self._seen.get(key)
+        self._seen[key] = item
+        if self._json:
+            if before != item:
+                self._stream.write(json.dumps({"type": "item", **item}) + "\n")
+                self._stream.flush()
+            return
+        state = item["state"]
+        moved = before is None or before["state"] != state
         if not self._tty:
-            if p.state in ("running", "done", "failed") and (p.state != "running" or p.done == 0):
-                err = f": {p.error}" if p.error else ""
-                self._console.print(f"{p.state} {p.repo}/{p.path} ({p.size} bytes){err}",
-                                    highlight=False, markup=False)
+            if moved and state != "queued":
+                err = f": {item['error']}" if item["error"] else ""
+                self._line(f"{state} {item['repo']}/{item['path']} ({item['bytes']} bytes){err}")
             return
         assert self._total is not None
-        self._progress.update(self._total, total=self._total_size, advance=delta)
+        self._progress.update(self._total, total=sum(i["bytes"] for i in self._seen.values()),
+                              completed=sum(i["downloaded_bytes"] for i in self._seen.values()))
         task = self._tasks.get(key)
-        if p.state == "running" and task is None:
-            self._tasks[key] = self._progress.add_task(p.path, total=p.size, completed=p.done)
+        if state == "running" and task is None:
+            self._tasks[key] = self._progress.add_task(item["path"], total=item["bytes"],
+                                                       completed=item["downloaded_bytes"])
         elif task is not None:
-            self._progress.update(task, completed=p.done)
-            if p.state in ("done", "failed"):
+            self._progress.update(task, completed=item["downloaded_bytes"])
+            if state != "running":
                 self._progress.remove_task(task)
                 del self._tasks[key]
-                if p.state == "failed":
-                    self._progress.console.print(f"[red]failed[/] {p.repo}/{p.path}: {p.error}")
+        if moved and state in ("failed", "paused", "cancelled"):
+            err = f": {item['error']}" if item["error"] else ""
+            self._progress.console.print(f"{state} {item['repo']}/{item['path']}{err}",
+                                         highlight=False, markup=False)
+
+    def finish(self, job: dict[str, Any]) -> None:
+        """The job's last word: its state and totals."""
+        for item in job.get("items", []):
+            self.update(item)
+        if self._json:
+            summary = {k: v for k, v in job.items() if k != "items"}
+            self._stream.write(json.dumps({"type": "job", **summary}) + "\n")
+            self._stream.flush()
+            return
+        secs = time.monotonic() - self._t0
+        rate = job["fetched_bytes"] / secs / 1e6 if secs > 0 else 0.0
+        self._line(f"job {job['id']} {job['state']}: {job['files_done']}/{job['files']} files, "
+                   f"{job['downloaded_bytes']} bytes cached; fetched {job['fetched_bytes']} "
+                   f"bytes in {secs:.1f}s ({rate:.0f} MB/s)")

@@ -11,6 +11,7 @@ Sub-databases:
 - `pins`:   source \\0 repo \\0 revision  -> b""
 - `checked`: content_id                -> f64 (when the whole file last matched its sha256)
 - `meta`:   b"format" -> u32; b"usage" -> u64, the sum of `disk_bytes` over `blobs`
+- `jobs`:   job id                   -> JSON of a prefetch job (the control plane's, opaque here)
 
 Every transaction is short and synchronous; callers never hold one across an
 `await`. LMDB allows several processes (daemon, `modelfs prefetch`, `modelfs
@@ -160,7 +161,7 @@ class Index:
         db = self._env.open_db
         self._revs, self._snaps, self._chunks = db(b"revs"), db(b"snaps"), db(b"chunks")
         self._refs, self._blobs, self._pins = db(b"refs"), db(b"blobs"), db(b"pins")
-        self._checked, self._meta = db(b"checked"), db(b"meta")
+        self._checked, self._meta, self._jobs = db(b"checked"), db(b"meta"), db(b"jobs")
         self._check_format()
 
     def _check_format(self) -> None:
@@ -507,6 +508,21 @@ class Index:
 
     def is_checked(self, content_id: str) -> bool:
         return self._read(lambda txn: txn.get(content_id.encode(), db=self._checked)) is not None
+
+    # Prefetch jobs (kept across restarts) -------------------------------------------------
+
+    def put_job(self, job_id: str, record: dict[str, object]) -> None:
+        data = json.dumps(record, separators=(",", ":")).encode()
+        self._write(lambda txn: txn.put(job_id.encode(), data, db=self._jobs))
+
+    def delete_job(self, job_id: str) -> None:
+        self._write(lambda txn: txn.delete(job_id.encode(), db=self._jobs))
+
+    def jobs(self) -> list[dict[str, object]]:
+        def scan(txn: lmdb.Transaction) -> list[dict[str, object]]:
+            return [json.loads(v) for _, v in txn.cursor(db=self._jobs)]
+
+        return self._read(scan)
 
     # Whole index ----------------------------------------------------------------------
 

@@ -69,8 +69,14 @@ class RemoteFile:
         return f"{self.repo_id}/{self.entry.path}"
 
 
+# Upper bounds (seconds) of the fetch-latency histogram's buckets; the last is +Inf.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+
+
 @dataclass(slots=True)
 class ReaderStats:
+    """Counters since start, plain data: the control plane turns them into metrics."""
+
     hits: int = 0
     misses: int = 0
     fetches: int = 0
@@ -78,6 +84,18 @@ class ReaderStats:
     bytes_fetched: int = 0
     loads: int = 0  # chunks loaded (and checked) from disk
     bytes_served: int = 0
+    in_flight: int = 0  # chunk fetches holding an origin request now
+    errors: dict[str, int] = field(default_factory=dict)  # by `ModelfsError.kind`
+    # Chunk fetch latency, slot granted to last byte: counts per LATENCY_BUCKETS, and the sum.
+    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+
+    def count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        self.latency_counts[next(i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b)] += 1
 
 
 @dataclass(slots=True, eq=False)
@@ -125,7 +143,8 @@ class ChunkReader:
         self._stats = ReaderStats()
 
     def statistics(self) -> ReaderStats:
-        return replace(self._stats)
+        s = self._stats
+        return replace(s, errors=dict(s.errors), latency_counts=list(s.latency_counts))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery that fetches (and background jobs) run in; returns when cancelled."""
@@ -193,11 +212,13 @@ class ChunkReader:
             f.entry.content_id, self.config.chunk_size, idx) is not None
 
     async def ensure(self, f: RemoteFile, idx: int, priority: Priority) -> int:
-        """Make chunk `idx` cached; return the bytes fetched for it (0 if it was cached)."""
+        """Make chunk `idx` cached; return the bytes fetched for it: 0 if it was cached,
+        or if someone else's fetch of it was already under way (it is theirs to count)."""
         if self.is_cached(f, idx):
             return 0
+        joined = (f.entry.content_id, idx) in self._inflight
         data = await self._wait(f, idx, priority)
-        return len(data)
+        return 0 if joined else len(data)
 
     def position(self, f: RemoteFile) -> int | None:
         """Where the file's most recent reader is, to prefetch in an order that follows it."""
@@ -250,8 +271,14 @@ class ChunkReader:
             start, length = chunk_extent(idx, f.entry.size, cs)
             async with self.scheduler.slot(flight.ticket):
                 data = flight.buf = bytearray(length)
-                await f.source.read(f.repo_id, f.commit, f.entry, start, length, into=data,
-                                    progress=flight.advance)
+                t0 = trio.current_time()
+                self._stats.in_flight += 1
+                try:
+                    await f.source.read(f.repo_id, f.commit, f.entry, start, length, into=data,
+                                        progress=flight.advance)
+                finally:
+                    self._stats.in_flight -= 1
+                self._stats.observe(trio.current_time() - t0)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
             if flight.ticket.priority != Priority.PREFETCH:
@@ -263,12 +290,14 @@ class ChunkReader:
                                               f.entry.sha256 is not None, limiter=self._io)
             except (OSError, ModelfsError) as exc:
                 # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
+                self._stats.count_error(getattr(exc, "kind", "cache"))
                 log.error("could not store chunk %d of %s (%s); serving it uncached",
                           idx, f.name, exc)
             else:
                 self._hash_on(f, idx, data)
         except Exception as exc:
             self._stats.fetch_errors += 1
+            self._stats.count_error(exc.kind if isinstance(exc, ModelfsError) else "internal")
             flight.error = exc
             if not isinstance(exc, ModelfsError):
                 log.exception("fetching chunk %d of %s failed", idx, f.name)
@@ -317,6 +346,7 @@ class ChunkReader:
             self._mismatched.discard(cid)
             return
         again = cid in self._mismatched
+        self._stats.count_error("integrity")
         log.error("INTEGRITY: %s does not match its sha256 %s; dropped its cached chunks%s",
                   f.name, f.entry.sha256,
                   " (twice in a row: the origin serves bad bytes)" if again

@@ -94,6 +94,9 @@ class HubSource:
         kept, directories = clean_listing(repo_id, files, dirs)
         return Snapshot(repo_id, commit, kept, directories)
 
+    def file_url(self, repo_id: str, commit: str, path: str) -> str:
+        return f"{self._endpoint}/{repo_id}/resolve/{commit}/{quote(path)}"
+
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
                    *, into: bytearray | None = None,
                    progress: Callable[[int], None] | None = None) -> bytearray:
@@ -101,7 +104,7 @@ class HubSource:
         into `into` when given; `progress(n)`: the first n bytes have arrived."""
         if start < 0 or start + length > entry.size:
             raise RemoteNotFound(f"repo {repo_id}: {entry.path}: range beyond end of file")
-        url = f"{self._endpoint}/{repo_id}/resolve/{commit}/{quote(entry.path)}"
+        url = self.file_url(repo_id, commit, entry.path)
         expect = Expect(size=entry.size, etag=f'"{entry.content_id}"', sha256=entry.sha256)
         return await self._http.get_range(
             url, start, length, expect, what=f"repo {repo_id}: {entry.path}",

@@ -57,7 +57,8 @@ class HttpSource:
     def _url(self, repo_id: str) -> str:
         return self._config.urls[repo_id]
 
-    def file_url(self, repo_id: str, path: str) -> str:
+    def file_url(self, repo_id: str, commit: str, path: str) -> str:
+        """The URL a file is read from (`commit`, an ETag digest here, does not change it)."""
         base = self._url(repo_id)
         return urljoin(base, quote(path)) if base.endswith("/") else base
 
@@ -70,7 +71,7 @@ class HttpSource:
         last = self._last.get(ref.repo_id, {})
         files = []
         for path in paths:
-            url = self.file_url(ref.repo_id, path)
+            url = self.file_url(ref.repo_id, "", path)
             old = last.get(path)
             head = await self._http.head(url, what=f"{ref.repo_id}: {path}", auth_msg=(
                 f"{ref.repo_id}: {url} needs credentials"), if_none_match=old and old.etag)
@@ -125,7 +126,7 @@ class HttpSource:
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
                    *, into: bytearray | None = None,
                    progress: Callable[[int], None] | None = None) -> bytearray:
-        url = self.file_url(repo_id, entry.path)
+        url = self.file_url(repo_id, commit, entry.path)
         expect = Expect(size=entry.size, etag=entry.etag, strict_etag=True)
         return await self._http.get_range(
             url, start, length, expect, what=f"{repo_id}: {entry.path}",

@@ -1,0 +1,76 @@
+"""Prometheus metrics, read from the daemon's counters when scraped.
+
+The fetch and cache layers keep plain counters (`ReaderStats`, the index's
+usage); this collector turns them into metric families on each scrape, so the
+lower layers do not depend on prometheus_client and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ..fetch import LATENCY_BUCKETS
+from ..jobs import JOB_STATES
+
+if TYPE_CHECKING:
+    from .server import ControlContext
+
+
+class _Collector(Collector):
+    def __init__(self, ctx: ControlContext) -> None:
+        self._ctx = ctx
+
+    def collect(self) -> Iterator[Metric]:
+        ctx = self._ctx
+        s = ctx.reader.statistics()
+        yield CounterMetricFamily("modelfs_cache_hits", "Chunk reads answered from the cache.",
+                                  value=s.hits)
+        yield CounterMetricFamily("modelfs_cache_misses", "Chunk reads that had to fetch.",
+                                  value=s.misses)
+        yield CounterMetricFamily("modelfs_fetched_bytes", "Bytes fetched from origins.",
+                                  value=s.bytes_fetched)
+        yield CounterMetricFamily("modelfs_served_bytes", "Bytes served to readers of the mount.",
+                                  value=s.bytes_served)
+        yield CounterMetricFamily("modelfs_fetches", "Chunk fetches from origins.",
+                                  value=s.fetches)
+        yield GaugeMetricFamily("modelfs_fetches_in_flight", "Origin requests in flight.",
+                                value=s.in_flight)
+        cumulative, total = [], 0
+        for bound, count in zip(LATENCY_BUCKETS, s.latency_counts, strict=True):
+            total += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        yield HistogramMetricFamily("modelfs_fetch_duration_seconds",
+                                    "Chunk fetch latency, request to last byte.",
+                                    buckets=cumulative, sum_value=s.latency_sum)
+        errors = CounterMetricFamily("modelfs_errors", "Errors by kind.", labels=["kind"])
+        for kind, n in sorted(s.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
+        cache = ctx.reader.cache
+        yield GaugeMetricFamily("modelfs_cache_usage_bytes", "Disk used by cached chunks.",
+                                value=cache.index.usage())
+        if cache.config.limit is not None:
+            yield GaugeMetricFamily("modelfs_cache_limit_bytes", "The cache size limit.",
+                                    value=cache.config.limit)
+        jobs = GaugeMetricFamily("modelfs_jobs", "Prefetch jobs by state.", labels=["state"])
+        states = [j.state for j in ctx.jobs.jobs.values()]
+        for state in JOB_STATES:
+            jobs.add_metric([state], states.count(state))
+        yield jobs
+
+
+def render(ctx: ControlContext) -> bytes:
+    """The Prometheus text exposition of the daemon's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(ctx))
+    return generate_latest(registry)

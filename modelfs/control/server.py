@@ -1,0 +1,231 @@
+"""The daemon's local API: Starlette routes served by Hypercorn on trio, on a Unix socket.
+
+Hypercorn runs on the daemon's own trio loop (no second thread or loop), so
+handlers call the `JobManager` directly. The socket is created owner-only
+(umask 0177) in a directory made 0700: only the daemon's user can talk to it.
+
+Endpoints (docs/api.md has examples):
+  POST /v1/prefetch                          start a job -> 202 + the job
+  GET  /v1/jobs, /v1/jobs/{id}               jobs with their items
+  POST /v1/jobs/{id}/{pause|resume|cancel}   a whole job
+  POST /v1/jobs/{id}/items/{n}/{action}      one item
+  GET  /v1/events                            server-sent events of job/item updates
+  GET  /v1/status                            mount, repos, cache, counters, throughput
+  GET  /metrics                              Prometheus text format
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import ConfigError
+from ..fetch import ChunkReader
+from ..jobs import JobManager, JobSpec, RepoRequest, UnknownJob
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the trailing NUL
+
+
+class Throughput:
+    """Origin bytes per second over the last `window` seconds, sampled once a second."""
+
+    def __init__(self, reader: ChunkReader, window: int = 5) -> None:
+        self._reader = reader
+        self._samples: deque[tuple[float, int]] = deque(maxlen=window + 1)
+
+    async def run(self) -> None:
+        while True:
+            self._samples.append((trio.current_time(), self._reader.statistics().bytes_fetched))
+            await trio.sleep(1.0)
+
+    def rate(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+@dataclass(slots=True)
+class ControlContext:
+    """What the API serves from. `describe()` gives the mount part of the status."""
+
+    jobs: JobManager
+    reader: ChunkReader
+    describe: Callable[[], dict[str, Any]]
+    started: float = field(default_factory=time.time)
+    throughput: Throughput | None = None
+
+    def status(self) -> dict[str, Any]:
+        s = self.reader.statistics()
+        cache = self.reader.cache
+        states = [j.state for j in self.jobs.jobs.values()]
+        return {
+            **self.describe(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "cache": {"usage_bytes": cache.index.usage(), "limit_bytes": cache.config.limit,
+                      "compression": cache.config.compression},
+            "reads": {"hits": s.hits, "misses": s.misses, "bytes_served": s.bytes_served},
+            "fetch": {"bytes_fetched": s.bytes_fetched, "fetches": s.fetches,
+                      "in_flight": s.in_flight, "errors": s.errors,
+                      "throughput_bytes_per_s": round(self.throughput.rate()
+                                                      if self.throughput else 0.0)},
+            "jobs": {state: states.count(state) for state in sorted(set(states))},
+        }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _spec_from_json(body: Any) -> JobSpec:
+    if not isinstance(body, dict):
+        raise ConfigError("body: expected a JSON object")
+    unknown = set(body) - {"repos", "pin", "force"}
+    if unknown:
+        raise ConfigError(f"body: unknown field {sorted(unknown)[0]!r}")
+    repos = body.get("repos")
+    if not isinstance(repos, list) or not repos:
+        raise ConfigError("repos: expected a non-empty list of {id, revision, include, exclude}")
+    for key in ("pin", "force"):
+        if not isinstance(body.get(key, False), bool):
+            raise ConfigError(f"{key}: expected true or false")
+    reqs = tuple(RepoRequest.from_json(r, f"repos[{n}]") for n, r in enumerate(repos))
+    return JobSpec(tuple(dict.fromkeys(reqs)), pin=body.get("pin", False),
+                   force=body.get("force", False))
+
+
+def build_app(ctx: ControlContext) -> Starlette:
+    jobs = ctx.jobs
+
+    async def prefetch(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body: not JSON")
+        try:
+            job = jobs.submit(_spec_from_json(body))
+        except ConfigError as exc:
+            return _error(400, str(exc))
+        return JSONResponse(job.public(), status_code=202)
+
+    async def list_jobs(request: Request) -> Response:
+        return JSONResponse({"jobs": [j.public() for j in jobs.jobs.values()]})
+
+    async def get_job(request: Request) -> Response:
+        try:
+            return JSONResponse(jobs.get(request.path_params["job"]).public())
+        except UnknownJob as exc:
+            return _error(404, str(exc))
+
+    async def act(request: Request) -> Response:
+        action = request.path_params["action"]
+        fn = {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel}.get(action)
+        if fn is None:
+            return _error(404, f"no action {action!r} (pause, resume, cancel)")
+        item = request.path_params.get("item")
+        try:
+            job = fn(request.path_params["job"], item)
+        except UnknownJob as exc:
+            return _error(404, str(exc))
+        await jobs.flush()
+        return JSONResponse(job.public())
+
+    async def events(request: Request) -> Response:
+        async def stream() -> AsyncIterator[bytes]:
+            async with jobs.subscribe() as updates:
+                yield b": modelfs events\n\n"
+                while True:
+                    event = None
+                    with trio.move_on_after(KEEPALIVE):
+                        event = await updates.receive()
+                    if event is None:
+                        yield b": keepalive\n\n"
+                    else:
+                        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(ctx.status())
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(ctx), media_type="text/plain; version=0.0.4")
+
+    return Starlette(routes=[
+        Route("/v1/prefetch", prefetch, methods=["POST"]),
+        Route("/v1/jobs", list_jobs),
+        Route("/v1/jobs/{job}", get_job),
+        Route("/v1/jobs/{job}/{action}", act, methods=["POST"]),
+        Route("/v1/jobs/{job}/items/{item:int}/{action}", act, methods=["POST"]),
+        Route("/v1/events", events),
+        Route("/v1/status", status),
+        Route("/metrics", prometheus),
+    ])
+
+
+def check_socket_free(path: Path) -> None:
+    """Refuse a socket path that is too long, or that another daemon answers on
+    (Hypercorn would silently replace it). A stale socket file is fine."""
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise ConfigError(f"control_socket {path}: longer than {SOCKET_PATH_MAX} bytes, the "
+                          f"limit of a Unix socket path; set a shorter one")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                return
+            raise ConfigError(f"control_socket {path}: {exc.strerror}") from None
+    raise ConfigError(f"control_socket {path}: another modelfs daemon is listening there")
+
+
+async def serve_control(ctx: ControlContext, path: Path, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API on `path` until cancelled; started once the socket listens."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"control_socket {path}: {exc.strerror}") from None
+    config = HypercornConfig()
+    config.bind = [f"unix:{path}"]
+    config.umask = 0o177  # the socket is owner-only
+    config.accesslog = None
+    config.errorlog = logging.getLogger("modelfs.control.hypercorn")
+    config.graceful_timeout = 1.0
+    ctx.throughput = Throughput(ctx.reader)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctx.throughput.run)
+            await nursery.start(hypercorn_serve, build_app(ctx), config)
+            log.info("control API on %s", path)
+            task_status.started()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+__all__ = ["ControlContext", "build_app", "check_socket_free", "serve_control"]

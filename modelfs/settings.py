@@ -1,0 +1,271 @@
+"""Where each setting comes from: flags > `MODELFS_*` environment > TOML file > defaults.
+
+Every setting has one name (the CLI option's, e.g. `cache_size` for
+`--cache-size`), one environment variable (`MODELFS_CACHE_SIZE`) and one place
+in the file (`[cache] size`). `layer()` merges the three and remembers, for each
+value, where it came from, so an error about it can say so. An unknown key or
+variable, or a value of the wrong type, is a `ConfigError` naming it and its
+file or variable. Turning the values into the layers' configs (and checking
+their ranges) is `config.py`'s job.
+
+The file (`--config`, else `$MODELFS_CONFIG`, else `/etc/modelfs/config.toml`
+when it exists) looks like docs/configuration.md shows.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
+ENV_PREFIX = "MODELFS_"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # the option's name: `--cache-size` is `cache_size`
+    section: str  # its TOML table ("" for the top level)
+    key: str  # its key in that table
+    kind: str  # str | int | float | bool | list | table
+    default: str  # as `config show` prints it (tests/unit/test_settings.py checks it)
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def where(self) -> str:
+        return f"[{self.section}] {self.key}" if self.section else self.key
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("cache_dir", "", "cache_dir", "str", "/var/cache/modelfs (root), else "
+            "~/.cache/modelfs", "Chunk cache and index directory."),
+    Setting("control_socket", "", "control_socket", "str", "CACHE_DIR/control.sock",
+            "Unix socket of the daemon's API."),
+    Setting("log_level", "", "log_level", "str", "info", "debug, info, warning or error."),
+    Setting("log_file", "", "log_file", "str", "stderr (foreground), else CACHE_DIR/modelfs.log",
+            "Where the daemon logs."),
+    Setting("cache_size", "cache", "size", "str", "80%",
+            "Disk the cache may use: a size, a share of its file system, or unlimited."),
+    Setting("compression", "cache", "compression", "str", "auto", "auto, always or never."),
+    Setting("chunk_size", "cache", "chunk_size", "str", "4MiB",
+            "Chunk size, a power of two (mount and prefetch share chunks only at one size)."),
+    Setting("endpoint", "hub", "endpoint", "str", "$HF_ENDPOINT, else https://huggingface.co",
+            "Hub endpoint (a mirror)."),
+    Setting("token_file", "hub", "token_file", "str", "$HF_TOKEN",
+            "File holding the Hub token."),
+    Setting("retries", "hub", "retries", "int", "5", "Retries of a failing origin request."),
+    Setting("retry_backoff", "hub", "retry_backoff", "float", "0.5",
+            "First retry delay in seconds, doubled each time."),
+    Setting("timeout", "hub", "timeout", "float", "30.0",
+            "Per-request connect/read timeout in seconds."),
+    Setting("max_listing_entries", "hub", "max_listing_entries", "int", "1000000",
+            "Refuse repo listings larger than this."),
+    Setting("max_connections", "limits", "max_connections", "int", "16",
+            "Concurrent origin requests in all."),
+    Setting("per_file_connections", "limits", "per_file_connections", "int", "8",
+            "Concurrent ranged GETs of one file's prefetch."),
+    Setting("parallel_files", "limits", "parallel_files", "int", "4",
+            "Files prefetched at once, over all jobs."),
+    Setting("memory_limit", "limits", "memory", "str", "256MiB",
+            "Bytes held by fetches in flight."),
+    Setting("bandwidth_limit", "limits", "bandwidth", "str", "none",
+            "Cap on origin bandwidth, e.g. 200MiB/s."),
+    Setting("mountpoint", "mount", "mountpoint", "str", "none", "Where to mount."),
+    Setting("repos", "mount", "repos", "list", "[]", "Hub repos to mount, ORG/NAME[@REV]."),
+    Setting("urls", "mount", "urls", "table", "{}",
+            "Plain HTTP repos: ORG/NAME = URL (a file, or a directory ending in /)."),
+    Setting("allow_other", "mount", "allow_other", "bool", "false",
+            "Let other users read the mount."),
+    Setting("prefetch_on_open", "mount", "prefetch_on_open", "list",
+            '["*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth"]',
+            "Files fetched whole in the background when opened."),
+    Setting("revision_ttl", "mount", "revision_ttl", "float", "60.0",
+            "Seconds between re-resolving branches and tags."),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+_BY_PLACE = {(s.section, s.key): s for s in SETTINGS}
+_SECTIONS = {s.section for s in SETTINGS if s.section}
+
+
+@dataclass(frozen=True, slots=True)
+class Layered:
+    """Merged setting values (as the CLI option would give them) and their origins."""
+
+    values: dict[str, Any]
+    origins: dict[str, str]  # name -> "--flag", "MODELFS_X", or "FILE: [section] key"
+    file: Path | None
+
+    def origin(self, name: str) -> str:
+        return self.origins.get(name, "default")
+
+
+def config_path(flag: str | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: `--config`, `$MODELFS_CONFIG`, or the default if present."""
+    if flag:
+        return Path(flag)
+    if env.get("MODELFS_CONFIG"):
+        return Path(env["MODELFS_CONFIG"])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def read_file(path: Path) -> dict[str, tuple[Any, str]]:
+    """The settings in a TOML file: name -> (value as the option takes it, origin)."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    out: dict[str, tuple[Any, str]] = {}
+    for key, value in doc.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [{key}] must be a table")
+            pairs = [((key, k), v) for k, v in value.items()]
+        else:
+            pairs = [(("", key), value)]
+        for place, v in pairs:
+            setting = _BY_PLACE.get(place)
+            label = f"[{place[0]}] {place[1]}" if place[0] else place[1]
+            if setting is None:
+                raise ConfigError(f"{path}: unknown key {label}")
+            out[setting.name] = (_from_toml(setting, v, f"{path}: {label}"),
+                                 f"{path}: {label}")
+    return out
+
+
+def _from_toml(s: Setting, v: Any, where: str) -> Any:
+    want = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "list": "a list of strings", "table": "a table of strings"}[s.kind]
+    ok = {
+        "str": isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "float": isinstance(v, int | float) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "list": isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "table": isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    }[s.kind]
+    if not ok:
+        raise ConfigError(f"{where}: expected {want}, got {v!r}")
+    if s.kind == "str":
+        return str(v)
+    if s.kind == "table":
+        return tuple(f"{k}={u}" for k, u in v.items())
+    if s.kind == "list":
+        return tuple(v)
+    return v
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """`MODELFS_*` variables: name -> (value, origin). Unknown ones are errors."""
+    out: dict[str, tuple[Any, str]] = {}
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX) or var == "MODELFS_CONFIG":
+            continue
+        setting = BY_NAME.get(var[len(ENV_PREFIX):].lower())
+        if setting is None or var != setting.env:
+            raise ConfigError(f"{var} (environment): unknown setting")
+        out[setting.name] = (_from_text(setting, raw, f"{var} (environment)"), var)
+    return out
+
+
+def _from_text(s: Setting, raw: str, where: str) -> Any:
+    try:
+        if s.kind == "int":
+            return int(raw)
+        if s.kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is not a{'n integer' if s.kind == 'int' else ' number'}"
+                          ) from None
+    if s.kind == "bool":
+        low = raw.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"{where}: {raw!r} is not true or false")
+        return low in ("1", "true", "yes")
+    if s.kind in ("list", "table"):
+        return tuple(x.strip() for x in raw.split(",") if x.strip())
+    return raw
+
+
+def layer(flags: Mapping[str, Any], *, config: str | None = None,
+          env: Mapping[str, str] | None = None) -> Layered:
+    """Merge `flags` (option name -> value; None, False or () when not given) over
+    the environment over the config file."""
+    env = os.environ if env is None else env
+    path = config_path(config, env)
+    merged: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        merged.update(read_file(path))
+    merged.update(read_env(env))
+    for name, value in flags.items():
+        if value is not None and value is not False and value != ():
+            merged[name] = (value, BY_NAME[name].flag if name in BY_NAME else f"--{name}")
+    return Layered({k: v for k, (v, _) in merged.items()},
+                   {k: o for k, (_, o) in merged.items()}, path)
+
+
+def relabel(exc: ConfigError, layered: Layered) -> ConfigError:
+    """An error from `config.py` names the flag (`--cache-size: ...`); say where the
+    value really came from when it was not a flag."""
+    msg = str(exc)
+    head, sep, rest = msg.partition(":")
+    flag = head.split()[0] if head.startswith("--") else None
+    if not sep or flag is None:
+        return exc
+    name = {"--repo": "repos", "--url": "urls"}.get(flag, flag[2:].replace("-", "_"))
+    origin = layered.origins.get(name)
+    if origin is None or origin.startswith("--"):
+        return exc
+    label = f"{origin} (environment)" if origin.startswith(ENV_PREFIX) else origin
+    return ConfigError(f"{label}{head[len(flag):]}:{rest}")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_settings(layered: Layered, env: Mapping[str, str]) -> str:
+    """The effective settings as TOML, each with where it came from. The token itself
+    is never shown: only whether there is one and where it came from."""
+    lines = [f"# config file: {layered.file or 'none'}"]
+    for section in ["", *sorted(_SECTIONS, key=[s.section for s in SETTINGS].index)]:
+        if section:
+            lines += ["", f"[{section}]"]
+        for s in (s for s in SETTINGS if s.section == section):
+            if s.name in layered.values:
+                v = layered.values[s.name]
+                if s.kind == "table":
+                    pairs = (x.partition("=") for x in v)
+                    text = "{ " + ", ".join(f'"{k}" = {_toml_value(u)}' for k, _, u in pairs) + " }"
+                else:
+                    text = _toml_value(v)
+                lines.append(f"{s.key} = {text}  # {layered.origin(s.name)}")
+            else:
+                lines.append(f"# {s.key} = {s.default}  (default)")
+        if section == "hub":
+            token = ("token_file" in layered.values and "from token_file") or (
+                env.get("HF_TOKEN") and "from HF_TOKEN")
+            lines.append(f'# token = {"***" if token else "none"}  '
+                         f'({token or "no token_file, no HF_TOKEN"})')
+    return "\n".join(lines)
