@@ -10,9 +10,10 @@ and the reader's connection, memory and bandwidth limits bound everything.
 
 - State is per item: a 404 or repeated 5xx fails that item only; the job ends
   `partial` and the item carries the error.
-- Pause and cancel cancel the item's task. Chunk fetches already started run
-  in the reader's nursery and are stored, so resume refetches nothing: it starts
-  again from what is cached. Resume of a job also retries its failed items.
+- Pause and cancel stop an item from starting new chunk fetches; those under
+  way (at most `per_file`, one chunk each) finish and are stored, so resume
+  refetches nothing: it starts again from what is cached. Resume of a job also
+  retries its failed items.
 - With `persist`, jobs are kept in the index; after a restart unfinished jobs
   go on at the commits they resolved to.
 - Listeners (`subscribe`) get job and item updates, batched: at most
@@ -243,7 +244,7 @@ class JobManager:
         self._slots = trio.Semaphore(self.config.parallel_files)
         self._work = trio.Event()
         self._turn = 0
-        self._scopes: dict[tuple[str, int], trio.CancelScope] = {}
+        self._live: set[tuple[str, int]] = set()  # items whose task has not ended yet
         self._dirty: dict[str, set[int]] = {}  # job id -> ids of items changed since the last batch
         self._unsaved: set[str] = set()
         self._listeners: set[trio.MemorySendChannel[dict[str, Any]]] = set()
@@ -337,10 +338,7 @@ class JobManager:
         return job
 
     def _stop(self, job: Job, item: Item, state: str) -> None:
-        item.state = state
-        scope = self._scopes.get((job.id, item.id))
-        if scope is not None:
-            scope.cancel()  # fetches already started finish in the reader and are kept
+        item.state = state  # a running item's task sees it before its next chunk
         self._changed(job, item)
 
     # Resolving and fetching -------------------------------------------------------------
@@ -393,7 +391,8 @@ class JobManager:
         jobs = [j for j in self.jobs.values() if j.resolved and not j.cancelled]
         for k in range(len(jobs)):
             job = jobs[(self._turn + k) % len(jobs)]
-            item = next((i for i in job.items if i.state == "queued"), None)
+            item = next((i for i in job.items
+                         if i.state == "queued" and (job.id, i.id) not in self._live), None)
             if item is not None:
                 self._turn = (self._turn + k + 1) % len(jobs)
                 return job, item
@@ -411,11 +410,11 @@ class JobManager:
                 self._work = trio.Event()
             job, item = pick
             item.state = "running"
+            self._live.add((job.id, item.id))
             self._changed(job, item)
             self._nursery.start_soon(self._run_item, job, item)
 
     async def _run_item(self, job: Job, item: Item) -> None:
-        key = (job.id, item.id)
         source = self._sources(item.repo)
         f = RemoteFile(source, item.repo, item.commit, item.entry)
 
@@ -425,26 +424,27 @@ class JobManager:
             self._changed(job, item)
 
         try:
-            with trio.CancelScope() as scope:
-                self._scopes[key] = scope
-                item.downloaded = 0  # counted again from what is cached
-                try:
-                    await prefetch_file(self._reader, f, parallel=self.config.per_file,
-                                        priority=Priority.PREFETCH, progress=progress)
-                except* Exception as group:
-                    exc = group.exceptions[0]
-                    if item.state == "running":  # not paused or cancelled meanwhile
-                        item.state, item.error = "failed", str(exc)
-                    if not isinstance(exc, ModelfsError):
-                        log.error("job %s: %s/%s failed", job.id, item.repo, item.entry.path,
-                                  exc_info=exc)
-                    else:
-                        log.info("job %s: %s", job.id, exc)
+            item.downloaded = 0  # counted again from what is cached
+            try:
+                await prefetch_file(self._reader, f, parallel=self.config.per_file,
+                                    priority=Priority.PREFETCH, progress=progress,
+                                    stopped=lambda: item.state != "running")
+            except* Exception as group:
+                exc = group.exceptions[0]
+                if item.state == "running":  # not paused or cancelled meanwhile
+                    item.state, item.error = "failed", str(exc)
+                if not isinstance(exc, ModelfsError):
+                    log.error("job %s: %s/%s failed", job.id, item.repo, item.entry.path,
+                              exc_info=exc)
                 else:
-                    item.state = "done"
+                    log.info("job %s: %s", job.id, exc)
+            else:
+                if item.downloaded >= item.entry.size:
+                    item.state = "done"  # even if paused meanwhile: it is all cached
         finally:
-            del self._scopes[key]
+            self._live.discard((job.id, item.id))
             self._slots.release()
+            self._wake()  # it may have been resumed while it wound down
             self._changed(job, item)
             self._maybe_finished(job)
 

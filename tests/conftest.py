@@ -10,12 +10,14 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from modelfs.control.client import ControlClient
 from modelfs.testing.origin import Origin
 
 MiB = 1 << 20
@@ -104,10 +106,22 @@ class Mount:
             cmd.append("--prefetch-on-open=")  # tests count requests: no background prefetch
         for r in repos:
             cmd += ["--repo", r]
-        self.stderr = cache_dir.parent / f"{path.name}.stderr"
-        with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         env={**os.environ, **(env or {})})
+        # Unix socket paths are limited to 107 bytes: a short directory of its own.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="mfs-", dir="/tmp"))
+        self.socket = self._sock_dir / "api.sock"
+        if not any(a.startswith("--control-socket") for a in extra):
+            cmd += ["--control-socket", str(self.socket)]
+        self.cmd = cmd
+        self.env = {**os.environ, **(env or {})}
+        self.start()
+
+    def start(self) -> None:
+        """Start the daemon (again, after `kill`); returns once the mount appears."""
+        path = self.path
+        self.stderr = self.cache_dir.parent / f"{path.name}.stderr"
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=err,
+                                         stderr=err, env=self.env)
         deadline = time.monotonic() + 30
         while not is_mounted(path):
             if self.proc.poll() is not None:
@@ -116,9 +130,23 @@ class Mount:
                 self.proc.kill()
                 raise RuntimeError("mount did not appear within 30s")
             time.sleep(0.02)
+        with self.client() as c:  # the API comes up right after the mount
+            while not c.alive():
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"control API did not answer: {self.log_text()[-2000:]}")
+                time.sleep(0.02)
 
     def p(self, rel: str) -> Path:
         return self.path / rel
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.socket)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash) and clear the dead mount it leaves."""
+        self.proc.kill()
+        self.proc.wait()
+        subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
 
     def close(self) -> int:
         if is_mounted(self.path):
@@ -129,6 +157,8 @@ class Mount:
             self.proc.kill()
             self.proc.wait()
             raise
+        finally:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

@@ -65,11 +65,14 @@ async def loader_order(reader: ChunkReader, f: RemoteFile) -> list[int] | None:
 async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         priority: Priority = Priority.PREFETCH,
                         progress: Callable[[int, bool], None] | None = None,
-                        order: list[int] | None = None) -> None:
+                        order: list[int] | None = None,
+                        stopped: Callable[[], bool] | None = None) -> None:
     """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
     chunk with its size, and whether it came from the origin (False: already cached),
     so progress always reaches the file size. `order` is the chunk order to fetch
-    in (default: by offset); the reader's position picks where in it to go on."""
+    in (default: by offset); the reader's position picks where in it to go on.
+    Once `stopped()` is true no new chunk is started; those under way finish and
+    are counted (a pause that loses nothing and refetches nothing)."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
     order = order if order is not None else list(range(total))
@@ -83,7 +86,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             missing.append(idx)
 
     def next_index() -> int | None:
-        if not missing:
+        if not missing or (stopped is not None and stopped()):
             return None
         pos = reader.position(f)
         at = 0
