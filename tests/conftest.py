@@ -142,11 +142,12 @@ class Mount:
     def client(self) -> ControlClient:
         return ControlClient(self.socket)
 
-    def kill(self) -> None:
-        """SIGKILL the daemon (a crash) and clear the dead mount it leaves."""
+    def kill(self, *, clear: bool = True) -> None:
+        """SIGKILL the daemon (a crash); `clear`: unmount the dead mount it leaves."""
         self.proc.kill()
         self.proc.wait()
-        subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
+        if clear:
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
 
     def close(self) -> int:
         if is_mounted(self.path):
