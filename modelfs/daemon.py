@@ -109,7 +109,7 @@ def _clear_dead_mount(path: Path) -> bool:
     if fstype != "fuse.modelfs":
         return False
     try:
-        os.stat(path)
+        os.listdir(path)  # a stat may be answered from cached attributes; a listing is not
         return False  # alive: another daemon serves it
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:

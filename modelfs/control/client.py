@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,12 @@ class ControlClient:
 
     def alive(self) -> bool:
         """True when a daemon answers (a stale socket file is not one)."""
-        if not self.socket_path.exists():
-            return False
+        # Probe with a plain socket first: httpcore leaks the socket of a refused connect.
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.socket_path))
+            except OSError:
+                return False
         try:
             self.request("GET", "/v1/status")
         except DaemonNotRunning:

@@ -110,7 +110,7 @@ def test_pause_stops_fetching_and_resume_refetches_nothing(mount_factory, origin
         job = wait_job(c, job["id"], until=lambda j: j["items"])  # listed
         item = job["items"][0]
         assert item["local_path"] == str(m.p("org/model/big.safetensors"))
-        wait_job(c, job["id"], until=lambda j: j["items"][0]["downloaded_bytes"] >= 2 * MiB)
+        wait_job(c, job["id"], until=lambda j: j["items"] and j["items"][0]["downloaded_bytes"] >= 2 * MiB)
         paused = c.act(job["id"], "pause")
         assert paused["state"] == "paused" and paused["items"][0]["state"] == "paused"
         time.sleep(1.5)  # fetches already under way finish (a chunk takes 0.5 s) ...
@@ -195,7 +195,7 @@ def test_a_job_survives_a_daemon_crash(mount_factory, origin: Origin, repo_data)
     origin.throttle = 4 * MiB
     with m.client() as c:
         job = c.prefetch({"repos": [{"id": "org/model", "include": ["big.safetensors"]}]})
-        wait_job(c, job["id"], until=lambda j: j["items"][0]["downloaded_bytes"] >= 4 * MiB)
+        wait_job(c, job["id"], until=lambda j: j["items"] and j["items"][0]["downloaded_bytes"] >= 4 * MiB)
     m.kill(clear=False)  # as after an OOM kill: the dead mount stays (ENOTCONN) ...
     assert is_mounted(m.path)
     origin.throttle = 0
