@@ -185,6 +185,9 @@ def mount_factory(tmp_path: Path, origin: Origin) -> Iterator:
             rc = m.close()
             if rc != 0:
                 failures.append(f"daemon for {m.path} exited {rc}; log:\n{m.log_text()[-3000:]}")
+        elif is_mounted(m.path):  # a daemon that died (or was killed) left its mount
+            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+            failures.append(f"{m.path} was left mounted by a dead daemon")
         assert not is_mounted(m.path)
     if failures:
         pytest.fail("\n".join(failures))
