@@ -33,9 +33,9 @@ class JobProgress:
         self._progress = Progress(
             TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn(), console=self._console, transient=False)
-        self._tasks: dict[tuple[str, str], TaskID] = {}
+        self._tasks: dict[tuple[str, str, str], TaskID] = {}
         self._total: TaskID | None = None
-        self._seen: dict[tuple[str, str], dict[str, Any]] = {}
+        self._seen: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._t0 = time.monotonic()
 
     def __enter__(self) -> JobProgress:
@@ -52,7 +52,7 @@ class JobProgress:
         self._console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def update(self, item: dict[str, Any]) -> None:
-        key = (item["repo"], item["path"])
+        key = (item["repo"], item["revision"], item["path"])
         before = self._seen.get(key)
         self._seen[key] = item
         if self._json:
