@@ -7,7 +7,9 @@ Sub-databases:
 - `chunks`: content_id \\0 chunk_size \\0 index (u64 BE) -> chunk digest (32 bytes)
 - `refs`:   chunk digest + chunk key    -> b"" (who uses a blob, so dropping one finds the other)
 - `blobs`:  chunk digest               -> (disk_bytes u64, raw_size u64, codec u8, last_access f64,
-                                          crc32 u32 of the raw bytes: the quick check on first use)
+                                          checksum u32 of the raw bytes: the quick check on first use;
+                                          xxh3_64's low 32 bits, or crc32 for chunks stored before
+                                          the XXH3 flag existed)
 - `pins`:   source \\0 repo \\0 revision  -> b""
 - `checked`: content_id                -> f64 (when the whole file last matched its sha256)
 - `meta`:   b"format" -> u32; b"usage" -> u64, the sum of `disk_bytes` over `blobs`
@@ -44,7 +46,10 @@ from . import codec
 
 T = TypeVar("T")
 
-FORMAT = 2
+# 3: blobs may carry the XXH3 flag. A format-2 index is upgraded in place on open (its
+# blobs keep their crc32); modelfs versions that know only format 2 refuse a format-3
+# index instead of taking every xxh3 checksum for damage.
+FORMAT = 3
 _BLOB = struct.Struct(">QQBdI")
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
@@ -54,6 +59,10 @@ CODEC_ZSTD = 1
 # index) rather than hashed from its bytes: for files whose content id is itself a
 # sha256 of the whole file (LFS), which the whole-file check verifies.
 POSITIONAL = 0x80
+# Set in a blob's codec byte when its checksum is the low 32 bits of xxh3_64 (10x
+# cheaper than crc32); chunks stored before this flag carry a crc32.
+XXH3 = 0x40
+_FLAGS = POSITIONAL | XXH3
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +80,28 @@ class Blob:
     digest: str
     disk_bytes: int
     raw_size: int
-    codec: int
+    codec: int  # CODEC_RAW | CODEC_ZSTD
     last_access: float
-    crc32: int
+    checksum: int
+    flags: int = 0  # POSITIONAL | XXH3
+
+    @classmethod
+    def unpack(cls, digest: str, raw: bytes) -> Blob:
+        disk, size, codec, at, checksum = _BLOB.unpack(raw)
+        return cls(digest, disk, size, codec & ~_FLAGS, at, checksum, codec & _FLAGS)
 
     @property
     def compressed(self) -> bool:
-        return self.codec & ~POSITIONAL == CODEC_ZSTD
+        return self.codec == CODEC_ZSTD
 
     @property
     def positional(self) -> bool:
-        """Named by position, not by its bytes: only crc32 checks the chunk alone."""
-        return bool(self.codec & POSITIONAL)
+        """Named by position, not by its bytes: only its checksum checks the chunk alone."""
+        return bool(self.flags & POSITIONAL)
+
+    @property
+    def xxh3(self) -> bool:
+        return bool(self.flags & XXH3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +192,9 @@ class Index:
             return struct.unpack(">I", raw)[0] if raw else None
 
         found = self._write(check)
+        if found == 2:  # format 3 adds the XXH3 blob flag; older blobs keep their crc32
+            self._write(lambda txn: txn.put(b"format", struct.pack(">I", FORMAT), db=self._meta))
+            found = FORMAT
         if found != FORMAT:
             raise CacheCorrupt(f"cache index {self.path} has format {found or 1}; this modelfs "
                                f"uses format {FORMAT}: remove the cache directory to start over")
@@ -311,13 +333,13 @@ class Index:
 
     def put_chunk(self, content_id: str, chunk_size: int, index: int, digest: str,
                   disk_bytes: int, raw_size: int, codec_id: int = CODEC_RAW,
-                  crc32: int = 0) -> list[str]:
+                  checksum: int = 0) -> list[str]:
         """Record a chunk stored on disk (after its file was renamed into place).
 
         Returns the digests of blobs this made unused (the key pointed at other
         bytes before): the caller deletes their files.
         """
-        rec = (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, crc32)
+        rec = (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, checksum)
 
         def put(txn: lmdb.Transaction) -> list[str]:
             orphans = self._insert(txn, rec, time.time())
@@ -328,14 +350,14 @@ class Index:
 
     def put_chunks(self, records: list[tuple[str, int, int, str, int, int, int, int]]) -> None:
         """Record many stored chunks in one transaction, as `put_chunk` takes them
-        (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec, crc32).
+        (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec, checksum).
         For bulk imports: blobs made unused are not reported."""
         now = time.time()
         self._write(lambda txn: [self._insert(txn, rec, now) for rec in records])
 
     def _insert(self, txn: lmdb.Transaction, rec: tuple[str, int, int, str, int, int, int, int],
                 now: float) -> list[str]:
-        content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, crc32 = rec
+        content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, checksum = rec
         d, key = bytes.fromhex(digest), chunk_key(content_id, chunk_size, index)
         orphans = []
         old = txn.get(key, db=self._chunks)
@@ -344,7 +366,7 @@ class Index:
         txn.put(key, d, db=self._chunks)
         txn.put(d + key, b"", db=self._refs)
         if txn.get(d, db=self._blobs) is None:
-            txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now, crc32), db=self._blobs)
+            txn.put(d, _BLOB.pack(disk_bytes, raw_size, codec_id, now, checksum), db=self._blobs)
             self._add_usage(txn, disk_bytes)
         return orphans
 
@@ -419,10 +441,10 @@ class Index:
 
     def blob(self, digest: str) -> Blob | None:
         raw = self._read(lambda txn: txn.get(bytes.fromhex(digest), db=self._blobs))
-        return Blob(digest, *_BLOB.unpack(raw)) if raw is not None else None
+        return Blob.unpack(digest, raw) if raw is not None else None
 
     def blobs(self) -> list[Blob]:
-        return self._read(lambda txn: [Blob(d.hex(), *_BLOB.unpack(v))
+        return self._read(lambda txn: [Blob.unpack(d.hex(), v)
                                        for d, v in txn.cursor(db=self._blobs)])
 
     def usage(self) -> int:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from ..errors import CacheError
 from . import codec
 from .index import CODEC_RAW, CODEC_ZSTD
@@ -28,7 +30,13 @@ class Stored:
     digest: str
     disk_bytes: int  # blocks actually used, what the cache size limit counts
     codec: int
-    crc32: int  # of the raw bytes
+    checksum: int  # of the raw bytes, by `checksum(..., xxh3=True)`
+
+
+def checksum(data: bytes | bytearray | memoryview, *, xxh3: bool) -> int:
+    """The quick per-chunk check value: xxh3_64's low 32 bits (new chunks: ~70 GB/s),
+    or crc32 (~5 GB/s; chunks stored by earlier versions)."""
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF if xxh3 else zlib.crc32(data)
 
 
 class ChunkStore:
@@ -80,7 +88,8 @@ class ChunkStore:
         # st_blocks right after a write may not count delayed allocation yet; the
         # file's size rounded up to 4 KiB is what it will take.
         disk = max(blocks * 512, -(-len(body) // 4096) * 4096)
-        return Stored(digest, disk, CODEC_RAW if packed is None else CODEC_ZSTD, zlib.crc32(data))
+        return Stored(digest, disk, CODEC_RAW if packed is None else CODEC_ZSTD,
+                      checksum(data, xxh3=True))
 
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
         """`length` bytes at `offset` of a raw chunk, or None when its file is gone."""
@@ -93,11 +102,11 @@ class ChunkStore:
         finally:
             os.close(fd)
 
-    def load(self, digest: str, codec_id: int, raw_size: int, crc32: int | None = None,
-             ) -> bytes | None:
+    def load(self, digest: str, codec_id: int, raw_size: int, check: int | None = None,
+             *, xxh3: bool = True) -> bytes | None:
         """A whole chunk, decompressed, if its file exists and holds `raw_size` bytes
-        that match: their `crc32` when given (4x cheaper), else their sha256, the
-        file's name. None when missing or damaged."""
+        that match: their `checksum` when `check` is given (far cheaper), else
+        their sha256, the file's name. None when missing or damaged."""
         try:
             with open(self.path_for(digest), "rb") as f:
                 body = f.read()
@@ -110,13 +119,14 @@ class ChunkStore:
                 return None
         if len(body) != raw_size:
             return None
-        if crc32 is not None:
-            return body if zlib.crc32(body) == crc32 else None
+        if check is not None:
+            return body if checksum(body, xxh3=xxh3) == check else None
         return body if hashlib.sha256(body).hexdigest() == digest else None
 
-    def check(self, digest: str, raw_size: int, crc32: int) -> bool:
-        """Whether a raw chunk file holds `raw_size` bytes with this crc32. Reads into
-        a per-thread buffer: checking ahead of a reader allocates nothing."""
+    def check(self, digest: str, raw_size: int, check: int, *, xxh3: bool = True) -> bool:
+        """Whether a raw chunk file holds `raw_size` bytes with this checksum. Reads
+        into a per-thread buffer: checking ahead of a reader allocates nothing. (Not
+        mmap: an I/O error on a mapped page is SIGBUS, on a read it is EIO.)"""
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < raw_size + 1:
             buf = self._local.buf = bytearray(raw_size + 1)
@@ -125,7 +135,7 @@ class ChunkStore:
                 n = f.readinto(buf)
         except FileNotFoundError:
             return False
-        return n == raw_size and zlib.crc32(memoryview(buf)[:n]) == crc32
+        return n == raw_size and checksum(memoryview(buf)[:n], xxh3=xxh3) == check
 
     def delete(self, digest: str) -> None:
         self.path_for(digest).unlink(missing_ok=True)

@@ -43,6 +43,10 @@ class _Collector(Collector):
                                   value=s.bytes_served)
         yield CounterMetricFamily("modelfs_fetches", "Chunk fetches from origins.",
                                   value=s.fetches)
+        yield CounterMetricFamily("modelfs_chunk_loads", "Cached chunks loaded whole and "
+                                  "checked on a read's own time (first use).", value=s.loads)
+        yield CounterMetricFamily("modelfs_chunk_checks", "Cached chunks checked ahead of "
+                                  "their first read.", value=s.checks)
         yield GaugeMetricFamily("modelfs_fetches_in_flight", "Origin requests in flight.",
                                 value=s.in_flight)
         cumulative, total = [], 0

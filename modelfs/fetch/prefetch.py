@@ -66,22 +66,27 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         priority: Priority = Priority.PREFETCH,
                         progress: Callable[[int, bool], None] | None = None,
                         order: list[int] | None = None,
-                        stopped: Callable[[], bool] | None = None) -> None:
+                        stopped: Callable[[], bool] | None = None,
+                        verify: bool = False) -> None:
     """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
     chunk with its size, and whether it came from the origin (False: already cached),
     so progress always reaches the file size. `order` is the chunk order to fetch
     in (default: by offset); the reader's position picks where in it to go on.
     Once `stopped()` is true no new chunk is started; those under way finish and
-    are counted (a pause that loses nothing and refetches nothing)."""
+    are counted (a pause that loses nothing and refetches nothing). With `verify`,
+    cached chunks this process has not checked yet are checked in the same order
+    (a warm loader then reads checked chunks)."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
     order = order if order is not None else list(range(total))
     rank = {idx: i for i, idx in enumerate(order)}
-    missing: list[int] = []
+    missing: list[int] = []  # to fetch, or with `verify` also to check
     for idx in order:
         if reader.is_cached(f, idx):
             if progress:
                 progress(min(cs, f.entry.size - idx * cs), False)
+            if verify and reader.needs_check(f, idx):
+                missing.append(idx)
         else:
             missing.append(idx)
 
@@ -97,6 +102,9 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
 
     async def worker() -> None:
         while (idx := next_index()) is not None:
+            if verify and reader.is_cached(f, idx):
+                await reader.verify(f, idx)  # counted as cached above
+                continue
             fetched = await reader.ensure(f, idx, priority)
             if progress:
                 progress(min(cs, f.entry.size - idx * cs), fetched > 0)
@@ -136,12 +144,20 @@ class OpenPrefetcher:
             self._open.pop(cid, None)
 
     async def _run(self, f: RemoteFile) -> None:
+        cid = f.entry.content_id
         try:
-            await trio.sleep(self._config.start_delay)
-            if f.entry.content_id not in self._open:
-                return  # closed again already: a probe, not a loader
+            n = chunk_count(f.entry.size, self._reader.config.chunk_size)
+            cached = all(self._reader.is_cached(f, i) for i in range(n))
+            if not cached:
+                await trio.sleep(self._config.start_delay)
+                if cid not in self._open:
+                    return  # closed again already: a probe, not a loader
+            # A file cached whole costs the origin nothing: check its chunks ahead of the
+            # loader at once, and only while it is open (a probe stops it).
             order = await loader_order(self._reader, f)
-            await prefetch_file(self._reader, f, parallel=self._config.per_file, order=order)
+            await prefetch_file(self._reader, f, parallel=self._config.per_file, order=order,
+                                verify=True,
+                                stopped=(lambda: cid not in self._open) if cached else None)
             log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
         except* Exception as group:
             # Demand reads retry whatever is still missing; a prefetch never ends the mount.

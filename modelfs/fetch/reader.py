@@ -82,7 +82,8 @@ class ReaderStats:
     fetches: int = 0
     fetch_errors: int = 0
     bytes_fetched: int = 0
-    loads: int = 0  # chunks loaded (and checked) from disk
+    loads: int = 0  # chunks loaded whole and checked on a read's own time (first use)
+    checks: int = 0  # chunks checked ahead of their first read
     bytes_served: int = 0
     in_flight: int = 0  # chunk fetches holding an origin request now
     errors: dict[str, int] = field(default_factory=dict)  # by `ModelfsError.kind`
@@ -219,6 +220,25 @@ class ChunkReader:
         joined = (f.entry.content_id, idx) in self._inflight
         data = await self._wait(f, idx, priority)
         return 0 if joined else len(data)
+
+    def needs_check(self, f: RemoteFile, idx: int) -> bool:
+        """Cached on disk but not yet checked by this process (its first read would
+        have to load and check it whole first)."""
+        key = (f.entry.content_id, idx)
+        if key in self._recent or key in self._inflight:
+            return False
+        digest = self.cache.lookup(f.entry.content_id, self.config.chunk_size, idx)
+        return digest is not None and self.cache.needs_load(digest)
+
+    async def verify(self, f: RemoteFile, idx: int) -> None:
+        """Check a cached chunk ahead of its first read (a damaged one is dropped), so
+        the read is a plain `pread`: how a warm loader in tensor order avoids paying
+        for the check on its own time."""
+        digest = self.cache.lookup(f.entry.content_id, self.config.chunk_size, idx)
+        if digest is None or not self.cache.needs_load(digest) or digest in self._checking:
+            return
+        self._checking.add(digest)
+        await self._check_ahead(digest)
 
     def position(self, f: RemoteFile) -> int | None:
         """Where the file's most recent reader is, to prefetch in an order that follows it."""
@@ -366,6 +386,7 @@ class ChunkReader:
 
     async def _check_ahead(self, digest: str) -> None:
         try:
+            self._stats.checks += 1
             await trio.to_thread.run_sync(self.cache.check, digest, limiter=self._io)
         finally:
             self._checking.discard(digest)

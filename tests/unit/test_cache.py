@@ -216,3 +216,44 @@ def test_positional_chunks_are_checked_by_crc_and_the_whole_file(tmp_path: Path)
     assert cache.load(digests[1]) is None  # crc32 catches the flip
     assert cache.check_file(entry, 65536) == FileCheck(2, 0, False, None)
     cache.index.close()
+
+
+def test_chunks_of_a_format_2_cache_keep_their_crc32_check(tmp_path: Path) -> None:
+    """Chunks stored before the XXH3 flag carry a crc32: still served, still checked,
+    and the index is upgraded to the current format in place."""
+    import struct
+    import zlib
+
+    from modelfs.cache.index import FORMAT
+
+    cache = _cache(tmp_path, compression="never")
+    good, bad = _chunk(1), _chunk(2)
+    for i, data in enumerate((good, bad)):
+        digest = cache.store.put(data).digest
+        # As format 2 wrote it: no flag in the codec byte, crc32 as the checksum.
+        cache.index.put_chunk("old", 64 << 10, i, digest, 65536, len(data), CODEC_RAW,
+                              zlib.crc32(data))
+    cache.index._write(lambda txn: txn.put(b"format", struct.pack(">I", 2),
+                                           db=cache.index._meta))
+    p_bad = cache.store.path_for(cache.lookup("old", 64 << 10, 1))
+    raw = bytearray(p_bad.read_bytes())
+    raw[7] ^= 0x10
+    p_bad.write_bytes(bytes(raw))
+    cache = _reopen(cache, tmp_path)
+    d_good = cache.lookup("old", 64 << 10, 0)
+    blob = cache.index.blob(d_good)
+    assert blob is not None and not blob.xxh3 and blob.checksum == zlib.crc32(good)
+    assert cache.load(d_good) == good
+    assert cache.load(cache.lookup("old", 64 << 10, 1)) is None  # crc32 caught the flip
+    assert cache.index._read(lambda txn: txn.get(b"format", db=cache.index._meta)) == \
+        struct.pack(">I", FORMAT)
+    # New chunks get xxh3, and a flip in them is caught too.
+    d_new = cache.put("new", 64 << 10, 0, _chunk(3))
+    assert cache.index.blob(d_new).xxh3
+    p_new = cache.store.path_for(d_new)
+    raw = bytearray(p_new.read_bytes())
+    raw[5000] ^= 1
+    p_new.write_bytes(bytes(raw))
+    cache = _reopen(cache, tmp_path)
+    assert cache.load(d_new) is None
+    cache.index.close()
