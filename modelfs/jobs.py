@@ -344,6 +344,7 @@ class JobManager:
     # Resolving and fetching -------------------------------------------------------------
 
     async def _resolve(self, job: Job) -> None:
+        job.errors.clear()  # a resolution cut short by a restart starts over
         limiter = trio.CapacityLimiter(self.config.resolve_parallel)
         found: list[list[Item]] = [[] for _ in job.spec.repos]
 
