@@ -134,17 +134,31 @@ class Operations(pyfuse3.Operations):
         a new commit). Call from a task, never from a request handler: it asks the
         kernel to drop its cached entry, which must not wait on a request in flight.
 
-        Open files keep reading what they opened (handles hold their `RemoteFile`);
-        old inodes go away once the kernel forgets them.
+        The new subtree is merged into the old one: only entries that changed are
+        replaced (and dropped from the kernel's cache), so unchanged files keep
+        their inode and the kernel keeps their pages. Open files keep reading what
+        they opened (handles hold their `RemoteFile`); old inodes go away once the
+        kernel forgets them.
         """
-        for ino in self._tree.detach(parent, name):
+        old = self._tree.swap_child(parent, name, None)
+        build(self._tree)
+        new = self._tree.swap_child(parent, name, old)
+        if old is not None and new is not None and self._tree[old].is_dir \
+                and self._tree[new].is_dir:
+            gone, changed = self._tree.merge(old, new)
+        else:  # nothing there before, or not a directory: swap the whole entry
+            self._tree.swap_child(parent, name, new)
+            gone = self._tree.subtree(old) if old is not None else []
+            changed = [(parent, name)]
+        for ino in gone:
             if self._lookups[ino] > 0:
                 self._detached.add(ino)
             else:
                 self._tree.remove(ino)
-        build(self._tree)
-        pyfuse3.invalidate_entry_async(pyfuse3.InodeT(parent), pyfuse3.FileNameT(os.fsencode(name)),
-                                       ignore_enoent=True)
+        for dir_inode, entry in changed:
+            pyfuse3.invalidate_entry_async(pyfuse3.InodeT(dir_inode),
+                                           pyfuse3.FileNameT(os.fsencode(entry)),
+                                           ignore_enoent=True)
 
     async def invalidate_content(self, content_id: str) -> None:
         """Drop the kernel's cached pages of every inode showing `content_id`. In a

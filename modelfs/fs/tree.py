@@ -4,6 +4,8 @@
 `MOUNT/<org>/<name>@<rev>/...` for a pinned one. Each inode stands for one
 immutable thing (a directory of one snapshot, or one version of a file), so
 the kernel may cache its pages forever; content that changes gets new inodes.
+When a repo moves to a new commit, the tree is merged (`merge`): what did not
+change keeps its node, so its inode and the kernel's pages of it live on.
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ class Tree:
         p = self._nodes[parent]
         assert p.children is not None
         top = p.children.pop(name, None)
+        return self.subtree(top) if top is not None else []
+
+    def subtree(self, top: int) -> list[int]:
+        """`top` and every inode below it."""
         out: list[int] = []
-        stack = [top] if top is not None else []
+        stack = [top]
         while stack:
             ino = stack.pop()
             out.append(ino)
@@ -112,6 +118,55 @@ class Tree:
     def remove(self, inode: int) -> None:
         self._nodes.pop(inode, None)
 
+    def swap_child(self, parent: int, name: str, inode: int | None) -> int | None:
+        """Point `parent`/`name` at `inode` (None: unlink it); return what it pointed at."""
+        children = self._nodes[parent].children
+        assert children is not None
+        was = children.pop(name, None)
+        if inode is not None:
+            children[name] = inode
+            self._nodes[inode].parent = parent
+        return was
+
+    def merge(self, old_top: int, new_top: int) -> tuple[list[int], list[tuple[int, str]]]:
+        """Make directory `old_top` show what `new_top` (a subtree just built, not
+        linked into the tree) shows, changing only what differs: directories on
+        both sides and files with the same content keep their old node, hence their
+        inode and the kernel's cached pages and entries. Returns the inodes that
+        left the tree (to remove once the kernel forgets them) and the (directory
+        inode, name) entries that changed (for the kernel to drop)."""
+        gone: list[int] = []
+        changed: list[tuple[int, str]] = []
+        pairs = [(old_top, new_top)]
+        while pairs:
+            o, n = pairs.pop()
+            old_children = self._nodes[o].children
+            new_children = self._nodes.pop(n).children  # the new directory node itself goes
+            assert old_children is not None
+            assert new_children is not None
+            for name in set(old_children) | set(new_children):
+                oi, ni = old_children.get(name), new_children.get(name)
+                if oi is not None and ni is not None:
+                    was, now = self._nodes[oi], self._nodes[ni]
+                    if was.is_dir and now.is_dir:
+                        pairs.append((oi, ni))
+                        continue
+                    if _same_content(was.file, now.file):
+                        del self._nodes[ni]  # never seen by the kernel
+                        continue
+                if oi is not None:
+                    gone += self.detach(o, name)
+                if ni is not None:
+                    self.swap_child(o, name, ni)
+                changed.append((o, name))
+        return gone, changed
+
     def total_size(self) -> int:
         return sum(n.file.entry.size for n in self._nodes.values()
                    if isinstance(n.file, RemoteFile))
+
+
+def _same_content(a: RemoteFile | StaticFile | None, b: RemoteFile | StaticFile | None) -> bool:
+    if isinstance(a, RemoteFile) and isinstance(b, RemoteFile):
+        return a.entry.content_id == b.entry.content_id and a.entry.size == b.entry.size
+    return isinstance(a, StaticFile) and a == b

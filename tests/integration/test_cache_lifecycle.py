@@ -76,6 +76,29 @@ def test_branch_move_new_opens_see_new_tree_open_handles_keep_theirs(
     assert "moved" in m.log_text()
 
 
+def test_files_unchanged_by_a_branch_move_keep_their_inode_and_page_cache(
+        mount_factory, origin: Origin, repo_data) -> None:
+    m = mount_factory(["org/model"], "--revision-ttl", "0.3")
+    weights = repo_data["org/model@main"]["model.safetensors"]
+    path = m.p("org/model/model.safetensors")
+    assert path.read_bytes() == weights  # now in the kernel's page cache
+    ino = path.stat().st_ino
+    readme_ino = m.p("org/model/README.md").stat().st_ino
+    origin.put_file("org/model", "main", "README.md", b"# model, edited\n")
+    wait_for(lambda: m.p("org/model/README.md").read_bytes() == b"# model, edited\n",
+             what="the moved branch")
+    assert m.p("org/model/README.md").stat().st_ino != readme_ino  # changed: a new inode
+    assert path.stat().st_ino == ino  # unchanged: the same inode
+    with m.client() as c:
+        served = c.status()["reads"]["bytes_served"]
+        assert path.read_bytes() == weights
+        # Answered from the kernel's pages of the kept inode. (Without the merge the
+        # daemon serves the whole file again; the kernel may drop a few pages anyway.)
+        assert c.status()["reads"]["bytes_served"] - served < len(weights) // 4
+    hf = m.p(".hf-cache/hub/models--org--model/snapshots")
+    assert len(list(hf.iterdir())) == 1  # the HF view moved too
+
+
 def test_force_refetches_listing_and_content(mount_factory, origin: Origin, repo_data) -> None:
     w = repo_data["org/model@main"]["model.safetensors"]
     m = mount_factory(["org/model"])
