@@ -257,3 +257,23 @@ def test_chunks_of_a_format_2_cache_keep_their_crc32_check(tmp_path: Path) -> No
     cache = _reopen(cache, tmp_path)
     assert cache.load(d_new) is None
     cache.index.close()
+
+
+def test_whole_block_chunks_bypass_the_page_cache(tmp_path: Path) -> None:
+    """A chunk of whole 4 KiB blocks is written with O_DIRECT (the mount's own file
+    pages already hold those bytes); anything else, or a file system that refuses
+    O_DIRECT, is written normally. Both read back exactly."""
+    import shutil
+
+    store = ChunkStore(tmp_path)
+    whole, tail = _chunk(1, 1 << 20), _chunk(2, (1 << 20) + 100)
+    d_whole, d_tail = store.put(whole).digest, store.put(tail).digest
+    assert store.path_for(d_whole).read_bytes() == whole
+    assert store.path_for(d_tail).read_bytes() == tail
+    if not store._direct or shutil.which("fincore") is None:
+        return  # this file system has no O_DIRECT: the buffered path was taken and worked
+    store2 = ChunkStore(tmp_path / "again")  # a chunk not read back since its write
+    d2 = store2.put(_chunk(3, 1 << 20)).digest
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                          str(store2.path_for(d2))], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == 0  # nothing of it went through the page cache
