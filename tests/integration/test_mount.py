@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,15 @@ def test_file_shared_by_two_repos_is_stored_once(mount_factory, origin: Origin, 
     origin.reset_stats()
     assert m.p(f"org/other/{WEIGHTS}").read_bytes() == data
     assert origin.data_requests() == []
-    chunk_files = [p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file()]
-    assert len(chunk_files) == -(-len(data) // CHUNK)
+    want = -(-len(data) // CHUNK)
+
+    def chunk_files() -> int:
+        return sum(1 for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file())
+
+    deadline = time.monotonic() + 10  # chunks are stored after they are served
+    while chunk_files() < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chunk_files() == want
 
 
 def test_pinned_and_main_show_their_own_content(mount_factory, origin: Origin, repo_data) -> None:
