@@ -20,11 +20,11 @@ from typing import Any
 import click
 import trio
 
-from .cli_cache import cache_group
+from .cli_cache import cache_group, human_size
 from .config import (
     PrefetchJobConfig,
+    cache_dir_path,
     control_socket_path,
-    default_cache_dir,
     load_job_config,
     load_mount_config,
 )
@@ -346,8 +346,7 @@ def _client(config_file: str | None, control_socket: str | None) -> ControlClien
         layered = layer({"control_socket": control_socket}, config=config_file)
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
-    cache_dir = layered.values.get("cache_dir")
-    cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(os.environ)
+    cdir = cache_dir_path(layered.values.get("cache_dir"), os.environ)
     return ControlClient(control_socket_path(layered.values.get("control_socket"), cdir))
 
 
@@ -381,24 +380,16 @@ def status(config_file: str | None, control_socket: str | None, as_json: bool) -
         click.echo(f"repo       {r['id']}@{r['revision']} -> {r['commit'][:12]} "
                    f"({r['files']} files, {r['source']})")
     c, rd, f = st["cache"], st["reads"], st["fetch"]
-    limit = _size(c["limit_bytes"]) if c["limit_bytes"] is not None else "unlimited"
-    click.echo(f"cache      {_size(c['usage_bytes'])} of {limit} ({st['cache_dir']})")
+    limit = human_size(c["limit_bytes"]) if c["limit_bytes"] is not None else "unlimited"
+    click.echo(f"cache      {human_size(c['usage_bytes'])} of {limit} ({st['cache_dir']})")
     click.echo(f"reads      {rd['hits']} hits, {rd['misses']} misses, "
-               f"{_size(rd['bytes_served'])} served")
+               f"{human_size(rd['bytes_served'])} served")
     errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items())) or "none"
-    click.echo(f"fetch      {_size(f['bytes_fetched'])} in {f['fetches']} fetches, "
-               f"{f['in_flight']} in flight, {_size(f['throughput_bytes_per_s'])}/s; "
+    click.echo(f"fetch      {human_size(f['bytes_fetched'])} in {f['fetches']} fetches, "
+               f"{f['in_flight']} in flight, {human_size(f['throughput_bytes_per_s'])}/s; "
                f"errors: {errors}")
     jobs = ", ".join(f"{n} {s}" for s, n in st["jobs"].items()) or "none"
     click.echo(f"jobs       {jobs}")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 @main.command()
@@ -414,7 +405,7 @@ def jobs(config_file: str | None, control_socket: str | None, as_json: bool) -> 
     for j in listed:
         repos = ", ".join(f"{r['id']}@{r['revision']}" for r in j["repos"])
         click.echo(f"{j['id']}  {j['state']:<9} {j['files_done']}/{j['files']} files  "
-                   f"{_size(j['downloaded_bytes'])}/{_size(j['bytes'])}  {repos}")
+                   f"{human_size(j['downloaded_bytes'])}/{human_size(j['bytes'])}  {repos}")
 
 
 def _act(action: str) -> click.Command:

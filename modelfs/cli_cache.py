@@ -9,29 +9,29 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import click
 
 from .cache import CacheConfig, ChunkCache, ChunkStore, Index, admin
-from .config import build_hub_config, default_cache_dir
+from .config import build_hub_config, cache_dir_path
 from .errors import ModelfsError
 from .remote import HubSource
 from .types import RepoRef
 
 
-def _size(n: int) -> str:
+def human_size(n: float) -> str:
+    """Bytes for people: `512 B`, `10.0 MiB`."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     raise AssertionError
 
 
 @contextmanager
 def _open(cache_dir: str | None) -> Iterator[ChunkCache]:
-    path = Path(cache_dir).absolute() if cache_dir else default_cache_dir(os.environ)
+    path = cache_dir_path(cache_dir, os.environ)
     if not (path / "index").is_dir():
         raise click.ClickException(f"no cache at {path} (give --cache-dir)")
     try:
@@ -80,11 +80,11 @@ def ls(repo: str | None, cache_dir: str | None, as_json: bool) -> None:
     for s in states:
         pin = "  pinned" if s.pinned else ""
         click.echo(f"{s.repo_id}@{s.revision} -> {s.commit[:12]}{pin}  "
-                   f"{_size(s.cached)} of {_size(s.size)} cached")
+                   f"{human_size(s.cached)} of {human_size(s.size)} cached")
         width = max((len(f.path) for f in s.files), default=0)
         for f in s.files:
-            click.echo(f"  {f.path:<{width}}  {_size(f.cached):>10} / {_size(f.size)}")
-    click.echo(f"cache uses {_size(usage)} on disk")
+            click.echo(f"  {f.path:<{width}}  {human_size(f.cached):>10} / {human_size(f.size)}")
+    click.echo(f"cache uses {human_size(usage)} on disk")
 
 
 def _verdict(f: admin.FileState) -> tuple[str, bool]:
@@ -137,7 +137,7 @@ def gc_cmd(cache_dir: str | None) -> None:
     with _open(cache_dir) as cache:
         r = admin.gc(cache)
     click.echo(f"removed {r.unindexed_files} unindexed chunk files, {r.missing_files} entries "
-               f"without a file, {r.old_chunks} chunks of old versions; freed {_size(r.freed)}")
+               f"without a file, {r.old_chunks} chunks of old versions; freed {human_size(r.freed)}")
 
 
 @cache_group.command("evict")

@@ -81,6 +81,11 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelfs"
 
 
+def cache_dir_path(cache_dir: str | None, env: Mapping[str, str]) -> Path:
+    """The cache directory a setting names, or the default one."""
+    return Path(cache_dir).absolute() if cache_dir else default_cache_dir(env)
+
+
 @dataclass(frozen=True, slots=True)
 class MountConfig:
     mountpoint: Path
@@ -244,7 +249,7 @@ def build_mount_config(
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     prefetch = build_prefetch_config(per_file_connections, prefetch_on_open)
     _at_least(revision_ttl, 0.1, "--revision-ttl", "at least 0.1 seconds")
-    cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(env)
+    cdir = cache_dir_path(cache_dir, env)
     return MountConfig(
         mountpoint=Path(mountpoint).absolute(),
         repos=refs,
@@ -328,7 +333,7 @@ def build_job_config(
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     # Nothing else reads through this process: no slots need holding back for demand reads.
     fetch = replace(fetch, scheduler=replace(fetch.scheduler, demand_reserve=0))
-    cdir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(env)
+    cdir = cache_dir_path(cache_dir, env)
     return PrefetchJobConfig(
         spec=JobSpec(tuple(dict.fromkeys(reqs)), pin=pin, force=force),
         jobs=build_jobs_config(parallel_files, per_file_connections),

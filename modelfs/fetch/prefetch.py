@@ -146,8 +146,9 @@ class OpenPrefetcher:
     async def _run(self, f: RemoteFile) -> None:
         cid = f.entry.content_id
         try:
-            n = chunk_count(f.entry.size, self._reader.config.chunk_size)
-            cached = all(self._reader.is_cached(f, i) for i in range(n))
+            cs = self._reader.config.chunk_size
+            cached = len(await trio.to_thread.run_sync(
+                self._reader.cache.index.file_chunks, cid, cs)) == chunk_count(f.entry.size, cs)
             if not cached:
                 await trio.sleep(self._config.start_delay)
                 if cid not in self._open:
