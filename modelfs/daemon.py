@@ -8,6 +8,7 @@ answers a `stat`.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -226,8 +227,28 @@ def _mount_fusectl() -> None:
         log.info("cannot mount fusectl on %s: %s", conns, res.stderr.strip())
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep freed chunk buffers for reuse instead of returning them.
+
+    Every fetch and load allocates a chunk-sized buffer (4 MiB). glibc serves
+    those from fresh `mmap`s and unmaps them when freed, so each chunk's bytes
+    land in newly faulted pages, which costs (on a VM that hands freed memory
+    back to its host: 4 shards loaded at once, 12.7 s -> 11.4 s). With these
+    thresholds they come from the heap and its pages are reused. The heap's
+    peak stays bounded by the fetch memory limit plus the recent-chunks budget.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 512 << 20)
+
+
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure."""
+    keep_freed_memory()
     check_mountpoint(config.mountpoint)
     if config.control_socket:
         check_socket_free(config.control_socket)

@@ -46,13 +46,19 @@ def checksum(data: bytes | bytearray | memoryview, *, xxh3: bool) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF if xxh3 else zlib.crc32(data)
 
 
+def _aligned(n: int) -> int:
+    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
 class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._chunks = root / "chunks"
         self._tmp = root / "tmp"
         self._local = threading.local()
-        self._direct = True  # until the file system refuses O_DIRECT
+        self._direct = True  # until the file system refuses O_DIRECT writes
+        self._direct_read = True  # ... or reads
+        self._nowait = True  # until the file system refuses RWF_NOWAIT
         try:
             self._chunks.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -136,28 +142,55 @@ class ChunkStore:
             view.release()
         return True
 
-    def read(self, digest: str, offset: int, length: int) -> bytes | None:
-        """`length` bytes at `offset` of a raw chunk, or None when its file is gone."""
+    def read(self, digest: str, offset: int, length: int) -> bytes | bytearray | None:
+        """`length` bytes at `offset` of a raw chunk, only if the page cache holds them
+        all (`preadv2(RWF_NOWAIT)`): None when its file is gone, short, or would have
+        to be read from disk. The caller (the event loop) then loads the chunk whole
+        in a worker thread (`load`) instead of waiting on the disk itself."""
         try:
             fd = os.open(self.path_for(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            return os.pread(fd, length, offset)
+            if not self._nowait:
+                return os.pread(fd, length, offset)
+            buf = bytearray(length)
+            try:
+                n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+                self._nowait = False  # this file system cannot tell: read as before
+                return os.pread(fd, length, offset)
+            return buf if n == length else None
         finally:
             os.close(fd)
 
     def load(self, digest: str, codec_id: int, raw_size: int, check: int | None = None,
-             *, xxh3: bool = True) -> bytes | None:
+             *, xxh3: bool = True) -> bytes | memoryview | None:
         """A whole chunk, decompressed, if its file exists and holds `raw_size` bytes
         that match: their `checksum` when `check` is given (far cheaper), else
-        their sha256, the file's name. None when missing or damaged."""
-        try:
-            with open(self.path_for(digest), "rb") as f:
-                body = f.read()
-        except FileNotFoundError:
-            return None
-        if codec_id == CODEC_ZSTD:
+        their sha256, the file's name. None when missing or damaged.
+
+        A raw chunk is read with O_DIRECT into a buffer of its own: the bytes go
+        to the mount's page cache anyway, so a second copy in the chunk file's
+        page cache would only cost a copy and memory."""
+        buf: mmap.mmap | bytearray | None = None
+        n = 0
+        if codec_id == CODEC_RAW:
+            buf = mmap.mmap(-1, _aligned(raw_size + 1))  # +1: a longer file shows
+            n = self.read_into(digest, buf)
+            if n < 0:
+                return None
+            body: bytes | memoryview = memoryview(buf)[:n]
+        else:
+            try:
+                with open(self.path_for(digest), "rb") as f:
+                    body = f.read()
+            except FileNotFoundError:
+                return None
             try:
                 body = codec.decompress(body, raw_size)
             except Exception:
@@ -167,6 +200,36 @@ class ChunkStore:
         if check is not None:
             return body if checksum(body, xxh3=xxh3) == check else None
         return body if hashlib.sha256(body).hexdigest() == digest else None
+
+    def read_into(self, digest: str, buf: mmap.mmap | bytearray) -> int:
+        """Read a chunk file from its start into `buf`; the bytes read, or -1 when
+        the file is gone. A page-aligned `buf` (an `mmap`) of whole 4 KiB blocks is
+        filled with O_DIRECT, bypassing the page cache (where possible)."""
+        path = self.path_for(digest)
+        direct = self._direct_read and isinstance(buf, mmap.mmap) and len(buf) % DIRECT_ALIGN == 0
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        except FileNotFoundError:
+            return -1
+        except OSError as exc:
+            if not direct or exc.errno != errno.EINVAL:
+                raise
+            self._direct_read = False  # e.g. tmpfs: no O_DIRECT
+            return self.read_into(digest, buf)
+        try:
+            done = 0
+            view = memoryview(buf)
+            try:
+                while done < len(buf):
+                    n = os.preadv(fd, [view[done:]], done)
+                    done += n
+                    if n < len(view) - (done - n):
+                        break  # end of file (a short read of a regular file)
+            finally:
+                view.release()
+            return done
+        finally:
+            os.close(fd)
 
     def check(self, digest: str, raw_size: int, check: int, *, xxh3: bool = True) -> bool:
         """Whether a raw chunk file holds `raw_size` bytes with this checksum. Reads

@@ -67,7 +67,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         progress: Callable[[int, bool], None] | None = None,
                         order: list[int] | None = None,
                         stopped: Callable[[], bool] | None = None,
-                        verify: bool = False) -> None:
+                        verify: bool = False, keep: bool = False) -> None:
     """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
     chunk with its size, and whether it came from the origin (False: already cached),
     so progress always reaches the file size. `order` is the chunk order to fetch
@@ -75,7 +75,8 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     Once `stopped()` is true no new chunk is started; those under way finish and
     are counted (a pause that loses nothing and refetches nothing). With `verify`,
     cached chunks this process has not checked yet are checked in the same order
-    (a warm loader then reads checked chunks)."""
+    (a warm loader then reads checked chunks). With `keep`, fetched chunks are
+    also held in memory for a reader of the file (see `ChunkReader.ensure`)."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
     order = order if order is not None else list(range(total))
@@ -105,7 +106,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             if verify and reader.is_cached(f, idx):
                 await reader.verify(f, idx)  # counted as cached above
                 continue
-            fetched = await reader.ensure(f, idx, priority)
+            fetched = await reader.ensure(f, idx, priority, keep=keep)
             if progress:
                 progress(min(cs, f.entry.size - idx * cs), fetched > 0)
 
@@ -157,7 +158,7 @@ class OpenPrefetcher:
             # loader at once, and only while it is open (a probe stops it).
             order = await loader_order(self._reader, f)
             await prefetch_file(self._reader, f, parallel=self._config.per_file, order=order,
-                                verify=True,
+                                verify=True, keep=True,
                                 stopped=(lambda: cid not in self._open) if cached else None)
             log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
         except* Exception as group:

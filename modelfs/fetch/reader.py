@@ -8,8 +8,10 @@ served.
 Chunk lifecycle: missing -> fetching (a `_Flight` in `_inflight`) -> stored
 (a file under `chunks/` and an index entry; for a while also in `_recent`).
 A stored chunk's first read in this process is a flight too: the whole chunk
-is loaded and checked against its sha256 in a worker thread (`ChunkCache.load`),
-and fetched again if it is damaged.
+is loaded and checked against its checksum in a worker thread (`ChunkCache.load`),
+and fetched again if it is damaged. Later reads `pread` the range from the page
+cache, and a range that is not there is loaded whole the same way: the event
+loop never waits on the disk.
 
 - Single flight: a fetch is registered in `_inflight` before the first
   checkpoint and runs in the reader's own nursery, so concurrent readers of one
@@ -50,7 +52,7 @@ class FetchConfig:
 
     chunk_size: int = 4 << 20
     io_threads: int = 8
-    recent_bytes: int = 64 << 20
+    recent_bytes: int = 128 << 20
     readahead: ReadAheadConfig = field(default_factory=ReadAheadConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -82,7 +84,7 @@ class ReaderStats:
     fetches: int = 0
     fetch_errors: int = 0
     bytes_fetched: int = 0
-    loads: int = 0  # chunks loaded whole and checked on a read's own time (first use)
+    loads: int = 0  # chunks loaded whole on a read's own time (first use, or not in page cache)
     checks: int = 0  # chunks checked ahead of their first read
     bytes_served: int = 0
     in_flight: int = 0  # chunk fetches holding an origin request now
@@ -112,6 +114,7 @@ class _Flight:
     buf: bytes | bytearray | None = None
     filled: int = 0
     error: BaseException | None = None
+    keep: bool = False  # hold the bytes in `_recent` even at PREFETCH priority
 
     def advance(self, filled: int) -> None:
         self.filled = filled
@@ -197,7 +200,8 @@ class ChunkReader:
                 if data is not None:
                     self._stats.hits += 1
                     return data
-                # Gone or short since it was checked: the flight below loads it (and
+                # Not in the page cache (or gone, or short): the flight below loads it
+                # whole in a worker thread, so this loop never waits on the disk (and
                 # drops and refetches it if it is damaged).
         if cached:
             self._stats.hits += 1
@@ -212,13 +216,16 @@ class ChunkReader:
         return (f.entry.content_id, idx) in self._recent or self.cache.lookup(
             f.entry.content_id, self.config.chunk_size, idx) is not None
 
-    async def ensure(self, f: RemoteFile, idx: int, priority: Priority) -> int:
+    async def ensure(self, f: RemoteFile, idx: int, priority: Priority,
+                     keep: bool = False) -> int:
         """Make chunk `idx` cached; return the bytes fetched for it: 0 if it was cached,
-        or if someone else's fetch of it was already under way (it is theirs to count)."""
+        or if someone else's fetch of it was already under way (it is theirs to count).
+        `keep`: a reader has the file open, so hold the fetched bytes in memory too
+        (it will read them soon; reading them back from disk would cost a copy)."""
         if self.is_cached(f, idx):
             return 0
         joined = (f.entry.content_id, idx) in self._inflight
-        data = await self._wait(f, idx, priority)
+        data = await self._wait(f, idx, priority, keep=keep)
         return 0 if joined else len(data)
 
     def needs_check(self, f: RemoteFile, idx: int) -> bool:
@@ -246,11 +253,12 @@ class ChunkReader:
         return t.position() if t else None
 
     async def _wait(self, f: RemoteFile, idx: int, priority: Priority,
-                    need: int | None = None) -> bytes | bytearray:
+                    need: int | None = None, keep: bool = False) -> bytes | bytearray:
         """Chunk `idx`, sharing any fetch already in flight: the whole chunk, or with
         `need`, as soon as its first `need` bytes have arrived."""
         while True:
             flight = self._start(f, idx, priority)
+            flight.keep = flight.keep or keep
             while not flight.done.is_set():
                 if need is not None and flight.buf is not None and flight.filled >= need:
                     return flight.buf
@@ -301,7 +309,7 @@ class ChunkReader:
                 self._stats.observe(trio.current_time() - t0)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
-            if flight.ticket.priority != Priority.PREFETCH:
+            if flight.keep or flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
             try:
                 # A file with a known sha256 is checked whole (`_hash_on`): its chunks

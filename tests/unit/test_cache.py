@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from modelfs.cache import CacheConfig, ChunkCache, ChunkStore, FileCheck, Index
 from modelfs.cache.index import CODEC_RAW, CODEC_ZSTD
+from modelfs.cache.store import checksum
 from modelfs.types import FileEntry, Snapshot
 
 
@@ -113,6 +116,7 @@ def test_compression_auto_keeps_only_chunks_that_shrink(tmp_path: Path) -> None:
     assert fresh.load(d_text) == text
     assert fresh.needs_load(d_text)  # compressed chunks are always loaded whole
     assert fresh.load(d_noise) == noise and not fresh.needs_load(d_noise)
+    fresh.store.path_for(d_noise).read_bytes()  # now in the page cache: a plain pread
     assert fresh.read(d_noise, 10, 5) == noise[10:15]
     fresh.index.close()
 
@@ -277,3 +281,34 @@ def test_whole_block_chunks_bypass_the_page_cache(tmp_path: Path) -> None:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
                           str(store2.path_for(d2))], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) == 0  # nothing of it went through the page cache
+
+
+def test_reads_come_only_from_the_page_cache_and_loads_bypass_it(tmp_path: Path) -> None:
+    """The event loop's `read` never waits on the disk: a range not in the page cache
+    gives None (the caller loads the chunk whole in a worker thread). `load` reads
+    raw chunks with O_DIRECT, so it leaves nothing in the page cache either."""
+    import shutil
+
+    store = ChunkStore(tmp_path)
+    data = _chunk(4, 1 << 20)
+    d = store.put(data).digest
+    path = store.path_for(d)
+    if not store._direct or shutil.which("fincore") is None:
+        pytest.skip("no O_DIRECT here: every chunk is in the page cache")
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+    def resident() -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              str(path)], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert resident() == 0
+    blob = store.load(d, CODEC_RAW, len(data), checksum(data, xxh3=True))
+    assert blob is not None and bytes(blob) == data
+    assert resident() == 0  # loaded past the page cache
+    assert store.read(d, 4096, 100) is None  # would need the disk (it may start readahead)
+    assert store.load(d, CODEC_RAW, len(data) - 1, checksum(data, xxh3=True)) is None
+    path.read_bytes()
+    assert store.read(d, 4096, 100) == data[4096:4196]
