@@ -92,6 +92,10 @@ def test_open_prefetches_the_whole_file_in_the_background(mount_factory, origin:
     os.close(fd)
     assert m.p(f"org/model/{WEIGHTS}").read_bytes() == data
     assert origin.data_requests() == []
+    # The prefetched chunks were held in memory for the file's reader: none had to
+    # be loaded back from its chunk file (written past the page cache).
+    with m.client() as c:
+        assert c.status()["reads"]["chunk_loads"] == 0
     # Only matching files are prefetched on open.
     assert m.p("org/model/tokenizer.json").read_bytes()[:1] == b"{"
     assert [r.path for r in origin.data_requests()] == ["/org/model/resolve/" +
