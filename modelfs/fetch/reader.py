@@ -135,6 +135,7 @@ class ChunkReader:
         self._hashers: dict[str, tuple[FileHasher, trio.Event]] = {}
         self._mismatched: set[str] = set()
         self._checking: set[str] = set()  # digests being checked ahead of a reader
+        self._moved: dict[str, trio.Event] = {}  # per content id: set at its next read
         # Told when a file version's cached bytes were found bad and dropped, so the
         # mount can drop the kernel's copy of them too.
         self.on_content_dropped: Callable[[str], None] | None = None
@@ -251,6 +252,14 @@ class ChunkReader:
         """Where the file's most recent reader is, to prefetch in an order that follows it."""
         t = self._streams.get(f.entry.content_id)
         return t.position() if t else None
+
+    async def reader_moved(self, f: RemoteFile) -> None:
+        """Return at the next read of `f` (by anyone)."""
+        cid = f.entry.content_id
+        event = self._moved.get(cid)
+        if event is None:
+            event = self._moved[cid] = trio.Event()
+        await event.wait()
 
     async def _wait(self, f: RemoteFile, idx: int, priority: Priority,
                     need: int | None = None, keep: bool = False) -> bytes | bytearray:
@@ -416,6 +425,9 @@ class ChunkReader:
     def _read_ahead(self, f: RemoteFile, offset: int, end: int) -> None:
         """Start background fetches ahead of a sequential reader."""
         cid = f.entry.content_id
+        moved = self._moved.pop(cid, None)
+        if moved is not None:
+            moved.set()
         tracker = self._streams.get(cid)
         if tracker is None:
             tracker = self._streams[cid] = StreamTracker(self.config.readahead)
