@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..errors import CacheFull
 from ..types import FileEntry
 from .index import POSITIONAL, XXH3, Index
-from .store import ChunkStore
+from .store import ChunkStore, direct_buffer
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class FileHasher:
         if blob.compressed:
             return self._cache.load(digest)
         if self._buf is None:
-            self._buf = mmap.mmap(-1, -(-self._cs // 4096) * 4096)
+            self._buf = direct_buffer(self._cs)
         n = self._cache.store.read_into(digest, self._buf)
         return memoryview(self._buf)[:n] if n == blob.raw_size else None
 

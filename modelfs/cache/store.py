@@ -46,8 +46,10 @@ def checksum(data: bytes | bytearray | memoryview, *, xxh3: bool) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF if xxh3 else zlib.crc32(data)
 
 
-def _aligned(n: int) -> int:
-    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+def direct_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer of at least `size` bytes, in whole 4 KiB blocks: what
+    `ChunkStore.read_into` can fill with O_DIRECT (anonymous maps are page-aligned)."""
+    return mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
 
 
 class ChunkStore:
@@ -177,10 +179,8 @@ class ChunkStore:
         A raw chunk is read with O_DIRECT into a buffer of its own: the bytes go
         to the mount's page cache anyway, so a second copy in the chunk file's
         page cache would only cost a copy and memory."""
-        buf: mmap.mmap | bytearray | None = None
-        n = 0
         if codec_id == CODEC_RAW:
-            buf = mmap.mmap(-1, _aligned(raw_size + 1))  # +1: a longer file shows
+            buf = direct_buffer(raw_size + 1)  # +1: a longer file shows
             n = self.read_into(digest, buf)
             if n < 0:
                 return None
@@ -217,17 +217,7 @@ class ChunkStore:
             self._direct_read = False  # e.g. tmpfs: no O_DIRECT
             return self.read_into(digest, buf)
         try:
-            done = 0
-            view = memoryview(buf)
-            try:
-                while done < len(buf):
-                    n = os.preadv(fd, [view[done:]], done)
-                    done += n
-                    if n < len(view) - (done - n):
-                        break  # end of file (a short read of a regular file)
-            finally:
-                view.release()
-            return done
+            return os.preadv(fd, [buf], 0)  # a regular file reads short only at its end
         finally:
             os.close(fd)
 
