@@ -52,13 +52,15 @@ class SchedulerStats:
 
 @dataclass(slots=True, eq=False)
 class Ticket:
-    """A request for a slot. `promote` may raise its priority while it waits
-    (a demand reader joining a queued read-ahead fetch)."""
+    """A request for a slot. `promote` may raise its priority before it is granted
+    (a demand reader joining a queued read-ahead fetch). A ticket is "new" until
+    it asks for a slot: one that never does (a chunk loaded from disk, not
+    fetched) holds nothing and must not be granted one."""
 
     priority: int
     nbytes: int
     event: trio.Event = field(default_factory=trio.Event)
-    state: str = "waiting"  # waiting | granted | cancelled
+    state: str = "new"  # new | waiting | granted | cancelled
     granted_as: int = -1
 
 
@@ -82,8 +84,10 @@ class FetchScheduler:
         return Ticket(int(priority), nbytes)
 
     def promote(self, ticket: Ticket, priority: Priority) -> None:
-        if ticket.state == "waiting" and priority < ticket.priority:
-            ticket.priority = int(priority)
+        if ticket.state not in ("new", "waiting") or priority >= ticket.priority:
+            return
+        ticket.priority = int(priority)
+        if ticket.state == "waiting":
             heapq.heappush(self._heap, (ticket.priority, next(self._seq), ticket))
             self._wake()
 
@@ -136,6 +140,7 @@ class FetchScheduler:
     @asynccontextmanager
     async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
         """Hold one request slot and `ticket.nbytes` of the memory budget."""
+        ticket.state = "waiting"
         heapq.heappush(self._heap, (ticket.priority, next(self._seq), ticket))
         self._wake()
         try:

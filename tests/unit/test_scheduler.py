@@ -112,3 +112,19 @@ async def test_prefetch_waits_while_a_demand_read_is_in_flight() -> None:
         assert (demand.state, ahead.state, background.state) == ("granted", "granted", "waiting")
         gate.set()
     assert background.state == "granted"
+
+
+async def test_promoting_a_ticket_that_never_asked_for_a_slot_grants_nothing() -> None:
+    """A demand reader joining a chunk load (from disk: no slot) promotes its ticket;
+    that must not grant it a slot nobody releases (every later fetch would wait
+    once such leaks took them all)."""
+    s = FetchScheduler(SchedulerConfig(max_fetches=2, demand_reserve=0, memory_bytes=1 << 30))
+    for _ in range(5):
+        s.promote(s.ticket(Priority.READAHEAD, 10), Priority.DEMAND)
+    assert s.statistics().active == 0
+    t = s.ticket(Priority.PREFETCH, 10)
+    s.promote(t, Priority.DEMAND)  # a load that failed and falls back to a fetch
+    with trio.fail_after(1):
+        async with s.slot(t):
+            assert t.granted_as == Priority.DEMAND
+    assert s.statistics().active == 0
