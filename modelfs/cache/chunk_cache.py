@@ -3,14 +3,12 @@ kept consistent, within a size limit, with damaged chunks never served.
 
 - Integrity: every chunk file is named by the sha256 of its bytes (or by its
   position, see `index.POSITIONAL`), and the index keeps a 32-bit checksum of
-  it (xxh3; crc32 for chunks stored by earlier versions). The first read of a
-  chunk in a process loads the whole chunk and checks it (`load`; xxh3 is ~30x
-  cheaper than sha256 and enough for accidental damage); later reads trust the
-  file and `pread` the range they need (`read`). So a chunk damaged on disk
-  (flipped, truncated, deleted) while the daemon was down is found before a
-  byte of it is served; damage done under a running daemon is found by the
-  next restart. `modelfs cache verify` and the whole-file check recompute
-  sha256 (`load(full=True)`).
+  it (xxh3; crc32 for chunks stored by earlier versions). A chunk is only ever
+  read from disk whole, and checked every time (`load`; xxh3 is ~30x cheaper
+  than sha256 and enough for accidental damage: ~0.02 s per GiB), into memory
+  past the page cache. So a chunk damaged on disk (flipped, truncated,
+  deleted) is found before a byte of it is served. `modelfs cache verify` and
+  the whole-file check recompute sha256 (`load(full=True)`).
 - Space: `limit` counts disk blocks of chunk files (`usage` in the index).
   Adding a chunk that takes the cache over the limit evicts least-recently-used
   chunks down to `low_water` of it at once, so eviction is rare and batched.
@@ -134,7 +132,6 @@ class ChunkCache:
         self.index = index
         self.store = store
         self.config = config
-        self._verified: set[str] = set()
         self._reading: Counter[str] = Counter()
         self._evicting = threading.Lock()
         self._lock = threading.Lock()
@@ -144,22 +141,10 @@ class ChunkCache:
     def lookup(self, content_id: str, chunk_size: int, idx: int) -> str | None:
         return self.index.get_chunk(content_id, chunk_size, idx)
 
-    def needs_load(self, digest: str) -> bool:
-        """True when a read of this chunk must go through `load` (first use, or compressed)."""
-        return digest not in self._verified
-
-    def read(self, digest: str, offset: int, length: int) -> bytes | bytearray | None:
-        """A range of a verified raw chunk from the page cache; None if its file is
-        gone or short, or the range is not in the page cache: then `load` it."""
-        with self._in_use(digest):
-            data = self.store.read(digest, offset, length)
-        if data is None:
-            return None
-        self.index.touch(digest)
-        return data
-
-    def load(self, digest: str, full: bool = False) -> bytes | memoryview | None:
-        """The whole chunk, checked against its checksum (`full`: its sha256 name). A
+    def load(self, digest: str, full: bool = False,
+             into: mmap.mmap | None = None) -> bytes | memoryview | None:
+        """The whole chunk, checked against its checksum (`full`: its sha256 name),
+        read into `into` if given and large enough (see `ChunkStore.load`). A
         damaged or missing chunk is dropped from the index (and disk) and None
         returned: the caller refetches."""
         blob = self.index.blob(digest)
@@ -168,37 +153,18 @@ class ChunkCache:
         with self._in_use(digest):
             data = self.store.load(digest, blob.codec, blob.raw_size,
                                    None if full and not blob.positional else blob.checksum,
-                                   xxh3=blob.xxh3)
+                                   xxh3=blob.xxh3, into=into)
         if data is None:
             self._drop_damaged(digest)
             return None
-        if not blob.compressed:
-            self._verified.add(digest)  # later reads may pread ranges of it
         self.index.touch(digest)
         return data
-
-    def check(self, digest: str) -> bool:
-        """Check a chunk ahead of its first read (no bytes kept); like `load`, a
-        damaged chunk is dropped. Compressed chunks are left to `load`."""
-        blob = self.index.blob(digest)
-        if blob is None:
-            return False
-        if blob.compressed or digest in self._verified:
-            return True
-        with self._in_use(digest):
-            ok = self.store.check(digest, blob.raw_size, blob.checksum, xxh3=blob.xxh3)
-        if ok:
-            self._verified.add(digest)
-        else:
-            self._drop_damaged(digest)
-        return ok
 
     def _drop_damaged(self, digest: str) -> None:
         log.error("chunk %s is damaged or missing on disk; dropped, it will be fetched "
                   "again", digest[:16])
         self.index.drop_blob(digest)
         self.store.delete(digest)
-        self._verified.discard(digest)
 
     @contextmanager
     def _in_use(self, digest: str) -> Iterator[None]:
@@ -229,7 +195,6 @@ class ChunkCache:
             log.warning("cache file system full while storing a chunk: evicted %d chunks, "
                         "retrying", freed)
             digest = self._put(content_id, chunk_size, idx, data, positional)
-        self._verified.add(digest)
         limit = self.config.limit
         if limit is not None and self.index.usage() > limit:
             self._evict_to(int(limit * self.config.low_water))
@@ -249,7 +214,6 @@ class ChunkCache:
     def _delete(self, digests: list[str]) -> None:
         for d in digests:
             self.store.delete(d)
-            self._verified.discard(d)
 
     def _evict_to(self, target: int) -> int:
         """Evict down to `target` bytes. One evictor per process at a time; a store

@@ -57,10 +57,9 @@ class ChunkStore:
         self.root = root
         self._chunks = root / "chunks"
         self._tmp = root / "tmp"
-        self._local = threading.local()
+        self._local = threading.local()  # per-thread O_DIRECT write buffers
         self._direct = True  # until the file system refuses O_DIRECT writes
         self._direct_read = True  # ... or reads
-        self._nowait = True  # until the file system refuses RWF_NOWAIT
         try:
             self._chunks.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -144,43 +143,19 @@ class ChunkStore:
             view.release()
         return True
 
-    def read(self, digest: str, offset: int, length: int) -> bytes | bytearray | None:
-        """`length` bytes at `offset` of a raw chunk, only if the page cache holds them
-        all (`preadv2(RWF_NOWAIT)`): None when its file is gone, short, or would have
-        to be read from disk. The caller (the event loop) then loads the chunk whole
-        in a worker thread (`load`) instead of waiting on the disk itself."""
-        try:
-            fd = os.open(self.path_for(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            if not self._nowait:
-                return os.pread(fd, length, offset)
-            buf = bytearray(length)
-            try:
-                n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-            except BlockingIOError:
-                return None
-            except OSError as exc:
-                if exc.errno != errno.EOPNOTSUPP:
-                    raise
-                self._nowait = False  # this file system cannot tell: read as before
-                return os.pread(fd, length, offset)
-            return buf if n == length else None
-        finally:
-            os.close(fd)
-
     def load(self, digest: str, codec_id: int, raw_size: int, check: int | None = None,
-             *, xxh3: bool = True) -> bytes | memoryview | None:
+             *, xxh3: bool = True, into: mmap.mmap | None = None) -> bytes | memoryview | None:
         """A whole chunk, decompressed, if its file exists and holds `raw_size` bytes
         that match: their `checksum` when `check` is given (far cheaper), else
         their sha256, the file's name. None when missing or damaged.
 
-        A raw chunk is read with O_DIRECT into a buffer of its own: the bytes go
-        to the mount's page cache anyway, so a second copy in the chunk file's
-        page cache would only cost a copy and memory."""
+        A raw chunk is read with O_DIRECT into `into` (a `direct_buffer` the caller
+        reuses) or a buffer of its own: the bytes go to the mount's page cache
+        anyway, so a second copy in the chunk file's page cache would only cost a
+        copy and memory."""
         if codec_id == CODEC_RAW:
-            buf = direct_buffer(raw_size + 1)  # +1: a longer file shows
+            # +1: a longer file shows
+            buf = into if into is not None and len(into) > raw_size else direct_buffer(raw_size + 1)
             n = self.read_into(digest, buf)
             if n < 0:
                 return None
@@ -221,35 +196,8 @@ class ChunkStore:
         finally:
             os.close(fd)
 
-    def check(self, digest: str, raw_size: int, check: int, *, xxh3: bool = True) -> bool:
-        """Whether a raw chunk file holds `raw_size` bytes with this checksum. Reads
-        into a per-thread buffer: checking ahead of a reader allocates nothing. (Not
-        mmap: an I/O error on a mapped page is SIGBUS, on a read it is EIO.)"""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < raw_size + 1:
-            buf = self._local.buf = bytearray(raw_size + 1)
-        try:
-            with open(self.path_for(digest), "rb", buffering=0) as f:
-                n = f.readinto(buf)
-        except FileNotFoundError:
-            return False
-        return n == raw_size and checksum(memoryview(buf)[:n], xxh3=xxh3) == check
-
     def delete(self, digest: str) -> None:
         self.path_for(digest).unlink(missing_ok=True)
-
-    def willneed(self, digest: str) -> None:
-        """Start reading a chunk file into the page cache (asynchronous readahead)."""
-        try:
-            fd = os.open(self.path_for(digest), os.O_RDONLY)
-        except OSError:
-            return  # only a hint: a missing file is found (and refetched) by the read
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
     def digests(self) -> Iterator[str]:
         """Every chunk file's name (walks the tree: for `cache gc`/`verify`, not hot paths)."""

@@ -43,10 +43,11 @@ class _Collector(Collector):
                                   value=s.bytes_served)
         yield CounterMetricFamily("modelfs_fetches", "Chunk fetches from origins.",
                                   value=s.fetches)
-        yield CounterMetricFamily("modelfs_chunk_loads", "Cached chunks loaded whole and "
-                                  "checked on a read's own time (first use).", value=s.loads)
-        yield CounterMetricFamily("modelfs_chunk_checks", "Cached chunks checked ahead of "
-                                  "their first read.", value=s.checks)
+        yield CounterMetricFamily("modelfs_chunk_loads", "Cached chunks loaded from disk "
+                                  "(and checked) on a read's own time.", value=s.loads)
+        yield CounterMetricFamily("modelfs_chunk_loads_ahead", "Cached chunks loaded from "
+                                  "disk (and checked) ahead of their reader.",
+                                  value=s.loads_ahead)
         yield GaugeMetricFamily("modelfs_fetches_in_flight", "Origin requests in flight.",
                                 value=s.in_flight)
         cumulative, total = [], 0

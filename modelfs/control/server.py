@@ -88,7 +88,7 @@ class ControlContext:
             "cache": {"usage_bytes": cache.index.usage(), "limit_bytes": cache.config.limit,
                       "compression": cache.config.compression},
             "reads": {"hits": s.hits, "misses": s.misses, "bytes_served": s.bytes_served,
-                      "chunk_loads": s.loads, "chunk_checks": s.checks},
+                      "chunk_loads": s.loads, "chunk_loads_ahead": s.loads_ahead},
             "fetch": {"bytes_fetched": s.bytes_fetched, "fetches": s.fetches,
                       "in_flight": s.in_flight, "errors": s.errors,
                       "throughput_bytes_per_s": round(self.throughput.rate()

@@ -7,6 +7,11 @@ safetensors file "after" means in the order loaders consume it: tensors by name
 (`tensors.py`), so a loader calling `get_tensor` over sorted keys finds the next
 tensor being fetched or already cached, and its faults join those fetches. What is already
 cached costs nothing, so a rerun fetches only what is missing.
+
+While a file opened by a loader stays open, `follow_reader` keeps the next
+chunks in that order in memory, loading cached ones from disk ahead of the
+reader: a warm loader (cache on disk, nothing in memory) then finds its chunks
+loaded and checked.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ class PrefetchConfig:
 # chunks ahead of it (in the prefetch order), so the chunks it holds in memory for
 # the reader are read before the recent-chunks budget evicts them (4 shards
 # loaded at once re-read ~15% of their bytes from disk without it). A reader idle
-# for LEAD_IDLE seconds no longer holds the prefetch back.
+# for LEAD_IDLE seconds no longer holds the fetches back. `follow_reader` loads
+# this many cached chunks ahead of the reader.
 LEAD_CHUNKS = 8
 LEAD_IDLE = 0.5
 
@@ -76,28 +82,24 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         progress: Callable[[int, bool], None] | None = None,
                         order: list[int] | None = None,
                         stopped: Callable[[], bool] | None = None,
-                        verify: bool = False, keep: bool = False) -> None:
+                        keep: bool = False) -> None:
     """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
     chunk with its size, and whether it came from the origin (False: already cached),
     so progress always reaches the file size. `order` is the chunk order to fetch
     in (default: by offset); the reader's position picks where in it to go on.
     Once `stopped()` is true no new chunk is started; those under way finish and
-    are counted (a pause that loses nothing and refetches nothing). With `verify`,
-    cached chunks this process has not checked yet are checked in the same order
-    (a warm loader then reads checked chunks). With `keep`, fetched chunks are
+    are counted (a pause that loses nothing and refetches nothing). With `keep`, fetched chunks are
     also held in memory for a reader of the file (see `ChunkReader.ensure`), and
     the prefetch stays within `LEAD_CHUNKS` of that reader while it reads."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
     order = order if order is not None else list(range(total))
     rank = {idx: i for i, idx in enumerate(order)}
-    missing: list[int] = []  # to fetch, or with `verify` also to check
+    missing: list[int] = []
     for idx in order:
         if reader.is_cached(f, idx):
             if progress:
                 progress(min(cs, f.entry.size - idx * cs), False)
-            if verify and reader.needs_check(f, idx):
-                missing.append(idx)
         else:
             missing.append(idx)
 
@@ -121,9 +123,6 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
 
     async def worker() -> None:
         while (idx := next_index()) is not None:
-            if verify and reader.is_cached(f, idx):
-                await reader.verify(f, idx)  # counted as cached above; holds no memory
-                continue
             if keep:
                 await near_reader(idx)
             fetched = await reader.ensure(f, idx, priority, keep=keep)
@@ -135,11 +134,35 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             nursery.start_soon(worker)
 
 
+async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
+                        is_open: Callable[[], bool]) -> None:
+    """While `is_open()`, keep the `LEAD_CHUNKS` chunks that follow the reader's
+    position in `order` in memory: cached ones are loaded from disk (and checked)
+    before the reader asks, so a warm loader jumping from tensor to tensor does
+    not wait on the disk. Each read wakes it. It loads only while the reader
+    moves forward in `order` (a random reader would have it load chunks nobody
+    reads, evicting those being read), and nothing while the reader is idle."""
+    cs = reader.config.chunk_size
+    rank = {idx: i for i, idx in enumerate(order)}
+    last: int | None = None
+    while is_open():
+        pos = reader.position(f)
+        at = rank.get(pos // cs) if pos is not None else None
+        if at is not None and last is not None and 0 <= at - last <= LEAD_CHUNKS:
+            for idx in order[at:at + LEAD_CHUNKS + 1]:
+                reader.load_ahead(f, idx)
+        last = at if at is not None else last
+        with trio.move_on_after(LEAD_IDLE):
+            await reader.reader_moved(f)
+
+
 class OpenPrefetcher:
     """Starts a background whole-file prefetch when a matching file is opened.
 
     It starts `start_delay` after the open, and only if the file is still open
     then: a quick probe (open, read a header, close) fetches only what it read.
+    A file cached whole starts at once and fetches nothing. While the file stays
+    open, `follow_reader` loads cached chunks ahead of its reader.
     """
 
     def __init__(self, reader: ChunkReader, config: PrefetchConfig) -> None:
@@ -168,19 +191,21 @@ class OpenPrefetcher:
         cid = f.entry.content_id
         try:
             cs = self._reader.config.chunk_size
+            total = chunk_count(f.entry.size, cs)
             cached = len(await trio.to_thread.run_sync(
-                self._reader.cache.index.file_chunks, cid, cs)) == chunk_count(f.entry.size, cs)
+                self._reader.cache.index.file_chunks, cid, cs)) == total
             if not cached:
                 await trio.sleep(self._config.start_delay)
                 if cid not in self._open:
                     return  # closed again already: a probe, not a loader
-            # A file cached whole costs the origin nothing: check its chunks ahead of the
-            # loader at once, and only while it is open (a probe stops it).
-            order = await loader_order(self._reader, f)
-            await prefetch_file(self._reader, f, parallel=self._config.per_file, order=order,
-                                verify=True, keep=True,
-                                stopped=(lambda: cid not in self._open) if cached else None)
-            log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
+            order = await loader_order(self._reader, f) or list(range(total))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow_reader, self._reader, f, order,
+                                   lambda: cid in self._open)
+                if not cached:
+                    await prefetch_file(self._reader, f, parallel=self._config.per_file,
+                                        order=order, keep=True)
+                    log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
         except* Exception as group:
             # Demand reads retry whatever is still missing; a prefetch never ends the mount.
             exc = group.exceptions[0]

@@ -67,6 +67,16 @@ class StreamTracker:
                                     issued_until=end))
         return None
 
+    def ahead(self) -> tuple[int, int] | None:
+        """The next `window` bytes of the most recent stream, once it has proved
+        sequential: what it will read next."""
+        if not self.streams:
+            return None
+        s = self.streams[-1]
+        if s.next_offset - s.start < self.config.trigger:
+            return None
+        return s.next_offset, s.next_offset + s.window
+
     def position(self) -> int | None:
         """Where the most recent stream is reading (for prefetch ordering)."""
         return self.streams[-1].next_offset if self.streams else None

@@ -1,17 +1,25 @@
 """Serve byte ranges of remote files from the chunk cache, fetching what is missing.
 
-This is where the cache and the sources meet. A read maps to fixed chunks; a
-cached chunk is read from its file, a missing one is fetched whole with one
-ranged GET, stored (temp file + rename) and indexed in a worker thread, and
-served.
+This is where the cache and the sources meet. A read maps to fixed chunks and
+is answered from chunks in memory (`_recent`, a view: no copy before the FUSE
+reply). A missing chunk is fetched whole with one ranged GET, stored (temp file
++ rename) and indexed in a worker thread, and kept in memory for a while.
 
 Chunk lifecycle: missing -> fetching (a `_Flight` in `_inflight`) -> stored
 (a file under `chunks/` and an index entry; for a while also in `_recent`).
-A stored chunk's first read in this process is a flight too: the whole chunk
-is loaded and checked against its checksum in a worker thread (`ChunkCache.load`),
-and fetched again if it is damaged. Later reads `pread` the range from the page
-cache, and a range that is not there is loaded whole the same way: the event
-loop never waits on the disk.
+A stored chunk that is not in memory is loaded by a flight too: read whole with
+O_DIRECT in a worker thread and checked against its checksum
+(`ChunkCache.load`), fetched again if it is damaged. So the event loop never
+waits on the disk, and a chunk file never goes through the page cache (its
+bytes are on their way to the mount's page cache: a second copy would cost a
+copy and memory).
+
+- Loads run ahead of readers (`load_ahead`): within `LOAD_AHEAD` chunks of a
+  sequential stream here, and in loader order by the on-open prefetch
+  (`prefetch.follow_reader`), so a warm reader rarely waits on the disk.
+- Load buffers are reused: a loaded chunk evicted from `_recent` gives its
+  buffer back once no view of it is alive (`_take_buffer`). Fresh memory is
+  what costs on a VM that hands freed pages back to its host.
 
 - Single flight: a fetch is registered in `_inflight` before the first
   checkpoint and runs in the reader's own nursery, so concurrent readers of one
@@ -26,6 +34,8 @@ loop never waits on the disk.
 from __future__ import annotations
 
 import logging
+import mmap
+import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -33,6 +43,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from ..cache import ChunkCache, FileHasher
+from ..cache.store import direct_buffer
 from ..errors import ModelfsError, RemoteStale
 from ..remote import Source
 from ..types import FileEntry
@@ -71,6 +82,12 @@ class RemoteFile:
         return f"{self.repo_id}/{self.entry.path}"
 
 
+# Cached chunks loaded into memory ahead of a sequential reader (32 MiB at 4 MiB
+# chunks): enough to keep the disk busy, well within `recent_bytes`.
+LOAD_AHEAD = 8
+# Load buffers kept for reuse beyond those of the chunks in `_recent`.
+SPARE_BUFFERS = 8
+
 # Upper bounds (seconds) of the fetch-latency histogram's buckets; the last is +Inf.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 
@@ -84,8 +101,8 @@ class ReaderStats:
     fetches: int = 0
     fetch_errors: int = 0
     bytes_fetched: int = 0
-    loads: int = 0  # chunks loaded whole on a read's own time (first use, or not in page cache)
-    checks: int = 0  # chunks checked ahead of their first read
+    loads: int = 0  # cached chunks a read found neither in memory nor being loaded
+    loads_ahead: int = 0  # cached chunks loaded into memory ahead of their reader
     bytes_served: int = 0
     in_flight: int = 0  # chunk fetches holding an origin request now
     errors: dict[str, int] = field(default_factory=dict)  # by `ModelfsError.kind`
@@ -115,6 +132,7 @@ class _Flight:
     filled: int = 0
     error: BaseException | None = None
     keep: bool = False  # hold the bytes in `_recent` even at PREFETCH priority
+    ahead: bool = False  # started ahead of a reader (not by a demand read)
 
     def advance(self, filled: int) -> None:
         self.filled = filled
@@ -134,7 +152,7 @@ class ChunkReader:
         # hasher, and the event its task waits on for the next stored chunk.
         self._hashers: dict[str, tuple[FileHasher, trio.Event]] = {}
         self._mismatched: set[str] = set()
-        self._checking: set[str] = set()  # digests being checked ahead of a reader
+        self._spare: list[mmap.mmap] = []  # load buffers evicted from `_recent`
         self._moved: dict[str, trio.Event] = {}  # per content id: set at its next read
         # Told when a file version's cached bytes were found bad and dropped, so the
         # mount can drop the kernel's copy of them too.
@@ -191,25 +209,13 @@ class ChunkReader:
         if recent is not None:
             self._recent.move_to_end(key)
             self._stats.hits += 1
-            return memoryview(recent)[p.start:p.end]
-        cached = False
-        if key not in self._inflight:
-            digest = self.cache.lookup(f.entry.content_id, self.config.chunk_size, p.index)
-            cached = digest is not None
-            if digest is not None and not self.cache.needs_load(digest):
-                data = self.cache.read(digest, p.start, p.end - p.start)
-                if data is not None:
-                    self._stats.hits += 1
-                    return data
-                # Not in the page cache (or gone, or short): the flight below loads it
-                # whole in a worker thread, so this loop never waits on the disk (and
-                # drops and refetches it if it is damaged).
-        if cached:
-            self._stats.hits += 1
+            return _view(recent, p.start, p.end)
+        if self.is_cached(f, p.index):
+            self._stats.hits += 1  # on disk: loaded (and checked) in a worker thread
         else:
             self._stats.misses += 1
         data = await self._wait(f, p.index, Priority.DEMAND, need=p.end)
-        return memoryview(data)[p.start:p.end]
+        return _view(data, p.start, p.end)
 
     # Fetching -----------------------------------------------------------------------
 
@@ -229,24 +235,15 @@ class ChunkReader:
         data = await self._wait(f, idx, priority, keep=keep)
         return 0 if joined else len(data)
 
-    def needs_check(self, f: RemoteFile, idx: int) -> bool:
-        """Cached on disk but not yet checked by this process (its first read would
-        have to load and check it whole first)."""
+    def load_ahead(self, f: RemoteFile, idx: int) -> None:
+        """Start loading chunk `idx` of `f` into memory for a reader that will want it
+        soon, if it is cached on disk and not in memory or on its way already
+        (fetching what is not cached is the prefetch's and read-ahead's business)."""
         key = (f.entry.content_id, idx)
-        if key in self._recent or key in self._inflight:
-            return False
-        digest = self.cache.lookup(f.entry.content_id, self.config.chunk_size, idx)
-        return digest is not None and self.cache.needs_load(digest)
-
-    async def verify(self, f: RemoteFile, idx: int) -> None:
-        """Check a cached chunk ahead of its first read (a damaged one is dropped), so
-        the read is a plain `pread`: how a warm loader in tensor order avoids paying
-        for the check on its own time."""
-        digest = self.cache.lookup(f.entry.content_id, self.config.chunk_size, idx)
-        if digest is None or not self.cache.needs_load(digest) or digest in self._checking:
+        if key in self._recent or key in self._inflight or self._nursery is None:
             return
-        self._checking.add(digest)
-        await self._check_ahead(digest)
+        if self.cache.lookup(f.entry.content_id, self.config.chunk_size, idx) is not None:
+            self._start(f, idx, Priority.READAHEAD)
 
     def position(self, f: RemoteFile) -> int | None:
         """Where the file's most recent reader is, to prefetch in an order that follows it."""
@@ -288,7 +285,8 @@ class ChunkReader:
         if self._nursery is None:
             raise RuntimeError("ChunkReader.run() is not running")
         _, length = chunk_extent(idx, f.entry.size, self.config.chunk_size)
-        flight = self._inflight[key] = _Flight(self.scheduler.ticket(priority, length))
+        flight = self._inflight[key] = _Flight(self.scheduler.ticket(priority, length),
+                                               ahead=priority != Priority.DEMAND)
         self._nursery.start_soon(self._fetch_task, f, idx, flight)
         return flight
 
@@ -298,9 +296,16 @@ class ChunkReader:
         try:
             digest = self.cache.lookup(cid, cs, idx)
             if digest is not None:
-                loaded = await trio.to_thread.run_sync(self.cache.load, digest, limiter=self._io)
+                buf = self._take_buffer()
+                loaded = await trio.to_thread.run_sync(self.cache.load, digest, False, buf,
+                                                       limiter=self._io)
+                if not (isinstance(loaded, memoryview) and loaded.obj is buf):
+                    self._give_buffer(buf)  # damaged, gone, or compressed: not used
                 if loaded is not None:
-                    self._stats.loads += 1
+                    if flight.ahead:
+                        self._stats.loads_ahead += 1
+                    else:
+                        self._stats.loads += 1
                     flight.buf = loaded
                     flight.filled = len(loaded)
                     self._remember(cid, idx, loaded)
@@ -401,16 +406,6 @@ class ChunkReader:
         for idx in range(chunk_count(f.entry.size, self.config.chunk_size)):
             await self.ensure(f, idx, Priority.PREFETCH)
 
-    async def _check_ahead(self, digest: str) -> None:
-        try:
-            self._stats.checks += 1
-            await trio.to_thread.run_sync(self.cache.check, digest, limiter=self._io)
-        finally:
-            self._checking.discard(digest)
-
-    async def _willneed(self, digest: str) -> None:
-        await trio.to_thread.run_sync(self.cache.store.willneed, digest, limiter=self._io)
-
     def _remember(self, cid: str, idx: int, data: bytes | bytearray) -> None:
         """Keep a just-fetched chunk in memory, evicting the oldest beyond `recent_bytes`."""
         budget = self.config.recent_bytes
@@ -421,9 +416,30 @@ class ChunkReader:
         while self._recent_size > budget:
             _, old = self._recent.popitem(last=False)
             self._recent_size -= len(old)
+            self._give_buffer(old)
+
+    def _give_buffer(self, data: object) -> None:
+        """Keep a load buffer (or the buffer under a loaded chunk's view) for reuse."""
+        buf = data.obj if isinstance(data, memoryview) else data
+        if isinstance(buf, mmap.mmap) and len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(buf)
+
+    def _take_buffer(self) -> mmap.mmap:
+        """A buffer to load a chunk into: a spare one whose bytes nobody still reads,
+        or a new one. Every view handed out is made from the buffer itself
+        (`_view`), so it holds a reference to it (CPython): a spare referred to
+        from anywhere but here may still be read (a reply being assembled, a
+        waiter not yet run) and is dropped rather than overwritten."""
+        while self._spare:
+            buf = self._spare.pop()
+            if sys.getrefcount(buf) == 2 and len(buf) > self.config.chunk_size:
+                return buf  # referred to only by `buf` and getrefcount's argument
+        return direct_buffer(self.config.chunk_size + 1)  # +1: a longer file shows
 
     def _read_ahead(self, f: RemoteFile, offset: int, end: int) -> None:
-        """Start background fetches ahead of a sequential reader."""
+        """Ahead of a sequential reader: fetch what is not cached (the stream's
+        read-ahead window), and load what is cached into memory (up to
+        `LOAD_AHEAD` chunks: what it reads next, not what it may read later)."""
         cid = f.entry.content_id
         moved = self._moved.pop(cid, None)
         if moved is not None:
@@ -432,24 +448,23 @@ class ChunkReader:
         if tracker is None:
             tracker = self._streams[cid] = StreamTracker(self.config.readahead)
         span = tracker.on_read(offset, end, f.entry.size)
-        if span is None:
-            return
         cs = self.config.chunk_size
-        first = span[0] // cs
-        last = min(chunk_count(f.entry.size, cs), -(-span[1] // cs))
-        for idx in range(first, last):
-            if (cid, idx) in self._inflight or (cid, idx) in self._recent:
-                continue
-            digest = self.cache.lookup(cid, cs, idx)
-            if digest is None:
-                self._start(f, idx, Priority.READAHEAD)
-            elif self._nursery is not None and self.cache.needs_load(digest):
-                # Check it ahead of the reader (reading it also pulls it into the page
-                # cache); the bytes are not kept, so the window is not bounded by memory.
-                if digest not in self._checking:
-                    self._checking.add(digest)
-                    self._nursery.start_soon(self._check_ahead, digest)
-            elif self._nursery is not None:
-                # Cached on disk: have the kernel read it in before the reader gets there
-                # (in a thread: submitting the I/O can block).
-                self._nursery.start_soon(self._willneed, digest)
+        count = chunk_count(f.entry.size, cs)
+        if span is not None:
+            for idx in range(span[0] // cs, min(count, -(-span[1] // cs))):
+                if (cid, idx) not in self._inflight and (cid, idx) not in self._recent \
+                        and self.cache.lookup(cid, cs, idx) is None:
+                    self._start(f, idx, Priority.READAHEAD)
+        ahead = tracker.ahead()
+        if ahead is not None:
+            stop = min(ahead[1], ahead[0] + LOAD_AHEAD * cs)
+            for idx in range(ahead[0] // cs, min(count, -(-stop // cs))):
+                self.load_ahead(f, idx)
+
+
+def _view(data: bytes | bytearray | memoryview, start: int, end: int) -> memoryview:
+    """Bytes [start, end) of a chunk. A loaded chunk's view is made from its buffer
+    itself, so that it holds a reference to the buffer (see `_take_buffer`)."""
+    if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
+        return memoryview(data.obj)[start:end]
+    return memoryview(data)[start:end]

@@ -15,7 +15,7 @@ import pytest
 
 from modelfs.cache import CacheConfig, ChunkCache, ChunkStore, FileCheck, Index
 from modelfs.cache.index import CODEC_RAW, CODEC_ZSTD
-from modelfs.cache.store import checksum
+from modelfs.cache.store import checksum, direct_buffer
 from modelfs.types import FileEntry, Snapshot
 
 
@@ -59,8 +59,6 @@ def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
     assert store.path_for(digest).read_bytes() == data
     assert store.put(data).digest == digest
     assert store.count() == 1
-    assert store.read(digest, 5, 6) == data[5:11]
-    assert store.read("0" * 64, 0, 1) is None
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -112,12 +110,8 @@ def test_compression_auto_keeps_only_chunks_that_shrink(tmp_path: Path) -> None:
     assert blob_text.codec == CODEC_ZSTD and blob_text.disk_bytes < len(text) // 3
     assert blob_noise.codec == CODEC_RAW
     fresh = _reopen(cache, tmp_path)
-    assert fresh.needs_load(d_text)
     assert fresh.load(d_text) == text
-    assert fresh.needs_load(d_text)  # compressed chunks are always loaded whole
-    assert fresh.load(d_noise) == noise and not fresh.needs_load(d_noise)
-    fresh.store.path_for(d_noise).read_bytes()  # now in the page cache: a plain pread
-    assert fresh.read(d_noise, 10, 5) == noise[10:15]
+    assert fresh.load(d_noise) == noise
     fresh.index.close()
 
 
@@ -141,7 +135,6 @@ def test_damaged_chunks_are_never_served_after_a_restart(tmp_path: Path) -> None
     cache = _reopen(cache, tmp_path)
     usage = cache.index.usage()
     for d in digests:
-        assert cache.needs_load(d)
         assert cache.load(d) is None
     assert cache.lookup("cid", 64 << 10, 0) is None and cache.lookup("other", 64 << 10, 0) is None
     assert cache.index.usage() == usage - 3 * 65536
@@ -283,10 +276,11 @@ def test_whole_block_chunks_bypass_the_page_cache(tmp_path: Path) -> None:
     assert int(out.stdout.strip()) == 0  # nothing of it went through the page cache
 
 
-def test_reads_come_only_from_the_page_cache_and_loads_bypass_it(tmp_path: Path) -> None:
-    """The event loop's `read` never waits on the disk: a range not in the page cache
-    gives None (the caller loads the chunk whole in a worker thread). `load` reads
-    raw chunks with O_DIRECT, so it leaves nothing in the page cache either."""
+def test_loads_bypass_the_page_cache_and_check_every_time(tmp_path: Path) -> None:
+    """A raw chunk is read whole with O_DIRECT into the caller's buffer (reused from
+    load to load), so nothing of it lands in the page cache, and it is checked on
+    every load: damage done after an earlier good load is still never served."""
+    import mmap
     import shutil
 
     store = ChunkStore(tmp_path)
@@ -305,10 +299,13 @@ def test_reads_come_only_from_the_page_cache_and_loads_bypass_it(tmp_path: Path)
         return int(out.stdout.strip())
 
     assert resident() == 0
-    blob = store.load(d, CODEC_RAW, len(data), checksum(data, xxh3=True))
-    assert blob is not None and bytes(blob) == data
+    buf = direct_buffer(len(data) + 1)
+    blob = store.load(d, CODEC_RAW, len(data), checksum(data, xxh3=True), into=buf)
+    assert isinstance(blob, memoryview) and blob.obj is buf and bytes(blob) == data
     assert resident() == 0  # loaded past the page cache
-    assert store.read(d, 4096, 100) is None  # would need the disk (it may start readahead)
     assert store.load(d, CODEC_RAW, len(data) - 1, checksum(data, xxh3=True)) is None
-    path.read_bytes()
-    assert store.read(d, 4096, 100) == data[4096:4196]
+    raw = bytearray(data)
+    raw[12345] ^= 1
+    path.write_bytes(bytes(raw))
+    assert store.load(d, CODEC_RAW, len(data), checksum(data, xxh3=True),
+                      into=mmap.mmap(-1, len(data) + 4096)) is None

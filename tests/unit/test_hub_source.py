@@ -182,6 +182,48 @@ async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_pat
     await src.aclose()
 
 
+async def test_load_buffers_are_reused_only_once_no_view_of_them_is_alive(
+        origin: Origin, repo_data, tmp_path: Path) -> None:
+    """Chunks loaded from disk live in reused buffers. A view still held across
+    awaits (as by a read spanning two chunks) keeps its buffer from being
+    overwritten by later loads; once it is dropped, buffers are reused."""
+    src = source(origin)
+    f = await remote_file(src)
+    w = repo_data["org/model@main"]["model.safetensors"]
+    index, reader = make_reader(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        for i in range(6):
+            await reader.ensure(f, i, Priority.DEMAND)
+        nursery.cancel_scope.cancel()
+    index.close()
+    # A restart, with room for 2 chunks in memory and no read-ahead: every read loads.
+    index, reader = make_reader(tmp_path, FetchConfig(
+        chunk_size=MiB, recent_bytes=2 * MiB, readahead=ReadAheadConfig(trigger=1 << 40)))
+    origin.reset_stats()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        held = await reader.read(f, 100, 50)
+        for i in range(1, 6):
+            assert bytes(await reader.read(f, i * MiB, 10)) == w[i * MiB:i * MiB + 10]
+        assert bytes(held) == w[100:150]  # not overwritten by the five loads after it
+        del held
+        buffers = set()
+        for _ in range(2):
+            for i in range(6):
+                view = await reader.read(f, i * MiB + 7, 10)
+                assert bytes(view) == w[i * MiB + 7:i * MiB + 17]
+                assert isinstance(view, memoryview)
+                buffers.add(id(view.obj))
+                del view
+        assert reader.statistics().loads == 18
+        assert len(buffers) <= 4  # 2 in memory, 1 being loaded, and a spare
+        assert origin.data_requests() == []
+        nursery.cancel_scope.cancel()
+    index.close()
+    await src.aclose()
+
+
 async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data) -> None:
     src = source(origin)
     f = await remote_file(src)
