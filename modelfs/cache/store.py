@@ -48,8 +48,10 @@ def checksum(data: bytes | bytearray | memoryview, *, xxh3: bool) -> int:
 
 def direct_buffer(size: int) -> mmap.mmap:
     """A page-aligned buffer of at least `size` bytes, in whole 4 KiB blocks: what
-    `ChunkStore.read_into` can fill with O_DIRECT (anonymous maps are page-aligned)."""
-    return mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN)
+    `ChunkStore.read_into` can fill with O_DIRECT (anonymous maps are page-aligned).
+    Private: Python's default anonymous map is shared, i.e. shmem, whose page
+    faults cost more and which no other process needs here."""
+    return mmap.mmap(-1, -(-size // DIRECT_ALIGN) * DIRECT_ALIGN, flags=mmap.MAP_PRIVATE)
 
 
 class ChunkStore:
@@ -120,7 +122,7 @@ class ChunkStore:
             return False
         buf = getattr(self._local, "direct", None)
         if buf is None or len(buf) < n:
-            buf = self._local.direct = mmap.mmap(-1, n)  # anonymous maps are page-aligned
+            buf = self._local.direct = direct_buffer(n)
         buf[:n] = body
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:

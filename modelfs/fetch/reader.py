@@ -147,7 +147,9 @@ class ChunkReader:
         self.scheduler = FetchScheduler(config.scheduler)
         self._inflight: dict[tuple[str, int], _Flight] = {}
         self._streams: dict[str, StreamTracker] = {}
-        self._recent: OrderedDict[tuple[str, int], bytes | bytearray] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, int], bytes | bytearray | memoryview] = \
+            OrderedDict()
+        self._served: dict[tuple[str, int], int] = {}  # bytes served of chunks in `_recent`
         # Whole-file sha256 in progress, per file version with a known sha256: the
         # hasher, and the event its task waits on for the next stored chunk.
         self._hashers: dict[str, tuple[FileHasher, trio.Event]] = {}
@@ -209,13 +211,34 @@ class ChunkReader:
         if recent is not None:
             self._recent.move_to_end(key)
             self._stats.hits += 1
-            return _view(recent, p.start, p.end)
+            view = _view(recent, p.start, p.end)
+            self._served_from_memory(key, len(view), len(recent))
+            return view
         if self.is_cached(f, p.index):
             self._stats.hits += 1  # on disk: loaded (and checked) in a worker thread
         else:
             self._stats.misses += 1
         data = await self._wait(f, p.index, Priority.DEMAND, need=p.end)
-        return _view(data, p.start, p.end)
+        view = _view(data, p.start, p.end)
+        if key in self._recent:
+            self._served_from_memory(key, len(view), len(data))
+        return view
+
+    def _served_from_memory(self, key: tuple[str, int], n: int, size: int) -> None:
+        """Count bytes served of a chunk in memory. Once every byte has been served,
+        the mount's page cache holds them (`keep_cache`): the chunk is dropped, so
+        its memory (a load buffer) goes to chunks ahead of readers rather than
+        fresh memory being taken for them. A range read twice only makes this
+        early; a later read loads the chunk again."""
+        served = self._served.get(key, 0) + n
+        if served < size:
+            self._served[key] = served
+            return
+        self._served.pop(key, None)
+        data = self._recent.pop(key, None)
+        if data is not None:
+            self._recent_size -= len(data)
+            self._give_buffer(data)
 
     # Fetching -----------------------------------------------------------------------
 
@@ -395,6 +418,7 @@ class ChunkReader:
                   else ", fetching it again")
         for key in [k for k in self._recent if k[0] == cid]:
             self._recent_size -= len(self._recent.pop(key))
+            self._served.pop(key, None)
         if self.on_content_dropped:
             self.on_content_dropped(cid)
         if again:
@@ -406,7 +430,7 @@ class ChunkReader:
         for idx in range(chunk_count(f.entry.size, self.config.chunk_size)):
             await self.ensure(f, idx, Priority.PREFETCH)
 
-    def _remember(self, cid: str, idx: int, data: bytes | bytearray) -> None:
+    def _remember(self, cid: str, idx: int, data: bytes | bytearray | memoryview) -> None:
         """Keep a just-fetched chunk in memory, evicting the oldest beyond `recent_bytes`."""
         budget = self.config.recent_bytes
         if len(data) > budget:
@@ -414,8 +438,9 @@ class ChunkReader:
         self._recent[(cid, idx)] = data
         self._recent_size += len(data)
         while self._recent_size > budget:
-            _, old = self._recent.popitem(last=False)
+            old_key, old = self._recent.popitem(last=False)
             self._recent_size -= len(old)
+            self._served.pop(old_key, None)
             self._give_buffer(old)
 
     def _give_buffer(self, data: object) -> None:
