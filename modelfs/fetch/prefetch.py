@@ -54,6 +54,8 @@ class PrefetchConfig:
 # this many cached chunks ahead of the reader.
 LEAD_CHUNKS = 8
 LEAD_IDLE = 0.5
+# A move of the reader by at most this many chunks (or ranks) is "next".
+NEAR = 2
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -137,23 +139,40 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
 async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
                         is_open: Callable[[], bool]) -> None:
     """While `is_open()`, keep the `LEAD_CHUNKS` chunks that follow the reader's
-    position in `order` in memory: cached ones are loaded from disk (and checked)
-    before the reader asks, so a warm loader jumping from tensor to tensor does
-    not wait on the disk. Each read wakes it. It loads only while the reader
-    moves forward in `order` (a random reader would have it load chunks nobody
-    reads, evicting those being read), and nothing while the reader is idle."""
+    position in `order` in memory, if the reader follows `order`: cached ones
+    are loaded from disk (and checked) before it asks, so a warm loader jumping
+    from tensor to tensor does not wait on the disk.
+
+    Each read wakes it. Within a tensor, loader order and offset order agree;
+    where the reader moves to a chunk that only one of them predicts, that one
+    takes over: this loads ahead in loader order, or leaves it to the reader's
+    offset-order read-ahead (`ChunkReader.follow_order`). Chunks loaded by the
+    wrong one would be read back from disk twice. A random reader, or an idle
+    one, makes it load nothing."""
     cs = reader.config.chunk_size
     rank = {idx: i for i, idx in enumerate(order)}
-    last: int | None = None
-    while is_open():
-        pos = reader.position(f)
-        at = rank.get(pos // cs) if pos is not None else None
-        if at is not None and last is not None and 0 <= at - last <= LEAD_CHUNKS:
-            for idx in order[at:at + LEAD_CHUNKS + 1]:
-                reader.load_ahead(f, idx)
-        last = at if at is not None else last
-        with trio.move_on_after(LEAD_IDLE):
-            await reader.reader_moved(f)
+    last: tuple[int, int] | None = None  # chunk, rank
+    in_order = False
+    try:
+        while is_open():
+            pos = reader.position(f)
+            at = rank.get(pos // cs) if pos is not None else None
+            if at is not None and pos is not None:
+                here = (pos // cs, at)
+                if last is not None and here != last:
+                    by_order = 0 <= at - last[1] <= NEAR
+                    by_offset = 0 <= here[0] - last[0] <= NEAR
+                    if by_order != by_offset:
+                        in_order = by_order
+                        reader.follow_order(f, in_order)
+                    if in_order and by_order:
+                        for idx in order[at:at + LEAD_CHUNKS + 1]:
+                            reader.load_ahead(f, idx)
+                last = here
+            with trio.move_on_after(LEAD_IDLE):
+                await reader.reader_moved(f)
+    finally:
+        reader.follow_order(f, False)
 
 
 class OpenPrefetcher:

@@ -156,6 +156,7 @@ class ChunkReader:
         self._mismatched: set[str] = set()
         self._spare: list[mmap.mmap] = []  # load buffers evicted from `_recent`
         self._moved: dict[str, trio.Event] = {}  # per content id: set at its next read
+        self._in_order: set[str] = set()  # content ids whose loads ahead follow_reader does
         # Told when a file version's cached bytes were found bad and dropped, so the
         # mount can drop the kernel's copy of them too.
         self.on_content_dropped: Callable[[str], None] | None = None
@@ -257,6 +258,16 @@ class ChunkReader:
         joined = (f.entry.content_id, idx) in self._inflight
         data = await self._wait(f, idx, priority, keep=keep)
         return 0 if joined else len(data)
+
+    def follow_order(self, f: RemoteFile, on: bool) -> None:
+        """Whether the reader of `f` follows an order other than offsets (tensors by
+        name), whose follower loads ahead for it: then sequential streams within
+        it do not load ahead in offset order (what they would load is the next
+        tensor on disk, not the next one read)."""
+        if on:
+            self._in_order.add(f.entry.content_id)
+        else:
+            self._in_order.discard(f.entry.content_id)
 
     def load_ahead(self, f: RemoteFile, idx: int) -> None:
         """Start loading chunk `idx` of `f` into memory for a reader that will want it
@@ -481,7 +492,7 @@ class ChunkReader:
                         and self.cache.lookup(cid, cs, idx) is None:
                     self._start(f, idx, Priority.READAHEAD)
         ahead = tracker.ahead()
-        if ahead is not None:
+        if ahead is not None and cid not in self._in_order:
             stop = min(ahead[1], ahead[0] + LOAD_AHEAD * cs)
             for idx in range(ahead[0] // cs, min(count, -(-stop // cs))):
                 self.load_ahead(f, idx)
