@@ -57,9 +57,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class FetchConfig:
     """`chunk_size` is the unit of caching and of one origin request;
-    `recent_bytes` bounds the just-fetched chunks kept in memory, from which
-    reads are answered without a copy or a syscall; `io_threads` bounds the
-    threads that hash and store chunks."""
+    `recent_bytes` bounds the chunks kept in memory (just fetched, or loaded
+    from disk), from which every read is answered without a copy or a syscall;
+    `io_threads` bounds the threads that hash, store and load chunks."""
 
     chunk_size: int = 4 << 20
     io_threads: int = 8
