@@ -155,10 +155,11 @@ async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
     in_order = False
     try:
         while is_open():
-            pos = reader.position(f)
-            at = rank.get(pos // cs) if pos is not None else None
-            if at is not None and pos is not None:
-                here = (pos // cs, at)
+            end = reader.last_read_end(f)
+            cur = max(end - 1, 0) // cs if end is not None else None  # the chunk read last
+            at = rank.get(cur) if cur is not None else None
+            if at is not None and cur is not None:
+                here = (cur, at)
                 if last is not None and here != last:
                     by_order = 0 <= at - last[1] <= NEAR
                     by_offset = 0 <= here[0] - last[0] <= NEAR
@@ -166,7 +167,7 @@ async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
                         in_order = by_order
                         reader.follow_order(f, in_order)
                     if in_order and by_order:
-                        for idx in order[at:at + LEAD_CHUNKS + 1]:
+                        for idx in order[at + 1:at + LEAD_CHUNKS + 1]:
                             reader.load_ahead(f, idx)
                 last = here
             with trio.move_on_after(LEAD_IDLE):

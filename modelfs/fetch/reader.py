@@ -157,6 +157,7 @@ class ChunkReader:
         self._spare: list[mmap.mmap] = []  # load buffers evicted from `_recent`
         self._moved: dict[str, trio.Event] = {}  # per content id: set at its next read
         self._in_order: set[str] = set()  # content ids whose loads ahead follow_reader does
+        self._last_end: dict[str, int] = {}  # per content id: where its latest read ended
         # Told when a file version's cached bytes were found bad and dropped, so the
         # mount can drop the kernel's copy of them too.
         self.on_content_dropped: Callable[[str], None] | None = None
@@ -283,6 +284,11 @@ class ChunkReader:
         """Where the file's most recent reader is, to prefetch in an order that follows it."""
         t = self._streams.get(f.entry.content_id)
         return t.position() if t else None
+
+    def last_read_end(self, f: RemoteFile) -> int | None:
+        """Where the latest read of `f` ended (unlike `position`, also after a jump
+        back within a stream)."""
+        return self._last_end.get(f.entry.content_id)
 
     async def reader_moved(self, f: RemoteFile) -> None:
         """Return at the next read of `f` (by anyone)."""
@@ -477,6 +483,7 @@ class ChunkReader:
         read-ahead window), and load what is cached into memory (up to
         `LOAD_AHEAD` chunks: what it reads next, not what it may read later)."""
         cid = f.entry.content_id
+        self._last_end[cid] = end
         moved = self._moved.pop(cid, None)
         if moved is not None:
             moved.set()

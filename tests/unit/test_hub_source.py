@@ -224,6 +224,57 @@ async def test_load_buffers_are_reused_only_once_no_view_of_them_is_alive(
     await src.aclose()
 
 
+async def test_follow_reader_loads_ahead_in_loader_order_only_while_the_reader_follows_it(
+        origin: Origin, repo_data, tmp_path: Path) -> None:
+    """A warm reader of a cached file, in an order other than offsets (tensors by
+    name): `follow_reader` loads the next chunks in that order before they are
+    read, once the reader has made a move only that order predicts; a move only
+    offset order predicts hands loading ahead back to the offset read-ahead."""
+    import trio.testing
+
+    from modelfs.fetch.prefetch import follow_reader
+
+    src = source(origin)
+    f = await remote_file(src)
+    w = repo_data["org/model@main"]["model.safetensors"]  # 11 chunks of 1 MiB
+    index, reader = make_reader(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        for i in range(11):
+            await reader.ensure(f, i, Priority.DEMAND)
+        nursery.cancel_scope.cancel()
+    index.close()
+    index, reader = make_reader(tmp_path)  # a restart: nothing in memory
+    order = [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10]  # "tensors" of 2 chunks, not in offset order
+    cid = f.entry.content_id
+
+    async def read_chunk(i: int) -> None:
+        assert bytes(await reader.read(f, i * MiB, MiB)) == w[i * MiB:(i + 1) * MiB]
+        await trio.testing.wait_all_tasks_blocked()  # the follower has seen the move
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        nursery.start_soon(follow_reader, reader, f, order, lambda: True)
+        await read_chunk(0)
+        await read_chunk(1)
+        assert cid not in reader._in_order  # 0 -> 1: both orders predict it
+        await read_chunk(6)  # only loader order predicts 1 -> 6
+        assert cid in reader._in_order
+        for i in order[3:]:
+            await read_chunk(i)
+        s = reader.statistics()
+        assert s.loads == 3 and s.loads_ahead == 8, s  # 0, 1, 6 on the reads' own time
+        # Then offset order: 10 -> 5 is neither order's next; 5 -> 6 only offset
+        # order's (rank 9 -> 2), which hands loading back to the offset read-ahead.
+        await read_chunk(5)
+        assert cid in reader._in_order
+        await read_chunk(6)
+        assert cid not in reader._in_order
+        nursery.cancel_scope.cancel()
+    index.close()
+    await src.aclose()
+
+
 async def test_redirect_target_is_reused_and_refreshed(origin: Origin, repo_data) -> None:
     src = source(origin)
     f = await remote_file(src)
