@@ -90,9 +90,10 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     so progress always reaches the file size. `order` is the chunk order to fetch
     in (default: by offset); the reader's position picks where in it to go on.
     Once `stopped()` is true no new chunk is started; those under way finish and
-    are counted (a pause that loses nothing and refetches nothing). With `keep`, fetched chunks are
-    also held in memory for a reader of the file (see `ChunkReader.ensure`), and
-    the prefetch stays within `LEAD_CHUNKS` of that reader while it reads."""
+    are counted (a pause that loses nothing and refetches nothing). With `keep`,
+    fetched chunks are also held in memory for a reader of the file (see
+    `ChunkReader.ensure`), and the prefetch stays within `LEAD_CHUNKS` of that
+    reader while it reads."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
     order = order if order is not None else list(range(total))
