@@ -182,6 +182,18 @@ async def test_reader_single_flight_and_cache(origin: Origin, repo_data, tmp_pat
     await src.aclose()
 
 
+async def cache_chunks(tmp_path: Path, f: RemoteFile, count: int) -> None:
+    """Fetch the first `count` chunks of `f` into the cache under tmp_path, with a
+    reader that is then gone (what a restarted daemon finds on disk)."""
+    index, reader = make_reader(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        for i in range(count):
+            await reader.ensure(f, i, Priority.DEMAND)
+        nursery.cancel_scope.cancel()
+    index.close()
+
+
 async def test_load_buffers_are_reused_only_once_no_view_of_them_is_alive(
         origin: Origin, repo_data, tmp_path: Path) -> None:
     """Chunks loaded from disk live in reused buffers. A view still held across
@@ -190,13 +202,7 @@ async def test_load_buffers_are_reused_only_once_no_view_of_them_is_alive(
     src = source(origin)
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]
-    index, reader = make_reader(tmp_path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(reader.run)
-        for i in range(6):
-            await reader.ensure(f, i, Priority.DEMAND)
-        nursery.cancel_scope.cancel()
-    index.close()
+    await cache_chunks(tmp_path, f, 6)
     # A restart, with room for 2 chunks in memory and no read-ahead: every read loads.
     index, reader = make_reader(tmp_path, FetchConfig(
         chunk_size=MiB, recent_bytes=2 * MiB, readahead=ReadAheadConfig(trigger=1 << 40)))
@@ -237,13 +243,7 @@ async def test_follow_reader_loads_ahead_in_loader_order_only_while_the_reader_f
     src = source(origin)
     f = await remote_file(src)
     w = repo_data["org/model@main"]["model.safetensors"]  # 11 chunks of 1 MiB
-    index, reader = make_reader(tmp_path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(reader.run)
-        for i in range(11):
-            await reader.ensure(f, i, Priority.DEMAND)
-        nursery.cancel_scope.cancel()
-    index.close()
+    await cache_chunks(tmp_path, f, 11)
     index, reader = make_reader(tmp_path)  # a restart: nothing in memory
     order = [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10]  # "tensors" of 2 chunks, not in offset order
     cid = f.entry.content_id
