@@ -255,6 +255,57 @@ def test_mmap_under_pressure_1gib(mount_factory, origin: Origin, tmp_path: Path)
     assert "retry" in m.log_text()
 
 
+_BY_NAME = """
+import sys
+from safetensors import safe_open
+mounted, local = sys.argv[1], sys.argv[2]
+with safe_open(mounted, framework="np") as m, safe_open(local, framework="np") as ref:
+    keys = sorted(m.keys())
+    assert keys == sorted(ref.keys())
+    for k in keys:
+        assert m.get_tensor(k).tobytes() == ref.get_tensor(k).tobytes(), k  # NaNs: bytes
+print(len(keys))
+"""
+
+
+def test_warm_load_in_name_order_loads_each_chunk_once_ahead_of_the_loader(
+        mount_factory, origin: Origin, tmp_path: Path) -> None:
+    """A cache on disk, a fresh daemon, and a loader reading tensors by name while
+    the file lays them out by number (`layers.1`, `layers.10`, ... jump around the
+    file): every tensor is right, every chunk comes off disk about once, and most
+    of them before the loader asks (loaded ahead in name order on open)."""
+    import json
+    import struct
+
+    path = tmp_path / "origin" / "org" / "named" / "main" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    per, count = 3 * MiB // 4, 24  # float32 tensors of 0.75 MiB, in numeric order on disk
+    header: dict[str, object] = {}
+    for i in range(count):
+        header[f"layers.{i}"] = {"dtype": "F32", "shape": [per // 4],
+                                 "data_offsets": [i * per, (i + 1) * per]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + os.urandom(count * per))
+    origin.refresh()
+    res = subprocess.run([sys.executable, "-m", "modelfs", "prefetch", "org/named", "--endpoint",
+                          origin.url, "--cache-dir", str(tmp_path / "cache"), "--chunk-size",
+                          "1MiB"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    origin.reset_stats()
+    m = mount_factory(["org/named"])
+    out = run_child(_BY_NAME, str(m.p("org/named/model.safetensors")), str(path))
+    assert out.strip() == str(count)
+    chunks = -(-path.stat().st_size // MiB)
+    with m.client() as c:
+        reads = c.status()["reads"]
+    loads = reads["chunk_loads"] + reads["chunk_loads_ahead"]
+    assert chunks <= loads <= chunks + 4, reads  # each about once (a chunk may straddle two
+    assert reads["chunk_loads_ahead"] >= chunks // 2, reads  # tensors read far apart)
+    assert origin.data_requests() == []
+
+
 def test_interleaved_handles_of_one_file_get_read_ahead(mount_factory, origin: Origin,
                                                         repo_data) -> None:
     """Two handles alternately reading the next MiB: each jumps 2 MiB, but the file
