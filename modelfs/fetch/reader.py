@@ -87,8 +87,8 @@ class RemoteFile:
 LOAD_AHEAD = 8
 # Load buffers kept for reuse beyond those of the chunks in `_recent`.
 SPARE_BUFFERS = 8
-# Chunks remembered as delivered whole to the kernel (256 GiB of 4 MiB chunks).
-DELIVERED_KEPT = 1 << 16
+# Files whose chunks delivered whole to the kernel are remembered (most recent).
+DELIVERED_FILES = 1024
 
 # Upper bounds (seconds) of the fetch-latency histogram's buckets; the last is +Inf.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
@@ -152,9 +152,10 @@ class ChunkReader:
         self._recent: OrderedDict[tuple[str, int], bytes | bytearray | memoryview] = \
             OrderedDict()
         self._served: dict[tuple[str, int], int] = {}  # bytes served of chunks in `_recent`
-        # Chunks whose every byte went to the kernel (its page cache has them): not
-        # worth loading ahead again. Bounded; a read still loads whatever it asks for.
-        self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # Per content id, chunks whose every byte went to the kernel (its page cache
+        # has them): not worth loading ahead again. Bounded by files; a read still
+        # loads whatever it asks for.
+        self._delivered: OrderedDict[str, set[int]] = OrderedDict()
         # Whole-file sha256 in progress, per file version with a known sha256: the
         # hasher, and the event its task waits on for the next stored chunk.
         self._hashers: dict[str, tuple[FileHasher, trio.Event]] = {}
@@ -221,10 +222,10 @@ class ChunkReader:
             view = _view(recent, p.start, p.end)
             self._served_from_memory(key, len(view), len(recent))
             return view
-        if key in self._delivered:
+        if p.index in self._delivered.get(key[0], ()):
             # The kernel dropped pages it had (memory pressure, a reread after a cache
             # drop): what else it had of this file may be gone too; load ahead again.
-            self._forget_delivered(f.entry.content_id)
+            del self._delivered[key[0]]
         if self.is_cached(f, p.index):
             self._stats.hits += 1  # on disk: loaded (and checked) in a worker thread
         else:
@@ -246,9 +247,13 @@ class ChunkReader:
             self._served[key] = served
             return
         self._served.pop(key, None)
-        self._delivered[key] = None
-        if len(self._delivered) > DELIVERED_KEPT:
-            self._delivered.popitem(last=False)
+        delivered = self._delivered.get(key[0])
+        if delivered is None:
+            delivered = self._delivered[key[0]] = set()
+            if len(self._delivered) > DELIVERED_FILES:
+                self._delivered.popitem(last=False)
+        self._delivered.move_to_end(key[0])
+        delivered.add(key[1])
         data = self._recent.pop(key, None)
         if data is not None:
             self._recent_size -= len(data)
@@ -287,8 +292,8 @@ class ChunkReader:
         soon, if it is cached on disk and not in memory or on its way already
         (fetching what is not cached is the prefetch's and read-ahead's business)."""
         key = (f.entry.content_id, idx)
-        if key in self._recent or key in self._inflight or key in self._delivered \
-                or self._nursery is None:
+        if key in self._recent or key in self._inflight \
+                or idx in self._delivered.get(key[0], ()) or self._nursery is None:
             return
         if self.cache.lookup(f.entry.content_id, self.config.chunk_size, idx) is not None:
             self._start(f, idx, Priority.READAHEAD)
@@ -449,7 +454,7 @@ class ChunkReader:
         for key in [k for k in self._recent if k[0] == cid]:
             self._recent_size -= len(self._recent.pop(key))
             self._served.pop(key, None)
-        self._forget_delivered(cid)
+        self._delivered.pop(cid, None)
         if self.on_content_dropped:
             self.on_content_dropped(cid)
         if again:
@@ -473,10 +478,6 @@ class ChunkReader:
             self._recent_size -= len(old)
             self._served.pop(old_key, None)
             self._give_buffer(old)
-
-    def _forget_delivered(self, cid: str) -> None:
-        for key in [k for k in self._delivered if k[0] == cid]:
-            del self._delivered[key]
 
     def _give_buffer(self, data: object) -> None:
         """Keep a load buffer (or the buffer under a loaded chunk's view) for reuse."""
