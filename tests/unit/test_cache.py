@@ -309,3 +309,23 @@ def test_loads_bypass_the_page_cache_and_check_every_time(tmp_path: Path) -> Non
     path.write_bytes(bytes(raw))
     assert store.load(d, CODEC_RAW, len(data), checksum(data, xxh3=True),
                       into=mmap.mmap(-1, len(data) + 4096)) is None
+
+
+def test_chunk_sized_load_buffers_are_huge_page_aligned() -> None:
+    """A load buffer of a 4 MiB chunk (+1 byte, to see a longer file) is a whole
+    number of 2 MiB pages, starts on a 2 MiB boundary and is marked for
+    transparent huge pages, so an O_DIRECT read into it is not split at the
+    disk's segment limit; a small one stays 4 KiB-rounded."""
+    import ctypes
+
+    buf = direct_buffer((4 << 20) + 1)
+    assert len(buf) == 6 << 20
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert addr % (2 << 20) == 0
+    with open("/proc/self/smaps") as f:
+        region = f.read().split(f"{addr:x}-", 1)[1]
+    flags = next(ln for ln in region.splitlines() if ln.startswith("VmFlags:")).split()
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip() != \
+            "always madvise [never]":
+        assert "hg" in flags  # MADV_HUGEPAGE
+    assert len(direct_buffer(5000)) == 8192
