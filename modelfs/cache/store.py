@@ -54,19 +54,20 @@ def direct_buffer(size: int) -> mmap.mmap:
     Private: Python's default anonymous map is shared, i.e. shmem, whose page
     faults cost more and which no other process needs here.
 
-    From 2 MiB up, the buffer is a whole number of transparent huge pages (Linux
-    aligns an anonymous map of such a length to 2 MiB): one O_DIRECT read into it
-    is one disk request of a few segments, where 4 KiB pages split it at the
-    device's segment limit (254 on virtio-blk), which halved load throughput here
-    (1.3 against 3.1 GB/s, docs/benchmarks.md)."""
+    From 2 MiB up, the buffer's whole 2 MiB pieces are transparent huge pages,
+    and its length is rounded up to 2 MiB, which makes Linux align the map to
+    2 MiB: one O_DIRECT read into it is a few disk segments, where 4 KiB pages
+    split it at the device's segment limit (254 on virtio-blk), which halved
+    load throughput here (1.3 against 3.1 GB/s, docs/benchmarks.md). The rest
+    (a chunk's +1 byte) stays in 4 KiB pages, so it costs one page, not one
+    more huge page."""
     size = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
-    huge = size >= HUGE_PAGE
-    if huge:
-        size = -(-size // HUGE_PAGE) * HUGE_PAGE
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    huge = size // HUGE_PAGE * HUGE_PAGE
+    buf = mmap.mmap(-1, -(-size // HUGE_PAGE) * HUGE_PAGE if huge else size,
+                    flags=mmap.MAP_PRIVATE)
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):  # THP off ("never"): 4 KiB pages still work
-            buf.madvise(mmap.MADV_HUGEPAGE)
+            buf.madvise(mmap.MADV_HUGEPAGE, 0, huge)
     return buf
 
 
@@ -174,7 +175,7 @@ class ChunkStore:
         if codec_id == CODEC_RAW:
             # +1: a longer file shows
             buf = into if into is not None and len(into) > raw_size else direct_buffer(raw_size + 1)
-            n = self.read_into(digest, buf)
+            n = self.read_into(digest, buf, raw_size + 1)
             if n < 0:
                 return None
             body: bytes | memoryview = memoryview(buf)[:n]
@@ -194,10 +195,12 @@ class ChunkStore:
             return body if checksum(body, xxh3=xxh3) == check else None
         return body if hashlib.sha256(body).hexdigest() == digest else None
 
-    def read_into(self, digest: str, buf: mmap.mmap | bytearray) -> int:
-        """Read a chunk file from its start into `buf`; the bytes read, or -1 when
-        the file is gone. A page-aligned `buf` (an `mmap`) of whole 4 KiB blocks is
-        filled with O_DIRECT, bypassing the page cache (where possible)."""
+    def read_into(self, digest: str, buf: mmap.mmap | bytearray, limit: int | None = None) -> int:
+        """Read a chunk file from its start into `buf` (at most `limit` bytes, rounded
+        up to a block); the bytes read, or -1 when the file is gone. A page-aligned
+        `buf` (an `mmap`) of whole 4 KiB blocks is filled with O_DIRECT, bypassing
+        the page cache (where possible). `limit` matters for memory: O_DIRECT
+        faults in the whole of the buffer it is given, read or not."""
         path = self.path_for(digest)
         direct = self._direct_read and isinstance(buf, mmap.mmap) and len(buf) % DIRECT_ALIGN == 0
         try:
@@ -208,7 +211,9 @@ class ChunkStore:
             if not direct or exc.errno != errno.EINVAL:
                 raise
             self._direct_read = False  # e.g. tmpfs: no O_DIRECT
-            return self.read_into(digest, buf)
+            return self.read_into(digest, buf, limit)
+        if limit is not None and limit < len(buf):
+            buf = memoryview(buf)[:-(-limit // DIRECT_ALIGN) * DIRECT_ALIGN]
         try:
             return os.preadv(fd, [buf], 0)  # a regular file reads short only at its end
         finally:

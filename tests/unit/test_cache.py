@@ -311,21 +311,34 @@ def test_loads_bypass_the_page_cache_and_check_every_time(tmp_path: Path) -> Non
                       into=mmap.mmap(-1, len(data) + 4096)) is None
 
 
-def test_chunk_sized_load_buffers_are_huge_page_aligned() -> None:
-    """A load buffer of a 4 MiB chunk (+1 byte, to see a longer file) is a whole
-    number of 2 MiB pages, starts on a 2 MiB boundary and is marked for
-    transparent huge pages, so an O_DIRECT read into it is not split at the
-    disk's segment limit; a small one stays 4 KiB-rounded."""
+def test_chunk_sized_load_buffers_are_huge_pages_and_a_load_touches_only_the_chunk(
+        tmp_path: Path) -> None:
+    """A load buffer of a 4 MiB chunk (+1 byte, to see a longer file) starts on a
+    2 MiB boundary and its 4 MiB are marked for transparent huge pages, so an
+    O_DIRECT read into it is not split at the disk's segment limit; the +1 stays
+    in 4 KiB pages. A load faults in only what it may read (4 MiB + one page),
+    not the whole buffer: O_DIRECT pins all of the buffer it is given."""
     import ctypes
 
-    buf = direct_buffer((4 << 20) + 1)
+    store = ChunkStore(tmp_path)
+    data = _chunk(5, 4 << 20)
+    d = store.put(data).digest
+    buf = direct_buffer(len(data) + 1)
     assert len(buf) == 6 << 20
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     assert addr % (2 << 20) == 0
     with open("/proc/self/smaps") as f:
-        region = f.read().split(f"{addr:x}-", 1)[1]
-    flags = next(ln for ln in region.splitlines() if ln.startswith("VmFlags:")).split()
-    if Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip() != \
-            "always madvise [never]":
+        head = f.read().split(f"\n{addr:x}-", 1)[1]
+    assert head.split()[0] == f"{addr + (4 << 20):x}"  # the huge part is a map of its own
+    flags = head.split("VmFlags:", 1)[1].split("\n")[0].split()
+    if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
         assert "hg" in flags  # MADV_HUGEPAGE
     assert len(direct_buffer(5000)) == 8192
+
+    blob = store.load(d, CODEC_RAW, len(data), checksum(data, xxh3=True), into=buf)
+    assert blob is not None and bytes(blob) == data
+    if store._direct_read:  # (a buffered read touches only what it reads anyway)
+        libc = ctypes.CDLL(None, use_errno=True)
+        vec = (ctypes.c_ubyte * (len(buf) // 4096))()
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf)), vec) == 0
+        assert sum(b & 1 for b in vec) * 4096 == len(data) + 4096
