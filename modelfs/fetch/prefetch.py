@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ LEAD_CHUNKS = 8
 LEAD_IDLE = 0.5
 # A move of the reader by at most this many chunks (or ranks) is "next".
 NEAR = 2
+# Files whose loader order (parsed from the header) is kept for the next open.
+ORDERS_KEPT = 256
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -191,6 +194,10 @@ class OpenPrefetcher:
         self._config = config
         self._running: set[str] = set()
         self._open: dict[str, int] = {}
+        # Loader order per content id (immutable, like the bytes), most recent
+        # ORDERS_KEPT: a reopen needs no header read. Reading it again would load
+        # its chunk from disk while the loader reads the mount's page cache.
+        self._orders: OrderedDict[str, list[int]] = OrderedDict()
 
     def on_open(self, f: RemoteFile) -> None:
         cid = f.entry.content_id
@@ -219,7 +226,13 @@ class OpenPrefetcher:
                 await trio.sleep(self._config.start_delay)
                 if cid not in self._open:
                     return  # closed again already: a probe, not a loader
-            order = await loader_order(self._reader, f) or list(range(total))
+            order = self._orders.get(cid)
+            if order is None:
+                order = await loader_order(self._reader, f) or list(range(total))
+                self._orders[cid] = order
+                if len(self._orders) > ORDERS_KEPT:
+                    self._orders.popitem(last=False)
+            self._orders.move_to_end(cid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(follow_reader, self._reader, f, order,
                                    lambda: cid in self._open)
