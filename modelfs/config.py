@@ -26,7 +26,7 @@ from .settings import Layered, layer, relabel
 from .types import RepoRef
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DEFAULT_CACHE_SIZE = "80%"
 DEFAULT_REVISION_TTL = 60.0
@@ -34,7 +34,7 @@ DEFAULT_REVISION_TTL = 60.0
 
 def parse_size(text: str, *, what: str) -> int:
     """`4MiB`, `4M`, `4194304` -> bytes; anything else names `what` in the error."""
-    m = _SIZE.match(text)
+    m = _SIZE.fullmatch(text)
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a size (e.g. 4MiB)")
     unit = (m.group(2) or "").upper()[:1]

@@ -344,10 +344,10 @@ async def _follow_revisions(config: MountConfig, cache: ChunkCache, ops: Operati
                 if commit != r.snap.commit:
                     snap, resolved_at = await load_snapshot(r.source, cache.index, r.ref,
                                                             commit=commit)
-            except ModelfsError as exc:
+            except Exception as exc:  # one repo's failure never ends the others' service
                 if r.ref not in failing:
                     log.warning("cannot re-resolve %s (%s); still serving %s", r.ref, exc,
-                                r.snap.commit[:12])
+                                r.snap.commit[:12], exc_info=not isinstance(exc, ModelfsError))
                     failing.add(r.ref)
                 continue
             if r.ref in failing:

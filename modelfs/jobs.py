@@ -37,13 +37,22 @@ from .cache import Index
 from .errors import ConfigError, ModelfsError
 from .fetch import ChunkReader, Priority, RemoteFile, load_snapshot, matches, prefetch_file
 from .remote import Source
-from .types import FileEntry, RepoRef
+from .types import FileEntry, RepoRef, printable
 
 log = logging.getLogger(__name__)
 
 JOB_STATES = ("queued", "running", "paused", "done", "partial", "failed", "cancelled")
 ITEM_STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
 EVENT_INTERVAL = 0.25  # seconds between batches of updates (and index writes) of a job
+MAX_PATTERNS = 256  # include/exclude globs of one repo request
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +91,10 @@ class RepoRequest:
         lists = {}
         for key in ("include", "exclude"):
             val = raw.get(key, [])
-            if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
-                raise ConfigError(f"{where}.{key}: expected a list of glob strings")
+            if not isinstance(val, list) or len(val) > MAX_PATTERNS \
+                    or not all(isinstance(v, str) and _utf8(v) and len(v) <= 1024 for v in val):
+                raise ConfigError(f"{where}.{key}: expected a list of at most {MAX_PATTERNS} "
+                                  "glob strings")
             lists[key] = tuple(val)
         req = cls(repo_id, revision, lists["include"], lists["exclude"])
         try:
@@ -258,7 +269,16 @@ class JobManager:
             self._nursery = nursery
             if self._persist:
                 for rec in await trio.to_thread.run_sync(self._index.jobs):
-                    job = Job.from_record(rec)
+                    try:
+                        job = Job.from_record(rec)
+                    except Exception as exc:
+                        # A record this version cannot read must not stop the daemon
+                        # from starting (and then again at every restart).
+                        job_id = str(rec.get("id", "?"))
+                        log.error("job %s: saved record is unusable (%s: %s); dropping it",
+                                  printable(job_id), type(exc).__name__, printable(str(exc)))
+                        await trio.to_thread.run_sync(self._index.delete_job, job_id)
+                        continue
                     self.jobs[job.id] = job
                     if job.finished is None:
                         log.info("job %s: resuming (%s)", job.id, job.state)
@@ -357,9 +377,9 @@ class JobManager:
                     if job.spec.pin:
                         await trio.to_thread.run_sync(self._index.pin, source.key, ref.repo_id,
                                                       ref.revision)
-                except ModelfsError as exc:
+                except Exception as exc:  # one repo's failure is the job's error, never the daemon's
                     job.errors.append(f"{req.id}@{req.revision}: {exc}")
-                    log.info("job %s: %s", job.id, exc)
+                    log.info("job %s: %s", job.id, exc, exc_info=not isinstance(exc, ModelfsError))
                     return
                 for entry in snap.files:
                     if not req.selects(entry.path):

@@ -7,8 +7,35 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# Matched with `fullmatch` only: `$` also matches before a trailing "\n".
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+# Longest revision (branch or tag name) accepted from a user or an API request.
+MAX_REVISION = 255
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """`repr` of untrusted text for a log line or an error: escaped (a lone surrogate,
+    a control character or a newline cannot break the line) and cut to `limit`."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(str(text))} chars)"
+
+
+def bad_revision_reason(rev: str) -> str | None:
+    """Why `rev` cannot name a branch, tag or commit, or None when it can."""
+    if not rev:
+        return "empty"
+    if len(rev) > MAX_REVISION:
+        return f"longer than {MAX_REVISION} characters"
+    try:
+        rev.encode()
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in rev):
+        return "contains a control character"
+    if rev.startswith("/") or ".." in rev.split("/"):
+        return "absolute or has a '..' component"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +51,10 @@ class RepoRef:
         """Parse `ORG/NAME[@REV]` and refuse anything that is not a plain repo id."""
         repo_id, sep, rev = text.partition("@")
         parts = repo_id.split("/")
-        if len(parts) != 2 or not all(_NAME.match(p) and p not in (".", "..") for p in parts):
-            raise ConfigError(f"--repo {text!r}: expected ORG/NAME[@REVISION]")
-        if sep and (not rev or "\0" in rev or rev.startswith("/") or ".." in rev.split("/")):
-            raise ConfigError(f"--repo {text!r}: bad revision {rev!r}")
+        if len(parts) != 2 or not all(_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
+            raise ConfigError(f"--repo {printable(text)}: expected ORG/NAME[@REVISION]")
+        if sep and (bad := bad_revision_reason(rev)):
+            raise ConfigError(f"--repo {printable(text)}: bad revision ({bad})")
         return cls(repo_id, rev if sep else "main", pinned=bool(sep))
 
     @property
@@ -38,7 +65,7 @@ class RepoRef:
 
     @property
     def is_commit(self) -> bool:
-        return bool(COMMIT_RE.match(self.revision))
+        return COMMIT_RE.fullmatch(self.revision) is not None
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.pinned else self.repo_id

@@ -538,11 +538,22 @@ class Index:
         self._write(lambda txn: txn.put(job_id.encode(), data, db=self._jobs))
 
     def delete_job(self, job_id: str) -> None:
-        self._write(lambda txn: txn.delete(job_id.encode(), db=self._jobs))
+        key = job_id.encode("utf-8", "surrogateescape")
+        self._write(lambda txn: txn.delete(key, db=self._jobs))
 
     def jobs(self) -> list[dict[str, object]]:
+        """Every saved job record; one that is not a JSON object comes back as just
+        `{"id": key}`, for the caller to report and drop."""
         def scan(txn: lmdb.Transaction) -> list[dict[str, object]]:
-            return [json.loads(v) for _, v in txn.cursor(db=self._jobs)]
+            out: list[dict[str, object]] = []
+            for key, raw in txn.cursor(db=self._jobs):
+                try:
+                    rec = json.loads(raw)
+                except (ValueError, RecursionError):
+                    rec = None
+                out.append(rec if isinstance(rec, dict)
+                           else {"id": bytes(key).decode("utf-8", "surrogateescape")})
+            return out
 
         return self._read(scan)
 

@@ -6,9 +6,9 @@ import logging
 import time
 
 from ..cache import Index
-from ..errors import RemoteUnavailable
+from ..errors import ModelfsError, RemoteProtocolError, RemoteUnavailable
 from ..remote import Source
-from ..types import RepoRef, Snapshot
+from ..types import RepoRef, Snapshot, printable
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,25 @@ log = logging.getLogger(__name__)
 async def load_snapshot(source: Source, index: Index, ref: RepoRef, *, force: bool = False,
                         commit: str | None = None) -> tuple[Snapshot, float]:
     """The snapshot `ref` names now, and when its revision was first resolved.
+
+    This is the boundary of one repo: whatever goes wrong with what its origin
+    sent is a `ModelfsError` naming the repo (anything else, a `RemoteProtocolError`
+    with the traceback at debug level), so a caller fails this repo alone.
+    """
+    try:
+        return await _load_snapshot(source, index, ref, force=force, commit=commit)
+    except ModelfsError:
+        raise
+    except Exception as exc:
+        log.debug("%s: unusable answer from the origin", ref, exc_info=True)
+        raise RemoteProtocolError(
+            f"repo {ref}: the origin sent something modelfs cannot use "
+            f"({type(exc).__name__}: {printable(str(exc), 160)})") from None
+
+
+async def _load_snapshot(source: Source, index: Index, ref: RepoRef, *, force: bool,
+                         commit: str | None) -> tuple[Snapshot, float]:
+    """`load_snapshot` without the boundary.
 
     A commit sha with a cached listing needs no request; branches and tags are
     resolved (cheap) and their listing fetched only for a commit not seen before

@@ -9,9 +9,13 @@ content. Retries live here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import json
 import logging
 import math
 import re
+import socket
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -23,12 +27,14 @@ import httpx
 import trio
 
 from ..errors import (
+    ListingRejected,
     RemoteAuthError,
     RemoteNotFound,
     RemoteProtocolError,
     RemoteStale,
     RemoteUnavailable,
 )
+from ..types import printable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ log = logging.getLogger(__name__)
 # socket has, so small responses are unaffected.
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20})")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # `str.isdigit` also takes "²", which `int` refuses
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
@@ -47,14 +54,23 @@ _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 class HttpConfig:
     """Knobs of the HTTP client.
 
-    `timeout` bounds every connect and every socket read, so nothing hangs
-    forever; `retries` and `backoff` bound how long a failing origin is retried
-    (backoff doubles up to `max_backoff`; a `Retry-After` is honoured up to
-    `max_retry_after`). A redirect target (a CDN URL) is reused for the same file
-    for `redirect_ttl` seconds, then asked for again (signed URLs expire).
+    Deadlines, so that no origin can hold a request (and the reader behind it)
+    for ever: `timeout` bounds every connect and every socket read; one attempt
+    must end within `timeout + bytes / min_rate` (a body trickling one byte a
+    second never trips a read timeout); one operation, retries included, within
+    `request_deadline`. `retries` and `backoff` bound how often a failing origin
+    is retried (backoff doubles up to `max_backoff`; a `Retry-After` is honoured
+    up to `max_retry_after`, and one that points past the deadline fails at once).
+    A redirect target (a CDN URL) is reused for the same file for `redirect_ttl`
+    seconds, then asked for again (signed URLs expire). API answers (JSON) larger
+    than `max_response_size` are refused. Redirects to link-local and cloud
+    metadata addresses are refused, and to private ranges unless the request
+    was to one already or `allow_private_redirects` is set.
     """
 
     timeout: float = 30.0
+    min_rate: float = 256 << 10
+    request_deadline: float = 120.0
     retries: int = 5
     backoff: float = 0.25
     max_backoff: float = 8.0
@@ -62,7 +78,13 @@ class HttpConfig:
     max_connections: int = 64
     max_redirects: int = 5
     redirect_ttl: float = 300.0
+    max_response_size: int = 8 << 20
+    allow_private_redirects: bool = False
     user_agent: str = "modelfs/0.1"
+
+    def attempt_time(self, nbytes: int) -> float:
+        """How long one attempt that moves `nbytes` of body may take."""
+        return self.timeout + nbytes / self.min_rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,24 +156,50 @@ class HttpClient:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
-    async def _with_retries(self, what: str, attempt_fn: Any) -> Any:
-        """Run `attempt_fn()` until it returns, retrying `_Retry` with backoff."""
+    async def _with_retries(self, what: str, attempt_fn: Any, nbytes: int = 0) -> Any:
+        """Run `attempt_fn()` until it returns, retrying `_Retry` with backoff.
+
+        Each attempt ends within `attempt_time(nbytes)`, the whole operation within
+        `request_deadline`; past either, it is a retry or the final error."""
         cfg = self._config
         delay = cfg.backoff
+        end = trio.current_time() + cfg.request_deadline
         for attempt in range(cfg.retries + 1):
             try:
-                return await attempt_fn()
-            except _Retry as exc:
-                if attempt == cfg.retries:
-                    raise RemoteUnavailable(
-                        f"{what}: {exc.reason} (gave up after {attempt + 1} attempts)"
-                    ) from None
-                wait = delay if exc.retry_after is None else min(exc.retry_after, cfg.max_retry_after)
-                log.warning("%s: %s; retry %d/%d in %.2fs", what, exc.reason, attempt + 1,
+                with trio.fail_at(min(end, trio.current_time() + cfg.attempt_time(nbytes))):
+                    return await attempt_fn()
+            except (_Retry, trio.TooSlowError) as exc:
+                if isinstance(exc, _Retry):
+                    reason, retry_after = exc.reason, exc.retry_after
+                else:
+                    reason, retry_after = (f"no complete answer within "
+                                           f"{cfg.attempt_time(nbytes):.0f}s"), None
+                left = end - trio.current_time()
+                wait = delay if retry_after is None else min(retry_after, cfg.max_retry_after)
+                if attempt == cfg.retries or wait >= left:
+                    why = (f"gave up after {attempt + 1} attempts" if attempt == cfg.retries
+                           else f"request deadline of {cfg.request_deadline:.0f}s")
+                    if retry_after is not None and retry_after >= left:
+                        why = f"origin asks to retry after {retry_after:.0f}s; {why}"
+                    raise RemoteUnavailable(f"{what}: {reason} ({why})") from None
+                log.warning("%s: %s; retry %d/%d in %.2fs", what, reason, attempt + 1,
                             cfg.retries, wait)
                 await trio.sleep(wait)
                 delay = min(delay * 2, cfg.max_backoff)
         raise AssertionError("unreachable")
+
+    async def _redirect(self, resp: httpx.Response, what: str, *, same_host: bool) -> str:
+        """Where a redirect points, once it is known safe to follow (see `check_target`)."""
+        try:
+            nxt = urljoin(str(resp.url), resp.headers.get("Location", ""))
+        except ValueError:
+            raise RemoteProtocolError(f"{what}: unusable redirect Location") from None
+        if same_host and urlsplit(nxt).netloc != urlsplit(str(resp.url)).netloc:
+            raise RemoteProtocolError(f"{what}: redirect leaves the endpoint's host "
+                                      f"({printable_host(nxt)})")
+        await check_target(nxt, str(resp.url), what,
+                           allow_private=self._config.allow_private_redirects)
+        return nxt
 
     @staticmethod
     def _check_status(resp: httpx.Response, what: str, auth_msg: str) -> None:
@@ -172,28 +220,43 @@ class HttpClient:
         raise RemoteProtocolError(f"{what}: unexpected {detail}")
 
     async def get_json(self, url: str, *, what: str, auth_msg: str) -> JsonPage:
-        """GET a JSON document (following same-origin redirects)."""
+        """GET a JSON document, following redirects on the same host only. The body is
+        capped at `max_response_size` and parsed in a worker thread; JSON that does
+        not parse (or nests too deep to) is a `RemoteProtocolError`."""
+        cap = self._config.max_response_size
 
         async def attempt() -> JsonPage:
+            nxt = url
             try:
-                resp = await self._client.get(url, headers=self._headers(url))
-                hops = 0
-                while resp.status_code in _REDIRECT_STATUS and hops < self._config.max_redirects:
-                    nxt = urljoin(str(resp.url), resp.headers.get("Location", ""))
-                    resp = await self._client.get(nxt, headers=self._headers(nxt))
-                    hops += 1
+                for _ in range(self._config.max_redirects + 1):
+                    req = self._client.build_request("GET", nxt, headers=self._headers(nxt))
+                    resp = await self._client.send(req, stream=True)
+                    try:
+                        if resp.status_code not in _REDIRECT_STATUS:
+                            self._check_status(resp, what, auth_msg)
+                            body = await _read_capped(resp, cap, what)
+                            break
+                        await resp.aread()
+                    finally:
+                        await resp.aclose()
+                    nxt = await self._redirect(resp, what, same_host=True)
+                else:
+                    raise RemoteProtocolError(f"{what}: too many redirects")
             except httpx.TransportError as exc:
                 raise _Retry(_describe(exc)) from None
-            self._check_status(resp, what, auth_msg)
+            data = await trio.to_thread.run_sync(_parse_json, body)
+            if data is _BAD_JSON:
+                raise RemoteProtocolError(f"{what}: origin sent invalid JSON")
             try:
-                data = resp.json()
+                link = resp.links.get("next", {}).get("url")
+                next_url = urljoin(str(resp.url), link) if link else None
+                if next_url is not None and urlsplit(next_url).scheme not in ("http", "https"):
+                    raise ValueError(next_url)
             except ValueError:
-                raise RemoteProtocolError(f"{what}: origin sent invalid JSON") from None
-            nxt_link = resp.links.get("next", {}).get("url")
-            return JsonPage(data, urljoin(str(resp.url), nxt_link) if nxt_link else None,
-                            resp.headers)
+                raise RemoteProtocolError(f"{what}: unusable Link header") from None
+            return JsonPage(data, next_url, resp.headers)
 
-        result: JsonPage = await self._with_retries(what, attempt)
+        result: JsonPage = await self._with_retries(what, attempt, cap)
         return result
 
     async def head(self, url: str, *, what: str, auth_msg: str,
@@ -207,7 +270,7 @@ class HttpClient:
                 resp = await self._client.head(url, headers=self._headers(url, extra))
                 hops = 0
                 while resp.status_code in _REDIRECT_STATUS and hops < self._config.max_redirects:
-                    nxt = urljoin(str(resp.url), resp.headers.get("Location", ""))
+                    nxt = await self._redirect(resp, what, same_host=False)
                     resp = await self._client.head(nxt, headers=self._headers(nxt, extra))
                     hops += 1
             except httpx.TransportError as exc:
@@ -216,7 +279,7 @@ class HttpClient:
                 return HeadResult(False, None, if_none_match)
             self._check_status(resp, what, auth_msg)
             clen = resp.headers.get("Content-Length", "")
-            if not clen.isdigit():
+            if not _DIGITS.fullmatch(clen):
                 raise RemoteProtocolError(f"{what}: origin sent no Content-Length")
             return HeadResult(True, int(clen), resp.headers.get("ETag"))
 
@@ -246,10 +309,11 @@ class HttpClient:
         buf = _Buffer(into if into is not None else bytearray(length), progress=progress)
 
         async def attempt() -> bytearray:
-            await self._fetch_into(url, start, length, expect, buf, what, auth_msg, content_id)
+            if buf.filled < length:  # else a validated body broke off after our last byte
+                await self._fetch_into(url, start, length, expect, buf, what, auth_msg, content_id)
             return buf.data
 
-        data: bytearray = await self._with_retries(f"{what} at offset {start}", attempt)
+        data: bytearray = await self._with_retries(f"{what} at offset {start}", attempt, length)
         return data
 
     async def _fetch_into(
@@ -284,7 +348,7 @@ class HttpClient:
                         if hops > self._config.max_redirects:
                             raise RemoteProtocolError(f"{what}: too many redirects")
                         await resp.aread()  # an empty body: read it so the connection is reused
-                        url = urljoin(url, resp.headers.get("Location", ""))
+                        url = await self._redirect(resp, what, same_host=False)
                         self._redirects[origin_url] = (
                             url, trio.current_time() + self._config.redirect_ttl)
                         continue
@@ -297,7 +361,8 @@ class HttpClient:
                     _check_linked(resp.headers, expect, what)
                     if resp.headers.get("Content-Encoding", "identity") != "identity":
                         raise RemoteProtocolError(f"{what}: origin ignored Accept-Encoding")
-                    skip = self._check_body_range(resp, first, last, expect, what, "If-Range" in extra)
+                    skip = self._check_body_range(resp, first, last, expect, what,
+                                                  extra.get("If-Range"))
                     etag = resp.headers.get("ETag")
                     _check_content_etag(etag, expect, what)
                     if expect.strict_etag and etag != expect.etag:
@@ -320,11 +385,12 @@ class HttpClient:
 
     @staticmethod
     def _check_body_range(
-        resp: httpx.Response, first: int, last: int, expect: Expect, what: str, conditional: bool
+        resp: httpx.Response, first: int, last: int, expect: Expect, what: str,
+        validator: str | None,
     ) -> int:
         """Validate a range answer; return how many leading body bytes to skip."""
         if resp.status_code == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
             if not m:
                 raise RemoteProtocolError(f"{what}: 206 without a usable Content-Range")
             a, b, total = (int(x) for x in m.groups())
@@ -333,14 +399,20 @@ class HttpClient:
             if a != first or b != last:
                 raise RemoteProtocolError(
                     f"{what}: asked for bytes {first}-{last}, origin sent {a}-{b}")
+            clen = resp.headers.get("Content-Length")
+            if clen is not None and clen != str(last - first + 1):
+                # Its body and its range disagree (a broken proxy?): try again.
+                raise _Retry(f"Content-Length {printable(clen, 30)} does not match "
+                             f"Content-Range {a}-{b}")
             return 0
         if resp.status_code == 200:
-            # A whole-body answer: to a conditional request it means "changed";
-            # otherwise the server ignored Range, and we read only what we need.
-            if conditional:
+            # A whole-body answer: to a conditional request it means "changed", unless
+            # it carries the very ETag we sent (a server that ignores Range); then,
+            # as without a validator, we read only what we need.
+            if validator is not None and resp.headers.get("ETag") != validator:
                 raise RemoteStale(f"{what}: the origin's copy changed (If-Range did not match)")
             clen = resp.headers.get("Content-Length")
-            if clen is not None and int(clen) != expect.size:
+            if clen is not None and (not _DIGITS.fullmatch(clen) or int(clen) != expect.size):
                 raise RemoteStale(f"{what}: origin size is {clen}, listing said {expect.size}")
             return first
         raise RemoteProtocolError(f"{what}: unexpected HTTP {resp.status_code} to a range request")
@@ -375,10 +447,19 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
             if buf.progress is not None and n:
                 buf.progress(buf.filled)
             if buf.filled >= size and resp.status_code == 200:
-                return
+                break
+        else:
+            return
+        # A whole-file 200 cut short: close the connection, then let the generators
+        # run to their end (they end with an error at once), so none is left
+        # half-consumed for the garbage collector.
+        await resp.aclose()
+        with contextlib.suppress(httpx.HTTPError, httpcore.ReadError):
+            async for _ in body:
+                pass
 
 
-_CONTENT_ID = re.compile(r'^"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
+_CONTENT_ID = re.compile(r'"?([0-9a-f]{40}|[0-9a-f]{64})"?')
 
 
 def _check_content_etag(etag: str | None, expect: Expect, what: str) -> None:
@@ -386,7 +467,7 @@ def _check_content_etag(etag: str | None, expect: Expect, what: str) -> None:
 
     Other ETags (a CDN's, nginx's `"mtime-size"`) say nothing about the listing.
     """
-    m = _CONTENT_ID.match(etag or "")
+    m = _CONTENT_ID.fullmatch(etag or "")
     if m and expect.etag and m.group(1) not in (expect.etag.strip('"'), expect.sha256):
         raise RemoteStale(f"{what}: origin now serves another version (ETag {etag})")
 
@@ -397,8 +478,98 @@ def _check_linked(headers: Mapping[str, str], expect: Expect, what: str) -> None
     if linked and expect.sha256 and linked.strip('"').removeprefix("W/").strip('"') != expect.sha256:
         raise RemoteStale(f"{what}: origin now serves another version ({linked})")
     size = headers.get("X-Linked-Size")
-    if size and size.isdigit() and int(size) != expect.size:
+    if size and _DIGITS.fullmatch(size) and int(size) != expect.size:
         raise RemoteStale(f"{what}: origin size is {size}, listing said {expect.size}")
+
+
+_BAD_JSON = object()
+
+
+def _parse_json(body: bytes) -> Any:
+    """`json.loads`, or `_BAD_JSON` for anything it cannot take (including nesting
+    too deep for the recursion limit)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return _BAD_JSON
+
+
+async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
+    """The whole body, refusing one larger than `cap` bytes (declared or sent)."""
+    clen = resp.headers.get("Content-Length", "")
+    if _DIGITS.fullmatch(clen) and int(clen) > cap:
+        raise ListingRejected(f"{what}: answer of {clen} bytes is larger than "
+                              f"max_response_size ({cap})")
+    parts, size = [], 0
+    async with aclosing(resp.aiter_bytes()) as body:
+        async for part in body:
+            size += len(part)
+            if size > cap:
+                raise ListingRejected(f"{what}: answer is larger than max_response_size ({cap})")
+            parts.append(part)
+    return b"".join(parts)
+
+
+# Hosts that are never a redirect target: cloud metadata services.
+_METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "metadata.azure.com",
+                             "instance-data", "169.254.169.254", "fd00:ec2::254"})
+
+
+def printable_host(url: str) -> str:
+    try:
+        return urlsplit(url).netloc[:100] or url[:100]
+    except ValueError:
+        return url[:100]
+
+
+def _address_class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+        return "link-local"
+    if ip.is_private:
+        return "private"
+    return "public"
+
+
+async def _address_classes(host: str) -> set[str]:
+    """The classes of every address `host` names (an IP literal, or resolved)."""
+    try:
+        return {_address_class(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        with trio.fail_after(10):
+            infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, trio.TooSlowError):
+        return set()  # unresolvable: the request itself will fail and say so
+    return {_address_class(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
+            for info in infos}
+
+
+async def check_target(url: str, came_from: str, what: str, *, allow_private: bool) -> None:
+    """Refuse a redirect an attacker could use to reach what the node can reach: a
+    scheme other than http(s), a cloud metadata host, a link-local address, and a
+    private or loopback one unless the request was to such an address already
+    (an in-cluster mirror) or `allow_private` is set."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteProtocolError(f"{what}: redirect to a non-http(s) URL refused "
+                                  f"({parts.scheme or 'no scheme'})")
+    host = parts.hostname.lower().rstrip(".")
+    if host in _METADATA_HOSTS:
+        raise RemoteProtocolError(f"{what}: redirect to metadata host {host} refused")
+    classes = await _address_classes(host)
+    if "link-local" in classes:
+        raise RemoteProtocolError(f"{what}: redirect to link-local address {host} refused")
+    inner = classes & {"private", "loopback"}
+    source = (urlsplit(came_from).hostname or "").lower()
+    if inner and not allow_private and not inner <= await _address_classes(source):
+        raise RemoteProtocolError(
+            f"{what}: redirect to {'/'.join(sorted(inner))} address {host} refused "
+            "(allow_private_redirects allows it for in-cluster mirrors)")
 
 
 def _parse_retry_after(value: str | None) -> float | None:

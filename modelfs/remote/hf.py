@@ -16,18 +16,25 @@ from urllib.parse import quote, urlsplit
 from ..errors import ListingRejected, RemoteNotFound, RemoteProtocolError
 from ..types import COMMIT_RE, FileEntry, RepoRef, Snapshot
 from ._http import Expect, HttpClient, HttpConfig
-from .listing import clean_listing, hub_entry
+from .listing import MAX_FILE_SIZE, clean_listing, hub_entry
+
+# A listing whose pages average fewer entries than this (beyond a few pages) is
+# paging for ever, not listing: the Hub sends 1,000 a page.
+MIN_PAGE_ENTRIES = 10
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
-    """`max_listing_entries` caps a repo's tree: a listing far beyond it is refused
-    rather than held in memory and the index."""
+    """`max_listing_entries` caps a repo's tree (files and directories): a listing
+    beyond it is refused rather than held in memory and the index; so is one whose
+    pages repeat or average fewer than `MIN_PAGE_ENTRIES` entries. A file declared
+    larger than `max_file_size` is skipped as hostile."""
 
     endpoint: str = "https://huggingface.co"
     max_listing_entries: int = 200_000
+    max_file_size: int = MAX_FILE_SIZE
     http: HttpConfig = field(default_factory=HttpConfig)
 
 
@@ -58,7 +65,7 @@ class HubSource:
         what = f"repo {ref.repo_id} revision {ref.revision!r}"
         page = await self._http.get_json(url, what=what, auth_msg=self._auth_msg(ref.repo_id))
         sha = page.data.get("sha") if isinstance(page.data, dict) else None
-        if not isinstance(sha, str) or not COMMIT_RE.match(sha):
+        if not isinstance(sha, str) or not COMMIT_RE.fullmatch(sha):
             raise RemoteProtocolError(f"{what}: origin sent no commit sha")
         return sha
 
@@ -70,7 +77,12 @@ class HubSource:
         files: list[FileEntry | tuple[str, str]] = []
         dirs: list[str] = []
         count = 0
+        seen: set[str] = set()
         while url:
+            if url in seen or len(seen) > 10 + cap // MIN_PAGE_ENTRIES:
+                raise ListingRejected(f"{what}: tree listing pages repeat or never end "
+                                      f"(after {len(seen)} pages, {count} entries)")
+            seen.add(url)
             page = await self._http.get_json(url, what=what, auth_msg=self._auth_msg(repo_id))
             if not isinstance(page.data, list):
                 raise RemoteProtocolError(f"{what}: tree listing is not a JSON list")
@@ -85,7 +97,7 @@ class HubSource:
                 if raw.get("type") == "directory" and isinstance(raw.get("path"), str):
                     dirs.append(raw["path"])
                 elif raw.get("type") == "file":
-                    parsed = hub_entry(raw)
+                    parsed = hub_entry(raw, self._config.max_file_size)
                     files.append(parsed if isinstance(parsed, FileEntry)
                                  else (str(raw.get("path")), parsed))
             url = page.next_url

@@ -21,17 +21,22 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 from ..errors import ConfigError, ListingRejected, RemoteProtocolError
 from ..types import FileEntry, RepoRef, Snapshot
 from ._http import Expect, HttpClient, HttpConfig
-from .listing import clean_listing
+from .listing import MAX_FILE_SIZE, bad_size_reason, clean_listing
+
+# Directory levels a walk descends (a directory that lists itself recurses for ever).
+MAX_DEPTH = 64
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class HttpSourceConfig:
-    """`urls`: repo id -> URL; `max_listing_entries` caps a directory walk."""
+    """`urls`: repo id -> URL; `max_listing_entries` caps a directory walk (files
+    and directories), which also goes at most `MAX_DEPTH` directories deep."""
 
     urls: dict[str, str] = field(default_factory=dict)
     max_listing_entries: int = 100_000
+    max_file_size: int = MAX_FILE_SIZE
     http: HttpConfig = field(default_factory=HttpConfig)
 
 
@@ -69,7 +74,7 @@ class HttpSource:
         paths = await self._walk(ref.repo_id, base) if base.endswith("/") else [
             unquote(urlsplit(base).path.rsplit("/", 1)[-1]) or "index"]
         last = self._last.get(ref.repo_id, {})
-        files = []
+        files: list[FileEntry | tuple[str, str]] = []
         for path in paths:
             url = self.file_url(ref.repo_id, "", path)
             old = last.get(path)
@@ -82,6 +87,9 @@ class HttpSource:
                 raise RemoteProtocolError(f"{ref.repo_id}: {path}: the origin sends no strong "
                                           "ETag, so versions cannot be told apart")
             assert head.size is not None
+            if (bad := bad_size_reason(head.size, self._config.max_file_size)) is not None:
+                files.append((path, bad))
+                continue
             files.append(FileEntry(path, head.size, content_id(url, head.etag), etag=head.etag))
         kept, dirs = clean_listing(ref.repo_id, files)
         self._last[ref.repo_id] = {f.path: f for f in kept}
@@ -96,14 +104,23 @@ class HttpSource:
     async def _walk(self, repo_id: str, base: str) -> list[str]:
         out: list[str] = []
         todo = [""]
+        cap = self._config.max_listing_entries
+        entries = 0
         while todo:
             prefix = todo.pop()
+            if prefix.count("/") > MAX_DEPTH:
+                raise ListingRejected(f"{repo_id}: directories under {base} nest more than "
+                                      f"{MAX_DEPTH} deep (a directory that lists itself?)")
             page = await self._http.get_json(urljoin(base, quote(prefix)),
                                              what=f"{repo_id}: listing of /{prefix}",
                                              auth_msg=f"{repo_id}: {base} needs credentials")
             if not isinstance(page.data, list):
                 raise RemoteProtocolError(f"{repo_id}: {base}{prefix} is not a JSON directory "
                                           "index (nginx: autoindex on; autoindex_format json)")
+            entries += len(page.data)
+            if entries > cap:
+                raise ListingRejected(f"{repo_id}: more than {cap} entries under {base}; raise "
+                                      "max_listing_entries if it really is that large")
             for item in page.data:
                 name = item.get("name") if isinstance(item, dict) else None
                 if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
@@ -112,9 +129,6 @@ class HttpSource:
                     todo.append(f"{prefix}{name}/")
                 elif item.get("type") == "file":
                     out.append(prefix + name)
-            if len(out) > self._config.max_listing_entries:
-                raise ListingRejected(f"{repo_id}: more than {self._config.max_listing_entries} "
-                                      f"files under {base}")
         return sorted(out)
 
     async def list_files(self, repo_id: str, commit: str) -> Snapshot:

@@ -11,18 +11,30 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..types import FileEntry
+from ..types import FileEntry, printable
 
 log = logging.getLogger(__name__)
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_GIT_OID = re.compile(r"^[0-9a-f]{40}$")
+# Largest file size believed (1 PiB): a listing that declares more is hostile, and
+# such sizes break `stat` (st_size is a signed 64-bit value) and `df`.
+MAX_FILE_SIZE = 1 << 50
+# Skipped entries logged one by one per listing; the rest are counted.
+LOGGED_SKIPS = 20
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_OID = re.compile(r"[0-9a-f]{40}")
 
 
 def bad_path_reason(path: object) -> str | None:
     """Why `path` may not appear in the mount, or None when it is fine."""
     if not isinstance(path, str) or not path:
         return "empty or not a string"
+    try:
+        encoded = path.encode()
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if len(encoded) > 4096:
+        return "longer than 4096 bytes"
     if "\0" in path:
         return "contains NUL"
     if path.startswith("/"):
@@ -34,20 +46,29 @@ def bad_path_reason(path: object) -> str | None:
     return None
 
 
-def hub_entry(raw: dict[str, Any]) -> FileEntry | str:
+def bad_size_reason(size: object, max_size: int = MAX_FILE_SIZE) -> str | None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"bad size {printable(size, 40)}"
+    if size > max_size:
+        return f"declared size {size} is beyond max_file_size ({max_size})"
+    return None
+
+
+def hub_entry(raw: dict[str, Any], max_size: int = MAX_FILE_SIZE) -> FileEntry | str:
     """One Hub tree entry of type `file` -> FileEntry, or the reason it is unusable."""
     path = raw.get("path")
     lfs = raw.get("lfs") if isinstance(raw.get("lfs"), dict) else None
     size = lfs.get("size", raw.get("size")) if lfs else raw.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        return f"bad size {size!r}"
+    if (bad := bad_size_reason(size, max_size)) is not None:
+        return bad
+    assert isinstance(size, int)
     if lfs:
         oid = lfs.get("oid")
-        if not isinstance(oid, str) or not _SHA256.match(oid):
+        if not isinstance(oid, str) or not _SHA256.fullmatch(oid):
             return "bad lfs.oid"
         return FileEntry(str(path), size, oid, sha256=oid)
     oid = raw.get("oid")
-    if not isinstance(oid, str) or not _GIT_OID.match(oid):
+    if not isinstance(oid, str) or not _GIT_OID.fullmatch(oid):
         return "bad oid"
     return FileEntry(str(path), size, oid)
 
@@ -64,9 +85,17 @@ def clean_listing(
     """
     kept: dict[str, FileEntry] = {}
     dirs: set[str] = set()
+    skipped = 0
+
+    def skip(what: str, path: object, reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        if skipped <= LOGGED_SKIPS:
+            log.warning("%s: skipping listing %s %s: %s", repo, what, printable(path), reason)
+
     for entry in files:
         if isinstance(entry, tuple):
-            log.warning("%s: skipping listing entry %r: %s", repo, entry[0], entry[1])
+            skip("entry", entry[0], entry[1])
             continue
         reason = bad_path_reason(entry.path)
         if reason is None and (entry.path in kept or entry.path in dirs):
@@ -75,7 +104,7 @@ def clean_listing(
         if reason is None and any(p in kept for p in parents):
             reason = "lies under a path that is a file"
         if reason:
-            log.warning("%s: skipping listing entry %r: %s", repo, entry.path, reason)
+            skip("entry", entry.path, reason)
             continue
         kept[entry.path] = entry
         dirs.update(parents)
@@ -84,10 +113,12 @@ def clean_listing(
         if reason is None and (d in kept or any(p in kept for p in _parents(d))):
             reason = "collides with a file"
         if reason:
-            log.warning("%s: skipping listing directory %r: %s", repo, d, reason)
+            skip("directory", d, reason)
             continue
         dirs.add(d)
         dirs.update(_parents(d))
+    if skipped > LOGGED_SKIPS:
+        log.warning("%s: skipped %d more listing entries", repo, skipped - LOGGED_SKIPS)
     return tuple(sorted(kept.values(), key=lambda e: e.path)), tuple(sorted(dirs))
 
 

@@ -14,8 +14,12 @@ Endpoints (like huggingface.co):
   with an ETag of its own. Range (single), 206/416, If-Range, If-Match.
 - `GET /_origin/stats` -> request and byte counts as JSON.
 
-Knobs (Python API, thread-safe): `fail_next`, `reset_next`, `delay`, `throttle`,
-`require_token`, `extra_entries`, `refresh`. Listens on 127.0.0.1 only.
+Knobs (Python API, thread-safe): `fail_next`, `reset_next`, `corrupt_next`, `delay`,
+`throttle`, `require_token`, `extra_entries`, `refresh`; for hostile-origin tests
+`script` (a canned answer, headers and body chosen by the test, for any request
+path) and `misbehave` (data requests that stall before the headers, stall or
+trickle mid-body, ignore Range, send a wrong Content-Range, or a short or long
+body). Listens on 127.0.0.1 only.
 
 Run: `python -m modelfs.testing.origin --root DIR [--port 8080] [--demo]`.
 """
@@ -72,12 +76,32 @@ class RequestRecord:
 
 @dataclass
 class _Fault:
-    kind: str  # "status", "reset" or "corrupt"
+    kind: str  # "status", "reset", "corrupt", or one of MISBEHAVIOURS
     remaining: int
     match: str | None
     status: int = 503
     retry_after: str | None = None
     after_bytes: int = 0
+    seconds: float = 0.0  # how long a stall lasts
+    rate: float = 0.0  # bytes per second of a trickle
+
+
+# What `misbehave` can make a data request do.
+MISBEHAVIOURS = ("stall_headers", "stall_body", "trickle", "ignore_range", "wrong_range",
+                 "short_body", "long_body")
+
+
+@dataclass
+class _Script:
+    """A canned answer for request paths matching `match` (a glob), `remaining` times
+    (None: for ever)."""
+
+    match: str
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    remaining: int | None
+    stall: float = 0.0
 
 
 @dataclass
@@ -105,6 +129,7 @@ class Origin:
         self.extra_entries: dict[str, list[dict[str, Any]]] = {}
         self.records: list[RequestRecord] = []
         self._faults: list[_Fault] = []
+        self._scripts: list[_Script] = []
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
         self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
@@ -113,6 +138,7 @@ class Origin:
         self._hub = _Server((host, port), _Handler, self, "hub")
         self._cdn = _Server((host, cdn_port), _Handler, self, "cdn")
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()  # ends stalls and trickles at `stop`
         self.refresh()
 
     # Lifecycle ------------------------------------------------------------------
@@ -126,6 +152,7 @@ class Origin:
         return f"http://{self._cdn.server_address[0]}:{self._cdn.server_address[1]}"
 
     def start(self) -> Origin:
+        self._stopping.clear()
         for srv in (self._hub, self._cdn):
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                                  daemon=True)
@@ -134,6 +161,7 @@ class Origin:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         for srv in (self._hub, self._cdn):
             srv.shutdown()
             srv.server_close()
@@ -258,6 +286,46 @@ class Origin:
         with self._lock:
             self._faults.append(_Fault("corrupt", n, match))
 
+    def misbehave(self, kind: str, n: int = 1, *, match: str | None = None,
+                  seconds: float = 3600.0, rate: float = 1.0, after_bytes: int = 65536) -> None:
+        """The next `n` data requests (path containing `match`) misbehave:
+        `stall_headers` sleeps `seconds` before answering; `stall_body` sends
+        `after_bytes` of body, then sleeps `seconds`; `trickle` sends the body at
+        `rate` bytes per second; `ignore_range` answers 200 with the whole file;
+        `wrong_range` answers 206 with a Content-Range one byte off; `short_body`
+        and `long_body` send one byte less or more than Content-Length says."""
+        if kind not in MISBEHAVIOURS:
+            raise ValueError(f"unknown misbehaviour {kind!r}")
+        with self._lock:
+            self._faults.append(_Fault(kind, n, match, seconds=seconds, rate=rate,
+                                       after_bytes=after_bytes))
+
+    def script(self, match: str, body: bytes | str | Any = b"", *, status: int = 200,
+               headers: dict[str, str] | None = None, times: int | None = None,
+               stall: float = 0.0) -> None:
+        """Answer requests whose path (unquoted, without the query) matches the glob
+        `match` with `status`, `headers` and `body` (a str is sent as UTF-8, anything
+        else but bytes as JSON), after `stall` seconds, `times` times (None: always).
+        The latest script for a path wins."""
+        if isinstance(body, str):
+            raw = body.encode("utf-8", "surrogatepass")
+        elif isinstance(body, bytes | bytearray):
+            raw = bytes(body)
+        else:
+            raw = json.dumps(body).encode()
+        with self._lock:
+            self._scripts.insert(0, _Script(match, status, raw, dict(headers or {}), times,
+                                            stall))
+
+    def _take_script(self, path: str) -> _Script | None:
+        with self._lock:
+            for sc in self._scripts:
+                if (sc.remaining is None or sc.remaining > 0) and fnmatch.fnmatch(path, sc.match):
+                    if sc.remaining is not None:
+                        sc.remaining -= 1
+                    return sc
+        return None
+
     def go_down(self) -> None:
         """Stop answering: both ports refuse connections until `come_back`."""
         self.stop()
@@ -273,6 +341,7 @@ class Origin:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._scripts.clear()
 
     def _take_fault(self, names: str, kinds: tuple[str, ...]) -> _Fault | None:
         with self._lock:
@@ -368,7 +437,12 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = unquote(url.path)
         try:
-            if self.server.kind == "cdn":
+            scripted = origin._take_script(path)
+            if scripted is not None:
+                if scripted.stall:
+                    origin._stopping.wait(scripted.stall)
+                self._send(scripted.status, scripted.body, scripted.headers)
+            elif self.server.kind == "cdn":
                 self._cdn(path)
             elif path == "/_origin/stats":
                 self._json(origin.stats())
@@ -522,12 +596,17 @@ class _Handler(BaseHTTPRequestHandler):
         return fault
 
     def _serve_file(self, f: OriginFile, etag: str, extra: dict[str, str], path: str) -> None:
-        fault = self._fault(f"{path} {f.path}", ("status", "reset", "corrupt"))
+        fault = self._fault(f"{path} {f.path}", ("status", "reset", "corrupt", *MISBEHAVIOURS))
         if fault and fault.kind == "status":
             return
         corrupt = fault is not None and fault.kind == "corrupt"
-        if corrupt:
+        odd = fault.kind if fault is not None and fault.kind in MISBEHAVIOURS else None
+        misfault = fault if odd else None
+        if corrupt or odd:
             fault = None
+        if odd == "stall_headers":
+            assert misfault is not None
+            self.server.origin._stopping.wait(misfault.seconds)
         if_match = self.headers.get("If-Match")
         if if_match and if_match != "*" and etag not in [v.strip() for v in if_match.split(",")]:
             self._send(412, b"precondition failed", {"ETag": etag})
@@ -535,7 +614,7 @@ class _Handler(BaseHTTPRequestHandler):
         start, end, status = 0, f.size - 1, 200
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        if rng and (if_range is None or if_range == etag):
+        if rng and (if_range is None or if_range == etag) and odd != "ignore_range":
             m = _RANGE.match(rng.strip())
             if m and (m.group(1) or m.group(2)):
                 if m.group(1):
@@ -549,6 +628,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 206
         length = end - start + 1 if f.size else 0
         limit = fault.after_bytes if fault else length
+        declared = length + {"short_body": 1, "long_body": -1}.get(odd or "", 0)
+        limit = min(limit, max(declared, 0))
         # Recorded before the client can see the answer, so records keep request order;
         # the byte count is corrected below if the body ends early.
         rec = self._done(status, 0 if self.command == "HEAD" else min(length, limit))
@@ -556,9 +637,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(length))
+        self.send_header("Content-Length", str(max(declared, 0)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{f.size}")
+            shift = 1 if odd == "wrong_range" else 0
+            self.send_header("Content-Range", f"bytes {start + shift}-{end + shift}/{f.size}")
         for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
@@ -571,6 +653,9 @@ class _Handler(BaseHTTPRequestHandler):
                     fh.seek(start)
                     self.connection.sendall(bytes([fh.read(1)[0] ^ 0xFF]))
                 rec.bytes_sent = 1 + self._sendfile(f.disk, start + 1, length - 1)
+            elif odd in ("stall_body", "trickle"):
+                assert misfault is not None
+                rec.bytes_sent = self._dribble(f.disk, start, min(length, limit), misfault)
             else:
                 rec.bytes_sent = self._sendfile(f.disk, start, min(length, limit))
         except OSError:
@@ -581,6 +666,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
+
+    def _dribble(self, disk: Path, offset: int, count: int, fault: _Fault) -> int:
+        """A stalled or trickling body: `after_bytes` then a stall, or `rate` bytes/s.
+        Ends early when the origin is stopped (so a test's teardown never waits)."""
+        stopped = self.server.origin._stopping
+        if fault.kind == "stall_body":
+            sent = self._sendfile(disk, offset, min(count, fault.after_bytes))
+            stopped.wait(fault.seconds)
+            return sent
+        sent = 0
+        step = max(1, int(fault.rate // 10))
+        while sent < count and not stopped.is_set():
+            sent += self._sendfile(disk, offset + sent, min(step, count - sent))
+            stopped.wait(step / fault.rate)
+        return sent
 
     def _sendfile(self, disk: Path, offset: int, count: int) -> int:
         sent = 0
