@@ -339,23 +339,38 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> dict
         index.close()
 
 
-def _client(config_file: str | None, control_socket: str | None) -> ControlClient:
-    from .control.client import ControlClient
-
+def _cache_dir(config_file: str | None, control_socket: str | None) -> tuple[Path, Path]:
+    """The cache directory and the control socket the settings name."""
     try:
         layered = layer({"control_socket": control_socket}, config=config_file)
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     cdir = cache_dir_path(layered.values.get("cache_dir"), os.environ)
-    return ControlClient(control_socket_path(layered.values.get("control_socket"), cdir))
+    return cdir, control_socket_path(layered.values.get("control_socket"), cdir)
 
 
 def _talk(config_file: str | None, control_socket: str | None,
-          fn: Callable[[ControlClient], Any]) -> Any:
-    """Run `fn` against the daemon; a daemon that is not there or says no is exit 1."""
-    with _client(config_file, control_socket) as client:
+          fn: Callable[[ControlClient], Any],
+          offline: Callable[[Any], Any] | None = None) -> Any:
+    """Run `fn` against the daemon; a daemon that is not there or says no is exit 1.
+    With `offline`, no daemon means `offline(index)` on the cache's index instead."""
+    from .control.client import ControlClient, DaemonNotRunning
+
+    cdir, sock = _cache_dir(config_file, control_socket)
+    with ControlClient(sock) as client:
         try:
-            return fn(client)
+            try:
+                return fn(client)
+            except DaemonNotRunning:
+                if offline is None or not (cdir / "index").is_dir():
+                    raise
+            from .cache import Index
+
+            index = Index(cdir / "index")
+            try:
+                return offline(index)
+            finally:
+                index.close()
         except ModelfsError as exc:
             click.echo(f"modelfs: {exc}", err=True)
             sys.exit(1)
@@ -397,8 +412,10 @@ def status(config_file: str | None, control_socket: str | None, as_json: bool) -
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="The jobs with their items, as JSON.")
 def jobs(config_file: str | None, control_socket: str | None, as_json: bool) -> None:
-    """Prefetch jobs of the running daemon."""
-    listed = _talk(config_file, control_socket, lambda c: c.jobs())
+    """Prefetch jobs of the running daemon (without one: the jobs saved in the cache)."""
+    from .jobs import saved_jobs
+
+    listed = _talk(config_file, control_socket, lambda c: c.jobs(), saved_jobs)
     if as_json:
         click.echo(json.dumps(listed, indent=2))
         return
@@ -429,7 +446,15 @@ def _act(action: str) -> click.Command:
                 item = hits[0]["id"]
             return client.act(job, action, item)
 
-        j = _talk(config_file, control_socket, go)
+        def offline(index: Any) -> dict[str, Any]:
+            from .jobs import cancel_saved
+
+            if action != "cancel" or path is not None:
+                raise ControlError(f"no daemon runs: only a whole job can be cancelled "
+                                   f"(`modelfs cancel {job}`), not {action}ed")
+            return cancel_saved(index, job)
+
+        j = _talk(config_file, control_socket, go, offline)
         click.echo(f"{j['id']} {j['state']}")
 
     return cmd

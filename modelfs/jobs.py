@@ -235,6 +235,41 @@ class UnknownJob(ModelfsError):
     kind = "not_found"
 
 
+# Saved jobs while no daemon runs (`modelfs jobs` / `cancel` fall back to these) -------
+
+
+def saved_jobs(index: Index) -> list[dict[str, Any]]:
+    """Summaries of the jobs saved in the index; a record this version cannot read
+    shows as state `unreadable` (the next daemon start drops it)."""
+    out = []
+    for rec in index.jobs():
+        try:
+            out.append(Job.from_record(rec).summary())
+        except Exception:
+            out.append({"id": rec["id"], "state": "unreadable", "repos": [], "files": 0,
+                        "files_done": 0, "bytes": 0, "downloaded_bytes": 0})
+    return out
+
+
+def cancel_saved(index: Index, job_id: str) -> dict[str, Any]:
+    """Cancel a saved job (so no daemon takes it up again); an unreadable one is deleted."""
+    rec = next((r for r in index.jobs() if r["id"] == job_id), None)
+    if rec is None:
+        raise UnknownJob(f"no saved job {job_id!r} in {index.path}")
+    try:
+        job = Job.from_record(rec)
+    except Exception:
+        index.delete_job(job_id)
+        return {"id": job_id, "state": "deleted"}
+    job.cancelled = True
+    for item in job.items:
+        if item.state in ("queued", "running", "paused"):
+            item.state = "cancelled"
+    job.finished = job.finished or time.time()
+    index.put_job(job.id, job.record())
+    return job.summary()
+
+
 class JobManager:
     """Runs prefetch jobs on a shared `ChunkReader`; see the module docstring.
 

@@ -542,8 +542,8 @@ class Index:
         self._write(lambda txn: txn.delete(key, db=self._jobs))
 
     def jobs(self) -> list[dict[str, object]]:
-        """Every saved job record; one that is not a JSON object comes back as just
-        `{"id": key}`, for the caller to report and drop."""
+        """Every saved job record, its `id` its key; one that is not a JSON object
+        comes back as just `{"id": key}`, for the caller to report and drop."""
         def scan(txn: lmdb.Transaction) -> list[dict[str, object]]:
             out: list[dict[str, object]] = []
             for key, raw in txn.cursor(db=self._jobs):
@@ -551,8 +551,8 @@ class Index:
                     rec = json.loads(raw)
                 except (ValueError, RecursionError):
                     rec = None
-                out.append(rec if isinstance(rec, dict)
-                           else {"id": bytes(key).decode("utf-8", "surrogateescape")})
+                job_id = bytes(key).decode("utf-8", "surrogateescape")
+                out.append({**rec, "id": job_id} if isinstance(rec, dict) else {"id": job_id})
             return out
 
         return self._read(scan)

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the trailing NUL
+MAX_BODY = 1 << 20  # bytes of a request body (a job of 10,000 repos fits)
+MAX_JOB_REPOS = 10_000
 
 
 class Throughput:
@@ -101,6 +103,20 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None when it is larger than `MAX_BODY` (declared or sent)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
 def _spec_from_json(body: Any) -> JobSpec:
     if not isinstance(body, dict):
         raise ConfigError("body: expected a JSON object")
@@ -108,8 +124,9 @@ def _spec_from_json(body: Any) -> JobSpec:
     if unknown:
         raise ConfigError(f"body: unknown field {sorted(unknown)[0]!r}")
     repos = body.get("repos")
-    if not isinstance(repos, list) or not repos:
-        raise ConfigError("repos: expected a non-empty list of {id, revision, include, exclude}")
+    if not isinstance(repos, list) or not repos or len(repos) > MAX_JOB_REPOS:
+        raise ConfigError(f"repos: expected a non-empty list of at most {MAX_JOB_REPOS} "
+                          "{id, revision, include, exclude}")
     for key in ("pin", "force"):
         if not isinstance(body.get(key, False), bool):
             raise ConfigError(f"{key}: expected true or false")
@@ -122,9 +139,12 @@ def build_app(ctx: ControlContext) -> Starlette:
     jobs = ctx.jobs
 
     async def prefetch(request: Request) -> Response:
+        raw = await _read_body(request)
+        if raw is None:
+            return _error(413, f"body: larger than {MAX_BODY} bytes")
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
             return _error(400, "body: not JSON")
         try:
             job = jobs.submit(_spec_from_json(body))

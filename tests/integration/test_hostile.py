@@ -1,0 +1,180 @@
+"""A real daemon against a hostile origin, API requests and cache directory: it
+answers with one line naming the repo, keeps serving the others, and never dies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelfs.cache import Index
+from modelfs.testing.origin import Origin
+
+from ..conftest import is_mounted
+
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+
+MAIN = "org/model@main"
+
+
+def mount_cli(tmp_path: Path, origin: Origin, *args: str, timeout: float = 60) -> \
+        subprocess.CompletedProcess[str]:
+    mnt = tmp_path / "m"
+    mnt.mkdir(exist_ok=True)
+    try:
+        return subprocess.run([sys.executable, "-m", "modelfs", "mount", str(mnt), "--endpoint",
+                               origin.url, "--cache-dir", str(tmp_path / "c"), "--retries", "1",
+                               "--retry-backoff", "0.05", *args],
+                              capture_output=True, text=True, timeout=timeout)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+            pytest.fail("a mount that should have failed is mounted")
+
+
+@pytest.mark.parametrize(("script", "body", "headers", "expect"), [
+    ("revision/main", {"sha": "a" * 40 + "\n"}, {}, "origin sent no commit sha"),
+    ("revision/main", "[" * 100_000, {}, "origin sent invalid JSON"),
+    ("tree/*", [], {"Link": '<http://[::1/x>; rel="next"'}, "unusable Link header"),
+])
+def test_mount_refuses_hostile_answers_in_one_line(tmp_path: Path, origin: Origin, script: str,
+                                                   body, headers, expect: str) -> None:
+    origin.script(f"/api/models/org/model/{script}", body, headers=headers)
+    res = mount_cli(tmp_path, origin, "--repo", "org/model")
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith("modelfs: repo org/model") and expect in lines[0]
+
+
+def test_mount_with_a_listing_that_never_ends_gives_up(tmp_path: Path, origin: Origin) -> None:
+    commit = origin.commit_of("org/model")
+    loop = f"{origin.url}/api/models/org/model/tree/{commit}?recursive=true"
+    origin.script("/api/models/org/model/tree/*", [], headers={"Link": f'<{loop}>; rel="next"'})
+    t0 = time.monotonic()
+    res = mount_cli(tmp_path, origin, "--repo", "org/model")
+    assert res.returncode == 1 and "pages repeat or never end" in res.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_moved_branch_with_a_hostile_listing_keeps_the_mount(mount_factory, origin: Origin,
+                                                               repo_data) -> None:
+    m = mount_factory(["org/model", "org/other"], "--revision-ttl", "0.3", "--retries", "0")
+    before = m.p("org/model/config.json").read_bytes()
+    # The branch moves to a commit whose listing holds a lone surrogate, then to one
+    # whose listing is JSON nested 100,000 deep, then to a sha with a newline.
+    origin.put_file("org/model", "main", "new.txt", b"new")
+    origin.extra_entries["org/model"] = [
+        {"type": "file", "oid": "c" * 40, "size": 3, "path": "x\udcff"}]
+    time.sleep(1.5)
+    assert m.p("org/model/new.txt").read_bytes() == b"new"
+    assert not any("\udcff" in p.name for p in m.p("org/model").iterdir())
+    origin.put_file("org/model", "main", "newer.txt", b"newer")
+    origin.script("/api/models/org/model/tree/*", "[" * 100_000)
+    time.sleep(1.0)
+    origin.script("/api/models/org/model/revision/main", {"sha": "b" * 40 + "\n"})
+    time.sleep(1.0)
+    assert m.proc.poll() is None, m.log_text()[-3000:]
+    assert m.p("org/model/config.json").read_bytes() == before  # still the last good tree
+    assert m.p("org/other/config.json").read_bytes() == repo_data["org/other@main"]["config.json"]
+    log = m.log_text()
+    assert "cannot re-resolve org/model" in log and "invalid JSON" in log
+    origin.clear_faults()
+    time.sleep(1.0)
+    assert m.p("org/model/newer.txt").read_bytes() == b"newer"  # recovers by itself
+
+
+def test_poisoned_prefetch_requests_never_kill_the_daemon(mount_factory, origin: Origin) -> None:
+    m = mount_factory(["org/model"])
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(m.socket))) as http:
+        for body in (b'{"repos":[{"id":"org/x","revision":"\\udcff"}]}',
+                     b'{"repos":[{"id":"org/\\udcff"}]}',
+                     b'{"repos":[{"id":"org/x","include":["\\udcff"]}]}',
+                     b'{"repos":[{"id":"org/x","revision":"' + b"r" * 300 + b'"}]}',
+                     b"[" * 100_000):
+            r = http.post("http://modelfs/v1/prefetch", content=body)
+            assert r.status_code == 400, r.text
+            assert len(r.text) < 600
+        # A repo whose listing holds a hostile name: the job ends, the daemon lives.
+        origin.extra_entries["org/model"] = [
+            {"type": "file", "oid": "c" * 40, "size": 3, "path": "y\udcff"}]
+        origin.put_file("org/model", "v7", "w.bin", b"w" * 100)
+        origin.script("/api/models/org/model/revision/v8", {"sha": "d" * 40 + "\n"})
+        r = http.post("http://modelfs/v1/prefetch",
+                      json={"repos": [{"id": "org/model", "revision": "v7"},
+                                      {"id": "org/model", "revision": "v8"}]})
+        assert r.status_code == 202
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 30
+        while (job := http.get(f"http://modelfs/v1/jobs/{job_id}").json())["finished"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert job["state"] == "partial"
+    assert any("org/model@v8" in e and "no commit sha" in e for e in job["errors"])
+    assert {i["path"] for i in job["items"] if i["state"] == "done"} >= {"w.bin"}
+    assert m.proc.poll() is None
+
+
+def test_daemon_starts_whatever_the_jobs_table_holds(mount_factory, tmp_path: Path) -> None:
+    index = Index(tmp_path / "cache" / "index")
+    index.put_job("bad-1", {"id": "bad-1", "repos": [{"id": "org/x", "revision": "\udcff"}]})
+    index.put_job("bad-2", {"no": "fields"})
+    index._write(lambda txn: txn.put(b"bad-3", b"{not json", db=index._jobs))
+    index.close()
+    m = mount_factory(["org/model"])
+    assert m.p("org/model/config.json").exists()
+    with m.client() as c:
+        assert c.jobs() == []
+    log = m.log_text()
+    assert log.count("saved record is unusable") == 3
+    index = Index(tmp_path / "cache" / "index")
+    assert index.jobs() == []  # dropped, so the next start does not trip on them
+    index.close()
+
+
+def test_control_api_refuses_huge_bodies(mount_factory) -> None:
+    m = mount_factory(["org/model"])
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(m.socket))) as http:
+        r = http.post("http://modelfs/v1/prefetch", content=b" " * (4 << 20))
+        assert r.status_code == 413
+        r = http.post("http://modelfs/v1/prefetch", content=iter([b" " * (1 << 20)] * 4))
+        assert r.status_code == 413
+    assert m.proc.poll() is None
+    with m.client() as c:
+        assert c.alive()
+
+
+def test_saved_jobs_can_be_listed_and_cancelled_without_a_daemon(tmp_path: Path) -> None:
+    from modelfs.jobs import Job, JobSpec, RepoRequest
+
+    cache = tmp_path / "cache"
+    index = Index(cache / "index")
+    job = Job("20261201-0000abcd", JobSpec((RepoRequest("org/model"),)), time.time())
+    index.put_job(job.id, job.record())
+    index._write(lambda txn: txn.put(b"20261201-poisoned", b"[[[", db=index._jobs))
+    index.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "modelfs", *args, "--control-socket",
+                               str(tmp_path / "none.sock")], capture_output=True, text=True,
+                              timeout=60, env={"MODELFS_CACHE_DIR": str(cache), "PATH": "/usr/bin"})
+
+    listed = cli("jobs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    states = {j["id"]: j["state"] for j in json.loads(listed.stdout)}
+    assert states == {job.id: "running", "20261201-poisoned": "unreadable"}
+    assert cli("pause", job.id).returncode == 1  # only cancel works offline
+    done = cli("cancel", job.id)
+    assert done.returncode == 0 and done.stdout.strip() == f"{job.id} cancelled", done.stderr
+    assert cli("cancel", "20261201-poisoned").stdout.strip() == "20261201-poisoned deleted"
+    missing = cli("cancel", "nope")
+    assert missing.returncode == 1 and "no saved job 'nope'" in missing.stderr
+    index = Index(cache / "index")
+    (rec,) = index.jobs()
+    index.close()
+    assert rec["cancelled"] is True and rec["finished"] is not None
