@@ -150,6 +150,9 @@ def _log_level(layered: Layered, default: str) -> str:
 @click.option("--parallel-files", type=int, help="Files prefetch jobs fetch at once (default 4).")
 @click.option("--control-socket", type=click.Path(dir_okay=False),
               help="Unix socket of the local API (default CACHE_DIR/control.sock).")
+@click.option("--rebuild-index", is_flag=True,
+              help="If the cache index is damaged, rebuild it (keeping the chunks that check "
+                   "out) instead of refusing to start.")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               help="Default info.")

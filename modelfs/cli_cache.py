@@ -150,6 +150,26 @@ def evict_cmd(repo: str, cache_dir: str | None) -> None:
     click.echo(f"evicted {n} files of {repo}")
 
 
+@cache_group.command("rebuild-index")
+@_cache_dir_option
+def rebuild_cmd(cache_dir: str | None) -> None:
+    """Rebuild a damaged index: the old one is kept as index.damaged-TIME, what of it
+    still reads is copied, and only chunks that check out stay indexed. Run it with
+    no daemon on this cache."""
+    from .cache.rebuild import rebuild_index
+
+    path = cache_dir_path(cache_dir, os.environ)
+    try:
+        r = rebuild_index(path)
+    except ModelfsError as exc:
+        raise click.ClickException(str(exc)) from None
+    copied = ", ".join(f"{n} {db}" for db, n in sorted(r.records.items()) if n) or "nothing"
+    click.echo(f"rebuilt {path / 'index'}: copied {copied}; kept {r.chunks_kept} chunks that "
+               f"check out, dropped {r.chunks_dropped}; the damaged index is at {r.moved_to}")
+    if r.salvage_error:
+        click.echo(f"copying stopped early: {r.salvage_error}")
+
+
 @cache_group.command("clear")
 @_cache_dir_option
 @click.option("--yes", is_flag=True, help="Do not ask.")

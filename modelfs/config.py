@@ -99,6 +99,7 @@ class MountConfig:
     urls: tuple[tuple[RepoRef, str], ...] = ()  # plain HTTP repos (`--url ORG/NAME=URL`)
     allow_other: bool = False
     force: bool = False
+    rebuild_index: bool = False  # a damaged index is rebuilt at start instead of refused
     revision_ttl: float = DEFAULT_REVISION_TTL  # branches and tags are re-resolved this often
     jobs: JobsConfig = field(default_factory=JobsConfig)
     control_socket: Path | None = None  # the API's Unix socket (None: no API)
@@ -225,6 +226,7 @@ def build_mount_config(
     cache_size: str | None = None,
     compression: str | None = None,
     force: bool = False,
+    rebuild_index: bool = False,
     revision_ttl: float | None = None,
     parallel_files: int | None = None,
     control_socket: str | None = None,
@@ -262,6 +264,7 @@ def build_mount_config(
         cache=build_cache_config(cache_dir=cdir, cache_size=cache_size, compression=compression),
         allow_other=allow_other,
         force=force,
+        rebuild_index=rebuild_index,
         revision_ttl=DEFAULT_REVISION_TTL if revision_ttl is None else revision_ttl,
         jobs=build_jobs_config(parallel_files, per_file_connections),
         control_socket=control_socket_path(control_socket, cdir),

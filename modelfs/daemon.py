@@ -28,7 +28,7 @@ import trio
 from .cache import ChunkCache, ChunkStore, Index
 from .config import MountConfig
 from .control.server import ControlContext, check_socket_free, serve_control
-from .errors import ConfigError, ModelfsError
+from .errors import CacheCorrupt, ConfigError, ModelfsError
 from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
 from .fs.tree import ROOT_INODE, StaticFile
@@ -252,7 +252,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     check_mountpoint(config.mountpoint)
     if config.control_socket:
         check_socket_free(config.control_socket)
-    index = Index(config.cache_dir / "index")
+    index = open_index(config)
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     hub = HubSource(config.hub, config.token)
     pairs = _sources(config, hub)
@@ -309,6 +309,23 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         for source in {id(s): s for s in [hub, *(s for _, s in pairs)]}.values():
             await source.aclose()
         index.close()
+
+
+def open_index(config: MountConfig) -> Index:
+    """The cache index; a damaged one is refused, or with `rebuild_index` rebuilt."""
+    try:
+        return Index(config.cache_dir / "index")
+    except CacheCorrupt as exc:
+        if not config.rebuild_index:
+            raise
+        log.warning("%s: rebuilding it", exc)
+    from .cache.rebuild import rebuild_index
+
+    r = rebuild_index(config.cache_dir)
+    log.warning("rebuilt the cache index: kept %d chunks that check out, dropped %d; the "
+                "damaged one is at %s%s", r.chunks_kept, r.chunks_dropped, r.moved_to,
+                f" (copying stopped early: {r.salvage_error})" if r.salvage_error else "")
+    return Index(config.cache_dir / "index")
 
 
 class _Wake:

@@ -16,6 +16,7 @@ MIN_SAVING = 0.10
 _SAMPLE = 128 << 10
 _BLOCK = 4096
 MODES = ("auto", "always", "never")
+CodecError = zstandard.ZstdError  # bytes that are not a zstd frame
 
 
 def compress(data: bytes | bytearray | memoryview, level: int = _LEVEL) -> bytes:

@@ -29,6 +29,7 @@ process closed, which `_Guard` provides.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -45,6 +46,10 @@ from ..types import FileEntry, Snapshot
 from . import codec
 
 T = TypeVar("T")
+
+# What a damaged index raises inside a transaction: LMDB's own errors (a bad page),
+# and records that do not decode (struct, JSON, UTF-8, zstd).
+_DAMAGE = (lmdb.Error, struct.error, ValueError, KeyError, codec.CodecError)
 
 # 3: blobs may carry the XXH3 flag. A format-2 index is upgraded in place on open (its
 # blobs keep their crc32); modelfs versions that know only format 2 refuse a format-3
@@ -165,23 +170,83 @@ class _Guard:
                 self._cond.notify_all()
 
 
+# LMDB's file starts with two meta pages (lmdb's mdb.c, MDB_meta): at byte 16 of each
+# the magic and version, at 40 the page size (the free DB's md_pad), at 136 the last
+# page used and at 144 the transaction id. The newer valid one says how long the
+# file must be; a shorter file (truncated) would be a SIGBUS on the first read.
+_META_MAGIC = 0xBEEFC0DE
+_DAMAGED_HINT = "`modelfs cache rebuild-index` keeps what still checks out, `modelfs cache clear` starts over"
+DB_NAMES = (b"revs", b"snaps", b"chunks", b"refs", b"blobs", b"pins", b"checked", b"meta",
+            b"jobs")
+
+
+def check_index_file(path: Path) -> None:
+    """Refuse an LMDB file that is shorter than its own meta pages say (a truncated or
+    garbled index), before LMDB maps it. A missing or empty file is a new index."""
+    data_file = path / "data.mdb"
+    try:
+        with open(data_file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(2 * 65536)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CacheError(f"cache index {data_file}: {exc.strerror or exc}") from None
+    if size == 0:
+        return
+    metas = []
+    psize = 0
+    for page in (0, 1):
+        off = page * (psize or 4096)
+        if len(head) < off + 152:
+            break
+        magic, version = struct.unpack_from("<II", head, off + 16)
+        if magic != _META_MAGIC or version != 1:
+            continue
+        psize = psize or struct.unpack_from("<I", head, off + 40)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+        metas.append((txnid, last_pg))
+    if not metas or psize < 512 or psize & (psize - 1):
+        raise CacheCorrupt(f"index damaged: {data_file} has no valid LMDB header; "
+                           f"{_DAMAGED_HINT}")
+    need = (max(metas)[1] + 1) * psize
+    if size < need:
+        raise CacheCorrupt(f"index damaged: {data_file} is {size} bytes, its pages need {need} "
+                           f"(truncated?); {_DAMAGED_HINT}")
+
+
 class Index:
-    def __init__(self, path: Path, *, map_size: int = 1 << 30) -> None:
+    def __init__(self, path: Path, *, map_size: int = 1 << 30,
+                 readonly: bool = False) -> None:
+        check_index_file(path)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=10, subdir=True)
+            if not readonly:
+                path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(str(path), map_size=map_size, max_dbs=10, subdir=True,
+                                  readonly=readonly, lock=not readonly)
         except OSError as exc:
             raise CacheError(f"cache index {path}: {exc.strerror or exc}") from None
         except lmdb.Error as exc:
-            raise CacheCorrupt(f"cannot open cache index {path}: {exc}") from None
+            raise CacheCorrupt(f"index damaged: cannot open {path} ({exc}); "
+                               f"{_DAMAGED_HINT}") from None
         self.path = path
         self._guard = _Guard()
         self._touched: dict[bytes, float] = {}
-        db = self._env.open_db
-        self._revs, self._snaps, self._chunks = db(b"revs"), db(b"snaps"), db(b"chunks")
-        self._refs, self._blobs, self._pins = db(b"refs"), db(b"blobs"), db(b"pins")
-        self._checked, self._meta, self._jobs = db(b"checked"), db(b"meta"), db(b"jobs")
-        self._check_format()
+        try:
+            db = self._env.open_db
+            if readonly:
+                with self._env.begin() as txn:
+                    names = {n for n in DB_NAMES if txn.get(n) is not None}
+                db = lambda name: self._env.open_db(name, create=False) \
+                    if name in names else None  # noqa: E731
+            self._revs, self._snaps, self._chunks = db(b"revs"), db(b"snaps"), db(b"chunks")
+            self._refs, self._blobs, self._pins = db(b"refs"), db(b"blobs"), db(b"pins")
+            self._checked, self._meta, self._jobs = db(b"checked"), db(b"meta"), db(b"jobs")
+        except lmdb.Error as exc:
+            self._env.close()
+            raise CacheCorrupt(f"index damaged: {path} ({exc}); {_DAMAGED_HINT}") from None
+        if not readonly:
+            self._check_format()
 
     def _check_format(self) -> None:
         def check(txn: lmdb.Transaction) -> int | None:
@@ -212,6 +277,8 @@ class Index:
                     return fn(txn)
             except lmdb.MapResizedError:
                 self._adopt_map_size()
+            except _DAMAGE as exc:
+                raise self._damaged(exc) from None
 
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
@@ -224,6 +291,13 @@ class Index:
                 self._grow_map()
             except lmdb.DiskError as exc:
                 raise CacheFull(f"cache index {self.path}: {exc}") from None
+            except _DAMAGE as exc:
+                raise self._damaged(exc) from None
+
+    def _damaged(self, exc: Exception) -> CacheCorrupt:
+        """LMDB found a bad page, or a record does not decode: one line, and what to do."""
+        return CacheCorrupt(f"index damaged: {self.path} ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); {_DAMAGED_HINT}")
 
     def _adopt_map_size(self) -> None:
         with self._guard.exclusive():
@@ -446,6 +520,41 @@ class Index:
     def blobs(self) -> list[Blob]:
         return self._read(lambda txn: [Blob.unpack(d.hex(), v)
                                        for d, v in txn.cursor(db=self._blobs)])
+
+    def reconcile(self, check: Callable[[Blob], bool]) -> tuple[int, int]:
+        """After copying records out of a damaged index: keep each chunk entry whose
+        blob record decodes and whose bytes `check` out, drop the rest, rebuild the
+        references and usage from what is kept, and forget every whole-file check.
+        Returns (chunk entries kept, dropped)."""
+        def scan(txn: lmdb.Transaction) -> list[Blob]:
+            out = []
+            for d, raw in txn.cursor(db=self._blobs):
+                if len(d) == 32 and len(raw) == _BLOB.size:
+                    out.append(Blob.unpack(bytes(d).hex(), bytes(raw)))
+            return out
+
+        good = {b.digest: b for b in self._read(scan) if check(b)}
+
+        def fix(txn: lmdb.Transaction) -> tuple[int, int]:
+            txn.drop(self._refs, delete=False)
+            txn.drop(self._checked, delete=False)
+            kept, dropped, used = 0, 0, set()
+            for key, d in list(txn.cursor(db=self._chunks)):
+                key, d = bytes(key), bytes(d)
+                if d.hex() in good and len(key) > 8 and key.count(b"\0") >= 2:
+                    txn.put(d + key, b"", db=self._refs)
+                    used.add(d.hex())
+                    kept += 1
+                else:
+                    txn.delete(key, db=self._chunks)
+                    dropped += 1
+            for d in [bytes(k) for k in txn.cursor(db=self._blobs).iternext(values=False)]:
+                if d.hex() not in used:
+                    txn.delete(d, db=self._blobs)
+            txn.put(b"usage", _U64.pack(sum(good[d].disk_bytes for d in used)), db=self._meta)
+            return kept, dropped
+
+        return self._write(fix)
 
     def usage(self) -> int:
         """Disk bytes of every indexed chunk file."""

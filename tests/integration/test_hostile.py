@@ -178,3 +178,51 @@ def test_saved_jobs_can_be_listed_and_cancelled_without_a_daemon(tmp_path: Path)
     (rec,) = index.jobs()
     index.close()
     assert rec["cancelled"] is True and rec["finished"] is not None
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "modelfs", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("cut", ["8KiB", "half"])
+def test_a_truncated_index_is_reported_in_one_line_and_rebuilt(
+        mount_factory, origin: Origin, repo_data, tmp_path: Path, cut: str) -> None:
+    m = mount_factory(["org/model"])
+    weights = m.p("org/model/model.safetensors").read_bytes()
+    m.close()
+    data = tmp_path / "cache" / "index" / "data.mdb"
+    os_size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(8192 if cut == "8KiB" else os_size // 2)
+    for args in (["cache", "verify"], ["cache", "ls"]):
+        res = _cli(*args, "--cache-dir", str(tmp_path / "cache"))
+        assert res.returncode == 1, res  # not 135 (SIGBUS)
+        (line,) = res.stderr.strip().splitlines()
+        assert "index damaged:" in line and "rebuild-index" in line
+    res = mount_cli(tmp_path, origin, "--repo", "org/model", "--cache-dir",
+                    str(tmp_path / "cache"))
+    assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "index damaged:" in res.stderr
+    m2 = mount_factory(["org/model"], "--rebuild-index")
+    assert m2.p("org/model/model.safetensors").read_bytes() == weights
+    assert "rebuilt the cache index" in m2.log_text()
+    assert list((tmp_path / "cache").glob("index.damaged-*"))
+
+
+def test_rebuild_keeps_the_chunks_that_check_out(mount_factory, origin: Origin,
+                                                 tmp_path: Path) -> None:
+    m = mount_factory(["org/model"])
+    weights = m.p("org/model/model.safetensors").read_bytes()
+    m.close()
+    chunks = sorted((tmp_path / "cache" / "chunks").rglob("*"))
+    files = [c for c in chunks if c.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # damaged on disk
+    res = _cli("cache", "rebuild-index", "--cache-dir", str(tmp_path / "cache"))
+    assert res.returncode == 0, res.stderr
+    assert f"kept {len(files) - 1} chunks that check out, dropped 1" in res.stdout
+    origin.reset_stats()
+    m2 = mount_factory(["org/model"])
+    assert m2.p("org/model/model.safetensors").read_bytes() == weights
+    assert len(origin.data_requests("/cdn/*")) == 1  # only the damaged chunk is fetched again
