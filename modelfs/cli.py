@@ -88,6 +88,17 @@ _SHARED_OPTIONS = [
                  help="First retry delay in seconds, doubled each time."),
     click.option("--timeout", type=float,
                  help="Per-request connect/read timeout in seconds (default 30)."),
+    click.option("--request-deadline", type=float,
+                 help="Seconds one origin request may take in all, retries included (default "
+                      "120)."),
+    click.option("--min-rate", help="Slowest body an origin may send (default 256KiB/s): one "
+                                    "attempt gets --timeout plus its bytes at this rate."),
+    click.option("--max-response-size",
+                 help="Refuse API answers (listings, revisions) larger than this (default 8MiB)."),
+    click.option("--max-file-size",
+                 help="Skip listing entries declaring a larger file (default 1024TiB)."),
+    click.option("--allow-private-redirects", is_flag=True,
+                 help="Follow redirects from a public endpoint to private addresses."),
     click.option("--max-connections", type=int,
                  help="Concurrent origin requests in all (default 16; a mount keeps 4 for demand "
                       "reads)."),
@@ -147,6 +158,9 @@ def _log_level(layered: Layered, default: str) -> str:
                    "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
 @click.option("--revision-ttl", type=float,
               help="Seconds between re-resolving branches and tags (default 60).")
+@click.option("--read-deadline", type=float,
+              help="Seconds a read through the mount waits for the origin before EIO "
+                   "(default 60).")
 @click.option("--parallel-files", type=int, help="Files prefetch jobs fetch at once (default 4).")
 @click.option("--control-socket", type=click.Path(dir_okay=False),
               help="Unix socket of the local API (default CACHE_DIR/control.sock).")

@@ -92,11 +92,11 @@ def _verdict(f: admin.FileState) -> tuple[str, bool]:
     if c is None:
         return "not cached", False
     if c.sha256_ok is False:
-        return "SHA256 MISMATCH: all chunks dropped", True
+        return f"{(c.kind or 'sha256').upper()} MISMATCH: all chunks dropped", True
     if c.damaged:
         return f"DAMAGED: {c.damaged} of {c.chunks} chunks dropped", True
     if c.sha256_ok:
-        return "ok, sha256 verified", False
+        return f"ok, {c.kind or 'sha256'} verified", False
     return ("ok" if c.complete else f"ok, partial ({c.chunks} chunks)"), False
 
 

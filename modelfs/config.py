@@ -115,6 +115,9 @@ def _at_least(value: int | float | None, minimum: float, flag: str, what: str) -
 def build_hub_config(*, endpoint: str | None, retries: int | None = None,
                      retry_backoff: float | None = None, timeout: float | None = None,
                      max_listing_entries: int | None = None,
+                     request_deadline: float | None = None, min_rate: str | None = None,
+                     max_response_size: str | None = None, max_file_size: str | None = None,
+                     allow_private_redirects: bool = False,
                      env: Mapping[str, str]) -> HubConfig:
     ep = endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     if not re.match(r"^https?://[^/\s]+", ep):
@@ -131,16 +134,39 @@ def build_hub_config(*, endpoint: str | None, retries: int | None = None,
         http = replace(http, backoff=retry_backoff)
     if timeout is not None:
         http = replace(http, timeout=timeout)
+    _at_least(request_deadline, 1e-3, "--request-deadline", "a positive number of seconds")
+    if request_deadline is not None:
+        http = replace(http, request_deadline=request_deadline)
+    if min_rate:
+        rate = parse_size(min_rate.removesuffix("/s"), what="--min-rate")
+        if rate <= 0:
+            raise ConfigError("--min-rate: must be positive (e.g. 256KiB/s)")
+        http = replace(http, min_rate=float(rate))
+    if max_response_size:
+        cap = parse_size(max_response_size, what="--max-response-size")
+        if cap < 64 << 10:
+            raise ConfigError("--max-response-size: must be at least 64KiB")
+        http = replace(http, max_response_size=cap)
+    http = replace(http, allow_private_redirects=bool(allow_private_redirects))
     hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
     if max_listing_entries is not None:
         hub = replace(hub, max_listing_entries=max_listing_entries)
+    if max_file_size:
+        limit = parse_size(max_file_size, what="--max-file-size")
+        if not 0 < limit < 1 << 63:
+            raise ConfigError("--max-file-size: must be between 1 byte and 8EiB")
+        hub = replace(hub, max_file_size=limit)
     return hub
 
 
 def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | None = None,
                        memory_limit: str | None = None,
-                       bandwidth_limit: str | None = None) -> FetchConfig:
+                       bandwidth_limit: str | None = None,
+                       read_deadline: float | None = None) -> FetchConfig:
     fetch = FetchConfig()
+    _at_least(read_deadline, 1e-3, "--read-deadline", "a positive number of seconds")
+    if read_deadline is not None:
+        fetch = replace(fetch, read_deadline=read_deadline)
     if chunk_size:
         cs = parse_size(chunk_size, what="--chunk-size")
         if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
@@ -218,6 +244,12 @@ def build_mount_config(
     retry_backoff: float | None = None,
     timeout: float | None = None,
     max_listing_entries: int | None = None,
+    request_deadline: float | None = None,
+    min_rate: str | None = None,
+    max_response_size: str | None = None,
+    max_file_size: str | None = None,
+    allow_private_redirects: bool = False,
+    read_deadline: float | None = None,
     max_connections: int | None = None,
     per_file_connections: int | None = None,
     memory_limit: str | None = None,
@@ -246,9 +278,13 @@ def build_mount_config(
             raise ConfigError(f"--repo/--url {ref}: listed twice")
         seen[key] = ref
     hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
-                           timeout=timeout, max_listing_entries=max_listing_entries, env=env)
+                           timeout=timeout, max_listing_entries=max_listing_entries,
+                           request_deadline=request_deadline, min_rate=min_rate,
+                           max_response_size=max_response_size, max_file_size=max_file_size,
+                           allow_private_redirects=allow_private_redirects, env=env)
     fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
-                               memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
+                               memory_limit=memory_limit, bandwidth_limit=bandwidth_limit,
+                               read_deadline=read_deadline)
     prefetch = build_prefetch_config(per_file_connections, prefetch_on_open)
     _at_least(revision_ttl, 0.1, "--revision-ttl", "at least 0.1 seconds")
     cdir = cache_dir_path(cache_dir, env)
@@ -309,6 +345,11 @@ def build_job_config(
     retries: int | None = None,
     retry_backoff: float | None = None,
     timeout: float | None = None,
+    request_deadline: float | None = None,
+    min_rate: str | None = None,
+    max_response_size: str | None = None,
+    max_file_size: str | None = None,
+    allow_private_redirects: bool = False,
     max_connections: int | None = None,
     per_file_connections: int | None = None,
     parallel_files: int | None = None,
@@ -331,7 +372,9 @@ def build_job_config(
         ref = RepoRef.parse(text)
         reqs.append(RepoRequest(ref.repo_id, ref.revision, tuple(include), tuple(exclude)))
     hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
-                           timeout=timeout, env=env)
+                           timeout=timeout, request_deadline=request_deadline, min_rate=min_rate,
+                           max_response_size=max_response_size, max_file_size=max_file_size,
+                           allow_private_redirects=allow_private_redirects, env=env)
     fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
     # Nothing else reads through this process: no slots need holding back for demand reads.
@@ -380,7 +423,8 @@ def load_job_config(flags: Mapping[str, Any], *, config: str | None = None,
     values = _hf_env_wins(layered, env)
     values.setdefault("repos", ())
     for mount_only in ("log_level", "log_file", "mountpoint", "urls", "allow_other",
-                       "prefetch_on_open", "revision_ttl", "max_listing_entries"):
+                       "prefetch_on_open", "revision_ttl", "max_listing_entries",
+                       "read_deadline"):
         values.pop(mount_only, None)
     try:
         return build_job_config(env=env, **values), layered

@@ -45,6 +45,10 @@ READ_AHEAD_KB = 1024
 MAX_BACKGROUND = 64
 # Access times of chunks (for LRU eviction) are written to the index this often.
 ACCESS_FLUSH_INTERVAL = 10.0
+# A stop (signal or unmount) waits this long for requests in flight, then cancels them.
+STOP_GRACE = 3.0
+# How often the daemon looks whether its mount is still there.
+UNMOUNT_POLL = 1.0
 
 
 # The Hugging Face cache view: `HF_HUB_CACHE=MOUNT/.hf-cache/hub HF_HUB_OFFLINE=1`.
@@ -171,6 +175,7 @@ def _sources(config: MountConfig, hub: HubSource) -> list[tuple[RepoRef, Source]
     pairs: list[tuple[RepoRef, Source]] = [(ref, hub) for ref in config.repos]
     if config.urls:
         http = HttpSource(HttpSourceConfig(urls={r.repo_id: u for r, u in config.urls},
+                                           max_file_size=config.hub.max_file_size,
                                            http=config.hub.http))
         pairs += [(ref, http) for ref, _ in config.urls]
     return pairs
@@ -278,9 +283,12 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(reader.run)
+                stop = trio.Event()
                 nursery.start_soon(_main_then_cancel, nursery)
-                nursery.start_soon(_stop_on_signal)
+                nursery.start_soon(_stop_on_signal, stop)
+                nursery.start_soon(_bounded_stop, nursery, config.mountpoint, stop)
                 nursery.start_soon(_flush_access, cache)
+                nursery.start_soon(ops.watch_readers)
                 reader.on_content_dropped = functools.partial(
                     nursery.start_soon, ops.invalidate_content)
                 moving = [r for r in repos if not r.ref.is_commit]
@@ -413,13 +421,29 @@ async def _main_then_cancel(nursery: trio.Nursery) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
+            stop.set()
             pyfuse3.terminate()
             return
+
+
+async def _bounded_stop(nursery: trio.Nursery, mountpoint: Path, stop: trio.Event) -> None:
+    """Once stopping (a signal, or the mount gone: `fusermount3 -u`), give requests in
+    flight `STOP_GRACE` seconds to finish, then cancel everything: pyfuse3's main loop
+    waits for its handlers, and a handler may wait on an origin that never answers."""
+    while not stop.is_set():
+        with trio.move_on_after(UNMOUNT_POLL):
+            await stop.wait()
+        if not stop.is_set() and not is_mounted(mountpoint):
+            log.info("%s was unmounted", mountpoint)
+            break
+    await trio.sleep(STOP_GRACE)
+    log.warning("requests still in flight %gs after the stop began; cancelling them", STOP_GRACE)
+    nursery.cancel_scope.cancel()
 
 
 __all__ = ["add_repo", "check_mountpoint", "is_mounted", "serve", "tune_kernel"]

@@ -63,6 +63,13 @@ class RemoteProtocolError(RemoteError):
     kind = "protocol"
 
 
+class IntegrityError(RemoteError):
+    """The origin's bytes do not hash to what its listing says they are."""
+
+    errno = _errno.EIO
+    kind = "integrity"
+
+
 class ListingRejected(RemoteError):
     """A repo listing is not sane (e.g. far more entries than the configured cap)."""
 

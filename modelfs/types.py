@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
 # Matched with `fullmatch` only: `$` also matches before a trailing "\n".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+GIT_OID_RE = COMMIT_RE  # a git object id: 40 hex digits
 # Longest revision (branch or tag name) accepted from a user or an API request.
 MAX_REVISION = 255
 
@@ -87,6 +90,23 @@ class FileEntry:
     content_id: str
     sha256: str | None = None
     etag: str | None = None  # plain HTTP: the version the content id stands for
+
+    @property
+    def git_oid(self) -> str | None:
+        """The git blob id the bytes must hash to (a Hub file outside LFS), or None."""
+        if self.sha256 is None and self.etag is None and GIT_OID_RE.fullmatch(self.content_id):
+            return self.content_id
+        return None
+
+    def whole_hash(self) -> tuple[Any, str, str] | None:
+        """(a hash to feed the file's bytes to, the digest it must end at, its name),
+        when the origin vouches for one: the LFS sha256, else the git blob id
+        (sha1 over `blob SIZE\0` and the bytes); None for plain HTTP files."""
+        if self.sha256:
+            return hashlib.sha256(), self.sha256, "sha256"
+        if (oid := self.git_oid) is not None:
+            return hashlib.sha1(b"blob %d\0" % self.size), oid, "git blob id"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

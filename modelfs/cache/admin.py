@@ -84,7 +84,7 @@ def list_cache(cache: ChunkCache, repo: str | None = None) -> list[RevisionState
 
 
 def verify(cache: ChunkCache, repo: str | None = None) -> list[RevisionState]:
-    """Check every cached chunk (and whole-file sha256 where known) of the selected
+    """Check every cached chunk (and the whole-file hash where known) of the selected
     revisions; damaged chunks are dropped, so the next read fetches them again."""
     out = list_cache(cache, repo)
     for state in out:
@@ -98,7 +98,8 @@ def verify(cache: ChunkCache, repo: str | None = None) -> list[RevisionState]:
                 f.check = FileCheck(sum(c.chunks for c in checks), sum(c.damaged for c in checks),
                                     any(c.complete for c in checks),
                                     next((c.sha256_ok for c in checks
-                                          if c.sha256_ok is not None), None))
+                                          if c.sha256_ok is not None), None),
+                                    checks[0].kind)
                 f.cached = _cached_bytes(cache, entry)
     return out
 

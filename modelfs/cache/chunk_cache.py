@@ -58,6 +58,7 @@ class FileCheck:
     damaged: int  # of those, dropped because their bytes did not match their name
     complete: bool  # every chunk of the file is cached (after dropping the damaged)
     sha256_ok: bool | None  # whole-file hash: True/False when checked, None when not possible
+    kind: str | None = None  # of that hash: "sha256" or "git blob id"
 
 
 class FileHasher:
@@ -79,7 +80,11 @@ class FileHasher:
         self._cs = chunk_size
         self._n = -(-entry.size // chunk_size)
         self._next = 0
-        self._sha = hashlib.sha256()
+        known = entry.whole_hash()
+        if known is None:
+            raise ValueError(f"{entry.path}: no whole-file hash to check")
+        self._sha, self.expected, self.kind = known
+        self.digest: str | None = None  # what the bytes hashed to, once all were hashed
         self._held: dict[int, bytes | bytearray] = {}
         self._hold = hold
         self._buf: mmap.mmap | None = None
@@ -103,7 +108,8 @@ class FileHasher:
             self._next += 1
         self._held.clear()
         self._buf = None
-        ok = self._sha.hexdigest() == self._entry.sha256
+        self.digest = self._sha.hexdigest()
+        ok = self.digest == self.expected
         if ok:
             self._cache.index.set_checked(self._entry.content_id)
         else:
@@ -250,7 +256,8 @@ class ChunkCache:
         n = -(-entry.size // chunk_size) if entry.size else 0
         chunks = self.index.file_chunks(entry.content_id, chunk_size)
         damaged = 0
-        whole = hashlib.sha256() if entry.sha256 and len(chunks) == n else None
+        known = entry.whole_hash()
+        whole = known[0] if known and len(chunks) == n else None
         for idx in sorted(chunks):
             data = self.load(chunks[idx], full=True)
             if data is None:
@@ -260,11 +267,11 @@ class ChunkCache:
                 whole.update(data)
         complete = len(chunks) - damaged == n
         ok: bool | None = None
-        if whole is not None and complete:
-            ok = whole.hexdigest() == entry.sha256
+        if whole is not None and complete and known is not None:
+            ok = whole.hexdigest() == known[1]
             if ok:
                 self.index.set_checked(entry.content_id)
             else:
                 self.drop_content(entry.content_id)
                 complete = False
-        return FileCheck(len(chunks), damaged, complete, ok)
+        return FileCheck(len(chunks), damaged, complete, ok, known[2] if known else None)

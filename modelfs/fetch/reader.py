@@ -44,7 +44,7 @@ import trio
 
 from ..cache import ChunkCache, FileHasher
 from ..cache.store import direct_buffer
-from ..errors import ModelfsError, RemoteStale
+from ..errors import IntegrityError, ModelfsError, RemoteStale, RemoteUnavailable
 from ..remote import Source
 from ..types import FileEntry
 from .chunks import Piece, chunk_count, chunk_extent, pieces
@@ -59,10 +59,13 @@ class FetchConfig:
     """`chunk_size` is the unit of caching and of one origin request;
     `recent_bytes` bounds the chunks kept in memory (just fetched, or loaded
     from disk), from which every read is answered without a copy or a syscall;
-    `io_threads` bounds the threads that hash, store and load chunks."""
+    `io_threads` bounds the threads that hash, store and load chunks;
+    `read_deadline` is the longest a read waits for the origin before it fails
+    with EIO (the origin's own deadlines are the HTTP client's)."""
 
     chunk_size: int = 4 << 20
     io_threads: int = 8
+    read_deadline: float = 60.0
     recent_bytes: int = 128 << 20
     readahead: ReadAheadConfig = field(default_factory=ReadAheadConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -135,9 +138,14 @@ class _Flight:
     error: BaseException | None = None
     keep: bool = False  # hold the bytes in `_recent` even at PREFETCH priority
     ahead: bool = False  # started ahead of a reader (not by a demand read)
+    waiters: int = 0  # tasks waiting for it now
+    scope: trio.CancelScope | None = None  # the fetch task's, to stop an abandoned fetch
+    on_progress: Callable[[Ticket], None] | None = None
 
     def advance(self, filled: int) -> None:
         self.filled = filled
+        if self.on_progress is not None:
+            self.on_progress(self.ticket)
         changed, self.changed = self.changed, trio.Event()
         changed.set()
 
@@ -160,6 +168,12 @@ class ChunkReader:
         # hasher, and the event its task waits on for the next stored chunk.
         self._hashers: dict[str, tuple[FileHasher, trio.Event]] = {}
         self._mismatched: set[str] = set()
+        # File versions whose bytes failed their whole-file check after a refetch:
+        # content id -> the error every read of them gets, until a check at a later
+        # open (`reopened`) finds the origin serving the right bytes.
+        self._bad: dict[str, str] = {}
+        self._rechecking: set[str] = set()
+        self._recheck_again: set[str] = set()
         self._spare: list[mmap.mmap] = []  # load buffers evicted from `_recent`
         self._moved: dict[str, trio.Event] = {}  # per content id: set at its next read
         self._in_order: set[str] = set()  # content ids whose loads ahead follow_reader does
@@ -183,6 +197,7 @@ class ChunkReader:
         """Own the nursery that fetches (and background jobs) run in; returns when cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.scheduler.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -202,9 +217,18 @@ class ChunkReader:
         parts = pieces(offset, size, f.entry.size, self.config.chunk_size)
         if not parts:
             return b""
+        if (bad := self._bad.get(f.entry.content_id)) is not None:
+            self._stats.count_error("integrity")
+            raise IntegrityError(bad)
         self._read_ahead(f, offset, offset + size)
         try:
-            out = [await self._read_piece(f, p) for p in parts]
+            out = []
+            with trio.move_on_after(self.config.read_deadline) as waited:
+                out = [await self._read_piece(f, p) for p in parts]
+            if waited.cancelled_caught:
+                self._stats.count_error("deadline")
+                raise RemoteUnavailable(f"{f.name}: no answer from the origin within "
+                                        f"read_deadline ({self.config.read_deadline:g}s)")
         except ModelfsError as exc:
             log.error("read of %s at offset %d (%d bytes) failed: %s", f.name, offset, size, exc)
             if isinstance(exc, RemoteStale) and self.on_stale:
@@ -235,6 +259,31 @@ class ChunkReader:
         if key in self._recent:
             self._served_from_memory(key, len(view), len(data))
         return view
+
+    def reopened(self, f: RemoteFile) -> None:
+        """`f` was opened: if its bytes were found bad, check again (in the background)
+        whether the origin now serves the right ones; reads fail until it does."""
+        cid = f.entry.content_id
+        if cid not in self._bad or self._nursery is None:
+            return
+        if f.entry.size <= self.config.chunk_size:
+            del self._bad[cid]  # one chunk: its next fetch is checked before it is served
+            return
+        if cid in self._rechecking:
+            self._recheck_again.add(cid)  # opened during a check: check once more after it
+            return
+        self._rechecking.add(cid)
+        self.spawn(self._recheck, f)
+
+    async def _recheck(self, f: RemoteFile) -> None:
+        cid = f.entry.content_id
+        try:
+            await trio.to_thread.run_sync(self.cache.drop_content, cid)
+            await self._refetch(f)  # its whole-file check ends the recheck (`_file_checked`)
+        except ModelfsError as exc:
+            log.warning("%s: checking again whether the origin serves good bytes failed: %s",
+                        f.name, exc)
+            self._rechecking.discard(cid)
 
     def _served_from_memory(self, key: tuple[str, int], n: int, size: int) -> None:
         """Count bytes served of a chunk in memory. Once every byte has been served,
@@ -323,10 +372,20 @@ class ChunkReader:
         while True:
             flight = self._start(f, idx, priority)
             flight.keep = flight.keep or keep
-            while not flight.done.is_set():
-                if need is not None and flight.buf is not None and flight.filled >= need:
-                    return flight.buf
-                await flight.changed.wait()
+            flight.waiters += 1
+            try:
+                while not flight.done.is_set():
+                    if need is not None and flight.buf is not None and flight.filled >= need:
+                        return flight.buf
+                    await flight.changed.wait()
+            except BaseException:
+                if flight.waiters == 1 and flight.scope and not (flight.keep or flight.ahead):
+                    # Every reader of a demand fetch went away (a signal, its
+                    # deadline): stop it rather than hold the origin for nobody.
+                    flight.scope.cancel()
+                raise
+            finally:
+                flight.waiters -= 1
             if flight.error is None and flight.buf is not None:
                 return flight.buf
             if isinstance(flight.error, Exception):
@@ -344,11 +403,16 @@ class ChunkReader:
             raise RuntimeError("ChunkReader.run() is not running")
         _, length = chunk_extent(idx, f.entry.size, self.config.chunk_size)
         flight = self._inflight[key] = _Flight(self.scheduler.ticket(priority, length),
-                                               ahead=priority != Priority.DEMAND)
+                                               ahead=priority != Priority.DEMAND,
+                                               on_progress=self.scheduler.progress)
         self._nursery.start_soon(self._fetch_task, f, idx, flight)
         return flight
 
     async def _fetch_task(self, f: RemoteFile, idx: int, flight: _Flight) -> None:
+        with trio.CancelScope() as flight.scope:
+            await self._fetch(f, idx, flight)
+
+    async def _fetch(self, f: RemoteFile, idx: int, flight: _Flight) -> None:
         cs = self.config.chunk_size
         cid = f.entry.content_id
         try:
@@ -369,18 +433,33 @@ class ChunkReader:
                     self._remember(cid, idx, loaded)
                     return
             start, length = chunk_extent(idx, f.entry.size, cs)
+            # A file of one chunk with a known hash (a small Hub file: its git blob id)
+            # is checked before any byte of it is served or stored.
+            whole = f.entry.whole_hash() if length == f.entry.size else None
             async with self.scheduler.slot(flight.ticket):
-                data = flight.buf = bytearray(length)
+                data = bytearray(length)
+                if whole is None:
+                    flight.buf = data
                 t0 = trio.current_time()
                 self._stats.in_flight += 1
                 try:
                     await f.source.read(f.repo_id, f.commit, f.entry, start, length, into=data,
-                                        progress=flight.advance)
+                                        progress=flight.advance if whole is None else None)
                 finally:
                     self._stats.in_flight -= 1
                 self._stats.observe(trio.current_time() - t0)
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(data)
+            if whole is not None:
+                hasher, expected, kind = whole
+                await trio.to_thread.run_sync(hasher.update, data, limiter=self._io)
+                if (digest := hasher.hexdigest()) != expected:
+                    self._mark_bad(f, digest, expected, kind)
+                    raise IntegrityError(self._bad[cid])
+                if self._bad.pop(cid, None) is not None:
+                    log.info("%s: the origin serves the right bytes again", f.name)
+                flight.buf = data
+                flight.filled = length
             if flight.keep or flight.ticket.priority != Priority.PREFETCH:
                 self._remember(cid, idx, data)  # a reader will want it soon
             try:
@@ -388,6 +467,8 @@ class ChunkReader:
                 # are named by position, which saves hashing each one.
                 await trio.to_thread.run_sync(self.cache.put, cid, cs, idx, data,
                                               f.entry.sha256 is not None, limiter=self._io)
+                if whole is not None:
+                    await trio.to_thread.run_sync(self.cache.index.set_checked, cid)
             except (OSError, ModelfsError) as exc:
                 # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
                 self._stats.count_error(getattr(exc, "kind", "cache"))
@@ -410,9 +491,9 @@ class ChunkReader:
             flight.changed.set()
 
     def _hash_on(self, f: RemoteFile, idx: int, data: bytearray) -> None:
-        """A chunk of `f` was stored: feed the file's whole-file sha256 check."""
+        """A chunk of `f` was stored: feed the file's whole-file check."""
         cid = f.entry.content_id
-        if not f.entry.sha256:
+        if f.entry.whole_hash() is None:
             return
         state = self._hashers.get(cid)
         if state is None:
@@ -436,21 +517,37 @@ class ChunkReader:
             verdict = await trio.to_thread.run_sync(hasher.step, limiter=self._io)
             if verdict is not None:
                 del self._hashers[cid]
-                self._file_checked(f, verdict)
+                self._file_checked(f, verdict, hasher)
                 return
 
-    def _file_checked(self, f: RemoteFile, ok: bool) -> None:
+    def _mark_bad(self, f: RemoteFile, digest: str, expected: str, kind: str) -> None:
+        self._stats.count_error("integrity")
+        self._bad[f.entry.content_id] = (
+            f"repo {f.repo_id}: {f.entry.path}: its bytes hash to {digest}, not to the "
+            f"{kind} {expected} of the listing; not served until the origin sends the right "
+            "bytes (checked again at the next open)")
+        log.error("INTEGRITY: %s", self._bad[f.entry.content_id])
+
+    def _file_checked(self, f: RemoteFile, ok: bool, hasher: FileHasher) -> None:
         cid = f.entry.content_id
+        self._rechecking.discard(cid)
+        if not ok and cid in self._bad and cid in self._recheck_again:
+            self._recheck_again.discard(cid)
+            self.reopened(f)  # opened again while this check ran: check once more
         if ok:
-            log.info("%s: whole file cached, sha256 verified", f.name)
+            log.info("%s: whole file cached, %s verified", f.name, hasher.kind)
             self._mismatched.discard(cid)
+            if self._bad.pop(cid, None) is not None:
+                log.info("%s: the origin serves the right bytes again", f.name)
             return
         again = cid in self._mismatched
-        self._stats.count_error("integrity")
-        log.error("INTEGRITY: %s does not match its sha256 %s; dropped its cached chunks%s",
-                  f.name, f.entry.sha256,
-                  " (twice in a row: the origin serves bad bytes)" if again
-                  else ", fetching it again")
+        if again:
+            self._mark_bad(f, hasher.digest or "?", hasher.expected, hasher.kind)
+        else:
+            self._stats.count_error("integrity")
+            log.error("INTEGRITY: %s hashes to %s, not to its %s %s; dropped its cached "
+                      "chunks, fetching it again", f.name, hasher.digest, hasher.kind,
+                      hasher.expected)
         for key in [k for k in self._recent if k[0] == cid]:
             self._recent_size -= len(self._recent.pop(key))
             self._served.pop(key, None)

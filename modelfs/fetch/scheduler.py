@@ -11,6 +11,11 @@ Every fetch asks for a slot with a priority and the bytes it will hold:
 - `memory_bytes` bounds the bytes held by fetches in flight, so 32 open files
   cannot exhaust memory however large their read-ahead windows grow.
 - `bandwidth` (bytes/s, optional) is a token bucket charged when a slot is granted.
+- A granted request that has made no progress (`progress`) for `stall_after`
+  seconds is stalled: it no longer counts against `max_fetches` nor holds back
+  prefetch, so one stuck origin (or file) cannot starve demand reads of the
+  others. Stalled requests end by their own deadlines; at most
+  `STALLED_FACTOR * max_fetches` requests are granted in all.
 
 Waiters are served strictly by (priority, arrival). The state is plain data
 mutated without checkpoints, so it needs no lock.
@@ -40,6 +45,11 @@ class SchedulerConfig:
     demand_reserve: int = 4
     memory_bytes: int = 256 << 20
     bandwidth: float | None = None  # bytes per second; None = unlimited
+    stall_after: float = 5.0
+
+
+# Granted requests, stalled ones included, are at most this many times `max_fetches`.
+STALLED_FACTOR = 4
 
 
 @dataclass(slots=True)
@@ -48,6 +58,7 @@ class SchedulerStats:
     waiting: int
     bytes_in_flight: int
     granted: dict[str, int] = field(default_factory=dict)
+    stalled: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -62,6 +73,7 @@ class Ticket:
     event: trio.Event = field(default_factory=trio.Event)
     state: str = "new"  # new | waiting | granted | cancelled
     granted_as: int = -1
+    last_progress: float = 0.0  # when it was granted or last received bytes
 
 
 class FetchScheduler:
@@ -71,6 +83,7 @@ class FetchScheduler:
         self._in_flight = 0
         self._demand_active = 0
         self._heap: list[tuple[int, int, Ticket]] = []
+        self._granted_tickets: set[Ticket] = set()
         self._seq = itertools.count()
         self._granted = {p.name: 0 for p in Priority}
         self._tokens = float(config.bandwidth or 0)
@@ -78,7 +91,25 @@ class FetchScheduler:
 
     def statistics(self) -> SchedulerStats:
         waiting = sum(1 for p, _, t in self._heap if t.state == "waiting" and p == t.priority)
-        return SchedulerStats(self._active, waiting, self._in_flight, dict(self._granted))
+        stalled = self._stalled()
+        return SchedulerStats(self._active, waiting, self._in_flight, dict(self._granted),
+                              len(stalled))
+
+    def progress(self, ticket: Ticket) -> None:
+        """`ticket`'s request received bytes: it is not stalled."""
+        ticket.last_progress = trio.current_time()
+
+    def _stalled(self) -> list[Ticket]:
+        limit = trio.current_time() - self.config.stall_after
+        return [t for t in self._granted_tickets if t.last_progress < limit]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Notice requests that stall (so waiters behind them go on); until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.stall_after / 4)
+            if self._heap:
+                self._wake()
 
     def ticket(self, priority: Priority, nbytes: int) -> Ticket:
         return Ticket(int(priority), nbytes)
@@ -96,9 +127,20 @@ class FetchScheduler:
         limit = cfg.max_fetches if priority == Priority.DEMAND else max(
             1, cfg.max_fetches - cfg.demand_reserve)
         if self._active >= limit:
-            return False
+            if self._active >= STALLED_FACTOR * cfg.max_fetches:
+                return False
+            stalled = self._stalled()
+            if self._active - len(stalled) >= limit:
+                return False
+        else:
+            stalled = None
         if priority == Priority.PREFETCH and self._demand_active:
-            return False  # a blocked reader gets the bandwidth; prefetch resumes after
+            # A blocked reader gets the bandwidth; prefetch resumes after (or when
+            # every demand request is stalled: no bandwidth to give it).
+            if stalled is None:
+                stalled = self._stalled()
+            if self._demand_active > sum(t.granted_as == Priority.DEMAND for t in stalled):
+                return False
         # A fetch larger than the whole budget may still run alone.
         return self._in_flight == 0 or self._in_flight + nbytes <= cfg.memory_bytes
 
@@ -117,9 +159,12 @@ class FetchScheduler:
             self._granted[Priority(prio).name] += 1
             t.state = "granted"
             t.granted_as = prio
+            t.last_progress = trio.current_time()
+            self._granted_tickets.add(t)
             t.event.set()
 
     def _release(self, ticket: Ticket) -> None:
+        self._granted_tickets.discard(ticket)
         self._active -= 1
         self._in_flight -= ticket.nbytes
         # A promotion after the grant does not count: it was granted as what it was.

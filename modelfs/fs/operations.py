@@ -42,6 +42,34 @@ class FsConfig:
     blksize: int = 1 << 20
 
 
+# A read that has waited this long has its reader checked every READER_CHECK seconds:
+# pyfuse3 passes no FUSE_INTERRUPT on, so a reader killed or interrupted (Ctrl-C)
+# while the origin is slow would otherwise wait for the read's deadline.
+READER_CHECK = 0.2
+# Signals that mean "stop": pending and not blocked or ignored, the read is answered EINTR.
+_STOP_SIGNALS = frozenset({1, 2, 3, 9, 15})  # HUP INT QUIT KILL TERM
+
+
+def reader_gone(pid: int) -> bool:
+    """Whether process `pid` (the opener of a file) has exited, or has a stop signal
+    pending that a read in its way keeps it from acting on."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    masks = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(b":")
+        if key in (b"SigPnd", b"ShdPnd", b"SigBlk", b"SigIgn"):
+            masks[key] = int(value.strip() or b"0", 16)
+    pending = (masks.get(b"SigPnd", 0) | masks.get(b"ShdPnd", 0)) \
+        & ~masks.get(b"SigBlk", 0) & ~masks.get(b"SigIgn", 0)
+    return any(pending >> (sig - 1) & 1 for sig in _STOP_SIGNALS)
+
+
 def _boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -84,7 +112,10 @@ class Operations(pyfuse3.Operations):
         self._lookups: Counter[int] = Counter()
         self._detached: set[int] = set()  # replaced inodes the kernel still references
         self._handles: dict[int, RemoteFile | StaticFile] = {}
+        self._openers: dict[int, int] = {}  # file handle -> pid of the process that opened it
         self._fh = itertools.count(1)
+        # Reads in progress: (opener pid, the read's cancel scope, when it started).
+        self._reads: dict[object, tuple[int, trio.CancelScope, float]] = {}
 
     # Every mutating request: read-only file system.
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]
@@ -224,8 +255,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._fh)
         self._handles[fh] = node.file
-        if self._prefetcher is not None and isinstance(node.file, RemoteFile):
-            self._prefetcher.on_open(node.file)
+        self._openers[fh] = ctx.pid
+        if isinstance(node.file, RemoteFile):
+            self._reader.reopened(node.file)
+            if self._prefetcher is not None:
+                self._prefetcher.on_open(node.file)
         # An inode never changes content, so its pages may stay cached.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
@@ -236,10 +270,32 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if isinstance(f, StaticFile):
             return f.content[off:off + size]
-        return await self._reader.read(f, off, size)
+        token = object()
+        with trio.CancelScope() as scope:
+            self._reads[token] = (self._openers.get(fh, 0), scope, trio.current_time())
+            try:
+                return await self._reader.read(f, off, size)
+            finally:
+                del self._reads[token]
+        log.info("read of %s at offset %d: its reader went away; answered EINTR", f.name, off)
+        raise pyfuse3.FUSEError(errno.EINTR)
+
+    async def watch_readers(self) -> None:
+        """Answer the reads of readers that went away (see `reader_gone`); until cancelled."""
+        while True:
+            await trio.sleep(READER_CHECK)
+            now = trio.current_time()
+            verdicts: dict[int, bool] = {}
+            for pid, scope, started in list(self._reads.values()):
+                if pid and now - started >= READER_CHECK:
+                    if pid not in verdicts:
+                        verdicts[pid] = reader_gone(pid)
+                    if verdicts[pid]:
+                        scope.cancel()
 
     @_boundary
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._openers.pop(fh, None)
         f = self._handles.pop(fh, None)
         if isinstance(f, RemoteFile) and self._prefetcher is not None:
             self._prefetcher.on_release(f)

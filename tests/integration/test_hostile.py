@@ -3,6 +3,7 @@ answers with one line naming the repo, keeps serving the others, and never dies.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -226,3 +227,60 @@ def test_rebuild_keeps_the_chunks_that_check_out(mount_factory, origin: Origin,
     m2 = mount_factory(["org/model"])
     assert m2.p("org/model/model.safetensors").read_bytes() == weights
     assert len(origin.data_requests("/cdn/*")) == 1  # only the damaged chunk is fetched again
+
+
+def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_file_whose_bytes_stay_bad_fails_until_the_origin_mends(mount_factory, origin: Origin,
+                                                                  repo_data) -> None:
+    w = repo_data[MAIN]["model.safetensors"]
+    sha = hashlib.sha256(w).hexdigest()
+    origin.corrupt_next(1000, match="model.safetensors")  # every chunk, every time
+    m = mount_factory(["org/model"])
+    with open(m.p("org/model/model.safetensors"), "rb") as f:
+        f.read()  # served before the whole-file check can end
+    _wait_for(lambda: "not served until the origin sends the right bytes" in m.log_text(),
+              "the second mismatch")
+    log = m.log_text()
+    assert "repo org/model: model.safetensors: its bytes hash to " in log and sha in log
+    for _ in range(3):  # every later read fails, from the kernel's cache too
+        with open(m.p("org/model/model.safetensors"), "rb") as f, pytest.raises(OSError) as err:
+            f.read()
+        assert err.value.errno == 5
+    origin.clear_faults()
+    with open(m.p("org/model/model.safetensors"), "rb"):
+        pass  # a later open checks again
+    _wait_for(lambda: "the origin serves the right bytes again" in m.log_text(), "the recheck")
+    assert m.p("org/model/model.safetensors").read_bytes() == w
+
+
+def test_small_files_are_checked_against_their_git_blob_id(mount_factory, origin: Origin,
+                                                           repo_data, tmp_path: Path) -> None:
+    origin.corrupt_next(1000, match="config.json")
+    m = mount_factory(["org/model"])
+    with pytest.raises(OSError) as err:
+        m.p("org/model/config.json").read_bytes()
+    assert err.value.errno == 5  # never the wrong bytes
+    assert "config.json: its bytes hash to" in m.log_text()
+    assert "git blob id" in m.log_text()
+    origin.clear_faults()
+    assert m.p("org/model/config.json").read_bytes() == repo_data[MAIN]["config.json"]
+    m.close()
+    res = _cli("cache", "verify", "org/model", "--cache-dir", str(tmp_path / "cache"))
+    assert "config.json: ok, git blob id verified" in res.stdout, res.stdout
+    # A cache filled by a version that stored bad bytes: verify finds them.
+    from modelfs.cache import CacheConfig, ChunkCache, ChunkStore
+
+    oid = hashlib.sha1(b"blob %d\0" % len(repo_data[MAIN]["README.md"])
+                       + repo_data[MAIN]["README.md"]).hexdigest()
+    index = Index(tmp_path / "cache" / "index")
+    cache = ChunkCache(index, ChunkStore(tmp_path / "cache"), CacheConfig())
+    cache.put(oid, 1 << 20, 0, bytearray(b"# not the readme\n"[:len(repo_data[MAIN]["README.md"])]))
+    index.close()
+    res = _cli("cache", "verify", "org/model", "--cache-dir", str(tmp_path / "cache"))
+    assert res.returncode == 1 and "README.md: GIT BLOB ID MISMATCH" in res.stdout, res.stdout

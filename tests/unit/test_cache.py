@@ -148,10 +148,10 @@ def test_whole_file_mismatch_drops_the_file(tmp_path: Path) -> None:
     good = FileEntry("w.bin", len(data), "cid", hashlib.sha256(data).hexdigest())
     for i in range(4):
         cache.put("cid", 64 << 10, i, data[i * 65536:(i + 1) * 65536])
-    assert cache.check_file(good, 64 << 10) == FileCheck(4, 0, True, True)
+    assert cache.check_file(good, 64 << 10) == FileCheck(4, 0, True, True, "sha256")
     assert cache.index.is_checked("cid")
     bad = FileEntry("w.bin", len(data), "cid", "0" * 64)
-    assert cache.check_file(bad, 64 << 10) == FileCheck(4, 0, False, False)
+    assert cache.check_file(bad, 64 << 10) == FileCheck(4, 0, False, False, "sha256")
     assert cache.index.file_chunks("cid", 64 << 10) == {}
     assert cache.index.usage() == 0
     cache.index.close()
@@ -204,14 +204,14 @@ def test_positional_chunks_are_checked_by_crc_and_the_whole_file(tmp_path: Path)
     blob = cache.index.blob(digests[0])
     assert blob is not None and blob.positional and not blob.compressed
     assert digests[0] != hashlib.sha256(data[:65536]).hexdigest()  # not hashed from the bytes
-    assert cache.check_file(entry, 65536) == FileCheck(3, 0, True, True)
+    assert cache.check_file(entry, 65536) == FileCheck(3, 0, True, True, "sha256")
     p = cache.store.path_for(digests[1])
     raw = bytearray(p.read_bytes())
     raw[7] ^= 4
     p.write_bytes(bytes(raw))
     cache = _reopen(cache, tmp_path)
     assert cache.load(digests[1]) is None  # crc32 catches the flip
-    assert cache.check_file(entry, 65536) == FileCheck(2, 0, False, None)
+    assert cache.check_file(entry, 65536) == FileCheck(2, 0, False, None, "sha256")
     cache.index.close()
 
 
