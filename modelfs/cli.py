@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import click
 import trio
 
+from .cache import check_cache_dir
 from .cli_cache import cache_group, human_size
 from .config import (
     PrefetchJobConfig,
@@ -31,35 +33,51 @@ from .config import (
 from .control.client import ControlClient, ControlError
 from .errors import ConfigError, ModelfsError
 from .progress import JobProgress
+from .redaction import redact, secret_forms
 from .settings import Layered, layer, render_settings
 
 log = logging.getLogger("modelfs")
 
 READY = b"READY\n"
-START_TIMEOUT = 300.0
+# How long `mount` waits for its daemon: the daemon's own bound on resolving its repos
+# (daemon.START_TIMEOUT), and some.
+START_TIMEOUT = 330.0
 
 
 class _Redact(logging.Filter):
-    """Last line of defence: scrub the token from any log record."""
+    """Last line of defence: scrub the token, in any form, from any log record
+    (tracebacks included)."""
 
     def __init__(self, secret: str) -> None:
         super().__init__()
-        self._secret = secret
+        self._forms = secret_forms(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if self._secret in msg:
-            record.msg, record.args = msg.replace(self._secret, "***"), None
+        scrubbed = redact(msg, self._forms)
+        if scrubbed != msg:
+            record.msg, record.args = scrubbed, None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.msg}\n{redact(text, self._forms)}"
         return True
 
 
+def open_log(path: Path) -> Any:
+    """The log file for appending, owner-only, never through a symlink (a link planted
+    where the log goes would have root append to its target)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise click.ClickException(f"log file {path}: {exc.strerror or exc}") from None
+    return os.fdopen(fd, "a", buffering=1)
+
+
 def setup_logging(level: str, log_file: Path | None, secret: str | None) -> None:
-    handler: logging.Handler
-    if log_file:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(open_log(log_file) if log_file else sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if secret:
         handler.addFilter(_Redact(secret))
@@ -75,6 +93,7 @@ def setup_logging(level: str, log_file: Path | None, secret: str | None) -> None
 @click.version_option(package_name="modelfs")
 def main() -> None:
     """Mount remote model repositories as a read-only directory, fetched on demand."""
+    os.umask(0o077)  # the cache, its index, chunks and log are the daemon's user's alone
 
 
 _SHARED_OPTIONS = [
@@ -185,6 +204,11 @@ def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     log_file = layered.values.get("log_file")
+    try:
+        check_cache_dir(config.cache_dir)
+    except ModelfsError as exc:
+        click.echo(f"modelfs: {exc}", err=True)
+        sys.exit(1)
     if not foreground:
         default_log = config.cache_dir / "modelfs.log"
         sys.exit(_spawn_daemon(sys.argv[2:], Path(log_file) if log_file else default_log))
@@ -202,29 +226,33 @@ def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
         trio.run(serve, config, ready)
     except ModelfsError as exc:
         log.error("%s", exc)
+        reason = redact(str(exc), secret_forms(config.token)) if config.token else str(exc)
         if ready_fd is not None:
-            os.write(ready_fd, f"ERROR {exc}\n".encode())
-        click.echo(f"modelfs: {exc}", err=True)
+            os.write(ready_fd, f"ERROR {reason}\n".encode())
+        click.echo(f"modelfs: {reason}", err=True)
         sys.exit(1)
 
 
 def _spawn_daemon(args: list[str], log_file: Path) -> int:
     """Run `modelfs mount ARGS --foreground` detached; wait until it is ready."""
-    try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.touch()
-    except OSError as exc:
-        raise click.ClickException(f"log file {log_file}: {exc.strerror or exc}") from None
+    logf = open_log(log_file)
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "modelfs", "mount", *args, "--foreground",
            "--ready-fd", str(wfd)]
     if "--log-file" not in " ".join(args):
         cmd += ["--log-file", str(log_file)]
-    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as logf:
+    with open(os.devnull, "rb") as devnull, logf:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=logf, stderr=logf, pass_fds=(wfd,),
                                  start_new_session=True)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], START_TIMEOUT)
+        if not ready:
+            child.kill()
+            child.wait()
+            click.echo(f"modelfs: the daemon did not come up within {START_TIMEOUT:.0f}s; "
+                       f"see {log_file}", err=True)
+            return 1
         line = pipe.readline()  # EOF when the child exits without a word
     if line == READY:
         click.echo(f"modelfs: mounted (pid {child.pid}, log {log_file})")
@@ -322,11 +350,12 @@ def _prefetch_via_daemon(client: ControlClient, config: PrefetchJobConfig, no_wa
 
 
 async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> dict[str, Any]:
-    from .cache import ChunkCache, ChunkStore, Index
+    from .cache import ChunkCache, ChunkStore, Index, check_cache_dir
     from .fetch import ChunkReader
     from .jobs import JobManager
     from .remote import HubSource
 
+    check_cache_dir(config.cache_dir)
     index = Index(config.cache_dir / "index")
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     source = HubSource(config.hub, config.token)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .cache import CacheConfig, ChunkCache, ChunkStore, Index, admin
+from .cache import CacheConfig, ChunkCache, ChunkStore, Index, admin, check_cache_dir
 from .config import build_hub_config, cache_dir_path
 from .errors import ModelfsError
 from .remote import HubSource
@@ -35,6 +35,7 @@ def _open(cache_dir: str | None) -> Iterator[ChunkCache]:
     if not (path / "index").is_dir():
         raise click.ClickException(f"no cache at {path} (give --cache-dir)")
     try:
+        check_cache_dir(path)
         index = Index(path / "index")
         cache = ChunkCache(index, ChunkStore(path), CacheConfig())
     except ModelfsError as exc:
@@ -160,6 +161,7 @@ def rebuild_cmd(cache_dir: str | None) -> None:
 
     path = cache_dir_path(cache_dir, os.environ)
     try:
+        check_cache_dir(path)
         r = rebuild_index(path)
     except ModelfsError as exc:
         raise click.ClickException(str(exc)) from None

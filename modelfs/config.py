@@ -204,15 +204,26 @@ def build_prefetch_config(per_file: int | None,
 
 
 def load_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
+    """The Hub token, stripped of surrounding whitespace (`$(cat token.txt)` of a
+    file with Windows line endings ends in "\r"). One with characters an HTTP
+    header cannot carry is refused without being shown."""
     if token_file:
         try:
-            token = Path(token_file).read_text().strip()
+            token = Path(token_file).read_text(errors="replace").strip()
         except OSError as exc:
             raise ConfigError(f"--token-file {token_file}: {exc.strerror}") from None
         if not token:
             raise ConfigError(f"--token-file {token_file}: file is empty")
-        return token
-    return env.get("HF_TOKEN") or None
+        where = f"--token-file {token_file}"
+    else:
+        token = (env.get("HF_TOKEN") or "").strip()
+        if not token:
+            return None
+        where = "HF_TOKEN"
+    if not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise ConfigError(f"{where}: the token holds spaces or characters that are not "
+                          "printable ASCII (a pasted line break?); it was not used")
+    return token
 
 
 def build_jobs_config(parallel_files: int | None, per_file: int | None) -> JobsConfig:

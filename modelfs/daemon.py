@@ -25,10 +25,10 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .cache import ChunkCache, ChunkStore, Index
+from .cache import ChunkCache, ChunkStore, Index, check_cache_dir
 from .config import MountConfig
 from .control.server import ControlContext, check_socket_free, serve_control
-from .errors import CacheCorrupt, ConfigError, ModelfsError
+from .errors import CacheCorrupt, ConfigError, ModelfsError, RemoteUnavailable
 from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
 from .fs import Operations, Tree
 from .fs.tree import ROOT_INODE, StaticFile
@@ -45,6 +45,8 @@ READ_AHEAD_KB = 1024
 MAX_BACKGROUND = 64
 # Access times of chunks (for LRU eviction) are written to the index this often.
 ACCESS_FLUSH_INTERVAL = 10.0
+# Resolving the repos of a mount (before anything is mounted) may take this long in all.
+START_TIMEOUT = 300.0
 # A stop (signal or unmount) waits this long for requests in flight, then cancels them.
 STOP_GRACE = 3.0
 # How often the daemon looks whether its mount is still there.
@@ -257,18 +259,24 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     check_mountpoint(config.mountpoint)
     if config.control_socket:
         check_socket_free(config.control_socket)
+    check_cache_dir(config.cache_dir)
     index = open_index(config)
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     hub = HubSource(config.hub, config.token)
     pairs = _sources(config, hub)
     try:
         repos = []
-        for ref, source in pairs:
-            snap, resolved_at = await load_snapshot(source, index, ref, force=config.force)
-            repos.append(_Mounted(ref, source, snap, resolved_at))
-            if config.force:
-                for entry in snap.files:
-                    await trio.to_thread.run_sync(cache.drop_content, entry.content_id)
+        with trio.move_on_after(START_TIMEOUT) as starting:
+            for ref, source in pairs:
+                snap, resolved_at = await load_snapshot(source, index, ref, force=config.force)
+                repos.append(_Mounted(ref, source, snap, resolved_at))
+                if config.force:
+                    for entry in snap.files:
+                        await trio.to_thread.run_sync(cache.drop_content, entry.content_id)
+        if starting.cancelled_caught:
+            left = [str(ref) for ref, _ in pairs[len(repos):]]
+            raise RemoteUnavailable(f"repos {', '.join(left)} not resolved within "
+                                    f"{START_TIMEOUT:.0f}s; nothing mounted")
         tree = Tree(time.time_ns())
         for r in repos:
             add_repo(tree, r.source, r.ref, r.snap, r.resolved_at)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import stat
 import tempfile
 import threading
 import zlib
@@ -69,6 +70,46 @@ def direct_buffer(size: int) -> mmap.mmap:
         with contextlib.suppress(OSError):  # THP off ("never"): 4 KiB pages still work
             buf.madvise(mmap.MADV_HUGEPAGE, 0, huge)
     return buf
+
+
+# What the cache directory holds directly; none of them may be a symlink.
+_CACHE_ENTRIES = ("index", "chunks", "tmp", "modelfs.log", "control.sock")
+
+
+def check_cache_dir(root: Path) -> None:
+    """Create the cache directory owner-only, or refuse one this process cannot trust:
+    owned by another user, writable by group or others, or holding symlinks where
+    modelfs keeps its files (a planted `tmp` symlink would have the stale-temp sweep
+    delete files elsewhere; a `chunks/xx` one, chunks written elsewhere). The way
+    s3ql refuses a cache it does not own; checked once at start, as nobody else can
+    write in a directory that passes."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.stat(root)
+    except OSError as exc:
+        raise CacheError(f"cache dir {root}: {exc.strerror or exc}") from None
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise CacheError(f"cache dir {root}: owned by uid {st.st_uid}, not by this user "
+                         f"(uid {euid}); chown it or pick another --cache-dir")
+    if st.st_mode & 0o022:
+        raise CacheError(f"cache dir {root}: writable by group or others (mode "
+                         f"{st.st_mode & 0o777:o}); chmod 700 it")
+    suspects = [root / name for name in _CACHE_ENTRIES]
+    chunks = root / "chunks"
+    if chunks.is_dir() and not chunks.is_symlink():
+        suspects += list(chunks.iterdir())  # at most 256 prefix directories
+    for path in suspects:
+        try:
+            lst = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(lst.st_mode):
+            raise CacheError(f"cache dir {root}: {path.relative_to(root)} is a symlink; "
+                             "modelfs never follows links inside its cache: remove it")
+        if lst.st_uid != euid:
+            raise CacheError(f"cache dir {root}: {path.relative_to(root)} is owned by uid "
+                             f"{lst.st_uid}, not by this user (uid {euid})")
 
 
 class ChunkStore:

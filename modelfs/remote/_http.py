@@ -34,6 +34,7 @@ from ..errors import (
     RemoteStale,
     RemoteUnavailable,
 )
+from ..redaction import redact, secret_forms
 from ..types import printable
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class HttpClient:
         self._config = config
         self._auth_host = auth_host
         self._token = token
+        self._secret_forms = secret_forms(token) if token else []
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=httpx.Timeout(config.timeout),
@@ -149,6 +151,10 @@ class HttpClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def _describe(self, exc: httpx.TransportError) -> str:
+        """A transport error in a line, without the token (h11 quotes a header it refuses)."""
+        return redact(_describe(exc), self._secret_forms)
 
     def _headers(self, url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = dict(extra or {})
@@ -243,7 +249,7 @@ class HttpClient:
                 else:
                     raise RemoteProtocolError(f"{what}: too many redirects")
             except httpx.TransportError as exc:
-                raise _Retry(_describe(exc)) from None
+                raise _Retry(self._describe(exc)) from None
             data = await trio.to_thread.run_sync(_parse_json, body)
             if data is _BAD_JSON:
                 raise RemoteProtocolError(f"{what}: origin sent invalid JSON")
@@ -274,7 +280,7 @@ class HttpClient:
                     resp = await self._client.head(nxt, headers=self._headers(nxt, extra))
                     hops += 1
             except httpx.TransportError as exc:
-                raise _Retry(_describe(exc)) from None
+                raise _Retry(self._describe(exc)) from None
             if resp.status_code == 304:
                 return HeadResult(False, None, if_none_match)
             self._check_status(resp, what, auth_msg)
@@ -381,7 +387,7 @@ class HttpClient:
         except httpx.TransportError as exc:
             if via_cache:
                 self._redirects.pop(origin_url, None)
-            raise _Retry(_describe(exc)) from None
+            raise _Retry(self._describe(exc)) from None
 
     @staticmethod
     def _check_body_range(

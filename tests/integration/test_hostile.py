@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,15 +24,18 @@ pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 MAIN = "org/model@main"
 
 
-def mount_cli(tmp_path: Path, origin: Origin, *args: str, timeout: float = 60) -> \
-        subprocess.CompletedProcess[str]:
+def mount_cli(tmp_path: Path, origin: Origin, *args: str, timeout: float = 60,
+              env_token: str | None = None) -> subprocess.CompletedProcess[str]:
     mnt = tmp_path / "m"
     mnt.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    if env_token is not None:
+        env["HF_TOKEN"] = env_token
     try:
         return subprocess.run([sys.executable, "-m", "modelfs", "mount", str(mnt), "--endpoint",
                                origin.url, "--cache-dir", str(tmp_path / "c"), "--retries", "1",
                                "--retry-backoff", "0.05", *args],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env=env)
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
@@ -284,3 +288,69 @@ def test_small_files_are_checked_against_their_git_blob_id(mount_factory, origin
     index.close()
     res = _cli("cache", "verify", "org/model", "--cache-dir", str(tmp_path / "cache"))
     assert res.returncode == 1 and "README.md: GIT BLOB ID MISMATCH" in res.stdout, res.stdout
+
+
+# Trust: tokens and the cache directory ----------------------------------------------
+
+
+def test_a_token_with_a_trailing_cr_is_stripped_and_never_shown(mount_factory, origin: Origin,
+                                                                tmp_path: Path) -> None:
+    token = "hf_crlfTOKEN0123456789"
+    origin.require_token["org/model"] = token
+    m = mount_factory(["org/model"], env={"HF_TOKEN": token + "\r"})
+    assert m.p("org/model/config.json").exists()
+    m.close()
+    assert token not in m.log_text() and token not in m.stderr.read_text()
+    bad = mount_cli(tmp_path, origin, "--repo", "org/model",
+                    env_token="hf_two words" + token)
+    assert bad.returncode == 2 or bad.returncode == 1
+    assert "HF_TOKEN: the token holds spaces" in bad.stderr and token not in bad.stderr
+
+
+def test_the_cache_dir_is_owner_only(tmp_path: Path, origin: Origin) -> None:
+    mnt = tmp_path / "bg"
+    mnt.mkdir()
+    cache = tmp_path / "fresh" / "cache"
+    res = subprocess.run([sys.executable, "-m", "modelfs", "mount", str(mnt), "--endpoint",
+                          origin.url, "--repo", "org/model", "--cache-dir", str(cache)],
+                         capture_output=True, text=True, timeout=60)
+    try:
+        assert res.returncode == 0, res.stderr
+        (mnt / "org/model/config.json").read_bytes()
+    finally:
+        subprocess.run([sys.executable, "-m", "modelfs", "umount", str(mnt)], timeout=60)
+    assert cache.stat().st_mode & 0o777 == 0o700
+    for f in [cache / "modelfs.log", cache / "index" / "data.mdb",
+              *(p for p in (cache / "chunks").rglob("*") if p.is_file())]:
+        assert f.stat().st_mode & 0o077 == 0, f
+
+
+@pytest.mark.parametrize("plant", ["tmp-link", "chunk-dir-link", "log-link", "other-owner",
+                                   "world-writable"])
+def test_an_untrustworthy_cache_dir_is_refused(tmp_path: Path, origin: Origin, plant: str) -> None:
+    cache = tmp_path / "c"
+    (cache / "chunks").mkdir(parents=True, mode=0o700)
+    (cache / "index").mkdir(mode=0o700)
+    cache.chmod(0o700)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    if plant == "tmp-link":
+        (cache / "tmp").symlink_to(victim)
+    elif plant == "chunk-dir-link":
+        (cache / "chunks" / "ab").symlink_to(victim)
+    elif plant == "log-link":
+        (cache / "modelfs.log").symlink_to(victim / "precious")
+    elif plant == "other-owner":
+        os.chown(cache, 65534, 65534)
+    else:
+        cache.chmod(0o777)
+    for args in (["mount", str(tmp_path / "m"), "--endpoint", origin.url, "--repo", "org/model"],
+                 ["cache", "ls"]):
+        (tmp_path / "m").mkdir(exist_ok=True)
+        res = _cli(*args, "--cache-dir", str(cache))
+        assert res.returncode == 1, (plant, args, res.stderr)
+        assert f"cache dir {cache}" in res.stderr
+        assert not is_mounted(tmp_path / "m")
+    assert (victim / "precious").read_text() == "keep me"
+    assert sorted(p.name for p in victim.iterdir()) == ["precious"]
