@@ -177,6 +177,8 @@ def _log_level(layered: Layered, default: str) -> str:
                    "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
 @click.option("--revision-ttl", type=float,
               help="Seconds between re-resolving branches and tags (default 60).")
+@click.option("--max-header-size",
+              help="Largest safetensors header read to prefetch in loader order (default 16MiB).")
 @click.option("--read-deadline", type=float,
               help="Seconds a read through the mount waits for the origin before EIO "
                    "(default 60).")

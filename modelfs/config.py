@@ -19,6 +19,7 @@ from typing import Any
 from .cache import COMPRESSION_MODES, CacheConfig
 from .errors import ConfigError
 from .fetch import FetchConfig, PrefetchConfig
+from .fetch.tensors import MAX_HEADER
 from .fs.operations import FsConfig
 from .jobs import JobsConfig, JobSpec, RepoRequest
 from .remote import HttpConfig, HubConfig
@@ -190,9 +191,14 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
     return replace(fetch, scheduler=sched)
 
 
-def build_prefetch_config(per_file: int | None,
-                          on_open: str | tuple[str, ...] | None) -> PrefetchConfig:
+def build_prefetch_config(per_file: int | None, on_open: str | tuple[str, ...] | None,
+                          max_header_size: str | None = None) -> PrefetchConfig:
     cfg = PrefetchConfig()
+    if max_header_size:
+        cap = parse_size(max_header_size, what="--max-header-size")
+        if not 64 <= cap <= MAX_HEADER:
+            raise ConfigError(f"--max-header-size: must be between 64B and {MAX_HEADER >> 20}MiB")
+        cfg = replace(cfg, max_header_size=cap)
     _at_least(per_file, 1, "--per-file-connections", "1 or more")
     if per_file is not None:
         cfg = replace(cfg, per_file=per_file)
@@ -266,6 +272,7 @@ def build_mount_config(
     memory_limit: str | None = None,
     bandwidth_limit: str | None = None,
     prefetch_on_open: str | None = None,
+    max_header_size: str | None = None,
     cache_size: str | None = None,
     compression: str | None = None,
     force: bool = False,
@@ -296,7 +303,7 @@ def build_mount_config(
     fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit,
                                read_deadline=read_deadline)
-    prefetch = build_prefetch_config(per_file_connections, prefetch_on_open)
+    prefetch = build_prefetch_config(per_file_connections, prefetch_on_open, max_header_size)
     _at_least(revision_ttl, 0.1, "--revision-ttl", "at least 0.1 seconds")
     cdir = cache_dir_path(cache_dir, env)
     return MountConfig(
@@ -435,7 +442,7 @@ def load_job_config(flags: Mapping[str, Any], *, config: str | None = None,
     values.setdefault("repos", ())
     for mount_only in ("log_level", "log_file", "mountpoint", "urls", "allow_other",
                        "prefetch_on_open", "revision_ttl", "max_listing_entries",
-                       "read_deadline"):
+                       "read_deadline", "max_header_size"):
         values.pop(mount_only, None)
     try:
         return build_job_config(env=env, **values), layered

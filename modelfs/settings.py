@@ -106,6 +106,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Files fetched whole in the background when opened."),
     Setting("revision_ttl", "mount", "revision_ttl", "float", "60.0",
             "Seconds between re-resolving branches and tags."),
+    Setting("max_header_size", "mount", "max_header_size", "str", "16MiB",
+            "Largest safetensors header read to prefetch in loader order."),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 _BY_PLACE = {(s.section, s.key): s for s in SETTINGS}

@@ -86,6 +86,8 @@ def check_cache_dir(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = os.stat(root)
+    except FileExistsError:
+        raise CacheError(f"cache dir {root}: not a directory") from None
     except OSError as exc:
         raise CacheError(f"cache dir {root}: {exc.strerror or exc}") from None
     euid = os.geteuid()

@@ -26,9 +26,10 @@ import trio
 
 from ..errors import ModelfsError
 from .chunks import chunk_count
+from .order import ChunkOrder, Frontier
 from .reader import ChunkReader, RemoteFile
 from .scheduler import Priority
-from .tensors import loader_chunk_order, safetensors_header_size, tensor_extents
+from .tensors import plan_loader_order, safetensors_header_size
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,13 @@ class PrefetchConfig:
     """`on_open`: basename patterns of files prefetched whole when opened (empty:
     never); `per_file`: concurrent chunk fetches for one file; `start_delay`: how
     long an on-open prefetch waits first, so the reads that follow an open (a
-    loader's header) have the origin to themselves."""
+    loader's header) have the origin to themselves; `max_header_size`: a
+    safetensors header larger than this is not read for the loader order."""
 
     on_open: tuple[str, ...] = WEIGHT_PATTERNS
     per_file: int = 8
     start_delay: float = 0.2
+    max_header_size: int = 16 << 20  # a shard of 10,000 tensors has ~1.5 MB
 
 
 # While a file's reader keeps reading, an on-open prefetch runs at most this many
@@ -66,26 +69,26 @@ def matches(path: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
 
 
-async def loader_order(reader: ChunkReader, f: RemoteFile) -> list[int] | None:
+async def loader_order(reader: ChunkReader, f: RemoteFile,
+                       max_header: int = 16 << 20) -> ChunkOrder | None:
     """For a safetensors file, the chunk order loaders consume it in (tensors by
-    name); None for other files or a header that does not parse. Reads the header
-    through the cache (a loader needs it first anyway)."""
+    name); None for other files, a header larger than `max_header`, or one that does
+    not parse. Reads the header through the cache (a loader needs it first anyway)
+    and parses it in a worker thread."""
     if not f.entry.path.endswith(".safetensors") or f.entry.size < 8:
         return None
-    data_start = safetensors_header_size(bytes(await reader.read(f, 0, 8)))
+    data_start = safetensors_header_size(bytes(await reader.read(f, 0, 8)), max_header)
     if data_start is None or data_start > f.entry.size:
         return None
     header = bytes(await reader.read(f, 8, data_start - 8))
-    extents = tensor_extents(header, data_start, f.entry.size)
-    if not extents:
-        return None
-    return loader_chunk_order(extents, data_start, f.entry.size, reader.config.chunk_size)
+    return await trio.to_thread.run_sync(plan_loader_order, header, data_start, f.entry.size,
+                                         reader.config.chunk_size)
 
 
 async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         priority: Priority = Priority.PREFETCH,
                         progress: Callable[[int, bool], None] | None = None,
-                        order: list[int] | None = None,
+                        order: ChunkOrder | None = None,
                         stopped: Callable[[], bool] | None = None,
                         keep: bool = False) -> None:
     """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
@@ -96,32 +99,35 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     are counted (a pause that loses nothing and refetches nothing). With `keep`,
     fetched chunks are also held in memory for a reader of the file (see
     `ChunkReader.ensure`), and the prefetch stays within `LEAD_CHUNKS` of that
-    reader while it reads."""
+    reader while it reads.
+
+    Planning costs what is cached and the runs of `order`, not the file's size:
+    the chunks still to fetch are a `Frontier` of ranks."""
     cs = reader.config.chunk_size
     total = chunk_count(f.entry.size, cs)
-    order = order if order is not None else list(range(total))
-    rank = {idx: i for i, idx in enumerate(order)}
-    missing: list[int] = []
-    for idx in order:
-        if reader.is_cached(f, idx):
-            if progress:
-                progress(min(cs, f.entry.size - idx * cs), False)
-        else:
-            missing.append(idx)
+    order = order if order is not None else ChunkOrder.offsets(total)
+    cached = await reader.cached_chunks(f)
+    if progress:
+        for idx in cached:
+            progress(min(cs, f.entry.size - idx * cs), False)
+    todo = Frontier(total)
+    missing = total - len(cached)
+
+    def rank_of(pos: int | None) -> int:
+        return order.rank(pos // cs) if pos is not None and 0 <= pos // cs < total else 0
 
     def next_index() -> int | None:
-        if not missing or (stopped is not None and stopped()):
-            return None
-        pos = reader.position(f)
-        at = 0
-        if pos is not None:
-            want = rank.get(pos // cs, 0)
-            at = next((i for i, idx in enumerate(missing) if rank[idx] >= want), 0)
-        return missing.pop(at)
+        while not (stopped is not None and stopped()):
+            r = todo.take(rank_of(reader.position(f)))
+            if r is None:
+                return None
+            if (idx := order.at(r)) not in cached:
+                return idx
+        return None
 
     async def near_reader(idx: int) -> None:
         while (pos := reader.position(f)) is not None \
-                and rank[idx] - rank.get(pos // cs, 0) > LEAD_CHUNKS:
+                and order.rank(idx) - rank_of(pos) > LEAD_CHUNKS:
             with trio.move_on_after(LEAD_IDLE) as idle:
                 await reader.reader_moved(f)
             if idle.cancelled_caught:
@@ -136,11 +142,11 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                 progress(min(cs, f.entry.size - idx * cs), fetched > 0)
 
     async with trio.open_nursery() as nursery:
-        for _ in range(min(parallel, len(missing))):
+        for _ in range(min(parallel, missing)):
             nursery.start_soon(worker)
 
 
-async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
+async def follow_reader(reader: ChunkReader, f: RemoteFile, order: ChunkOrder,
                         is_open: Callable[[], bool]) -> None:
     """While `is_open()`, keep the `LEAD_CHUNKS` chunks that follow the reader's
     position in `order` in memory, if the reader follows `order`: cached ones
@@ -154,14 +160,13 @@ async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
     wrong one would be read back from disk twice. A random reader, or an idle
     one, makes it load nothing."""
     cs = reader.config.chunk_size
-    rank = {idx: i for i, idx in enumerate(order)}
     last: tuple[int, int] | None = None  # chunk, rank
     in_order = False
     try:
         while is_open():
             end = reader.last_read_end(f)
             cur = max(end - 1, 0) // cs if end is not None else None  # the chunk read last
-            at = rank.get(cur) if cur is not None else None
+            at = order.rank(cur) if cur is not None and cur < len(order) else None
             if at is not None and cur is not None:
                 here = (cur, at)
                 if last is not None and here != last:
@@ -171,7 +176,7 @@ async def follow_reader(reader: ChunkReader, f: RemoteFile, order: list[int],
                         in_order = by_order
                         reader.follow_order(f, in_order)
                     if in_order and by_order:
-                        for idx in order[at + 1:at + LEAD_CHUNKS + 1]:
+                        for idx in order.window(at + 1, LEAD_CHUNKS):
                             reader.load_ahead(f, idx)
                 last = here
             with trio.move_on_after(LEAD_IDLE):
@@ -197,7 +202,7 @@ class OpenPrefetcher:
         # Loader order per content id (immutable, like the bytes), most recent
         # ORDERS_KEPT: a reopen needs no header read. Reading it again would load
         # its chunk from disk while the loader reads the mount's page cache.
-        self._orders: OrderedDict[str, list[int]] = OrderedDict()
+        self._orders: OrderedDict[str, ChunkOrder] = OrderedDict()
 
     def on_open(self, f: RemoteFile) -> None:
         cid = f.entry.content_id
@@ -228,7 +233,8 @@ class OpenPrefetcher:
                     return  # closed again already: a probe, not a loader
             order = self._orders.get(cid)
             if order is None:
-                order = await loader_order(self._reader, f) or list(range(total))
+                order = await loader_order(self._reader, f, self._config.max_header_size) \
+                    or ChunkOrder.offsets(total)
                 self._orders[cid] = order
                 if len(self._orders) > ORDERS_KEPT:
                     self._orders.popitem(last=False)

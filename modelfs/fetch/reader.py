@@ -310,6 +310,14 @@ class ChunkReader:
 
     # Fetching -----------------------------------------------------------------------
 
+    async def cached_chunks(self, f: RemoteFile) -> set[int]:
+        """Indices of the chunks of `f` that are cached (on disk or in memory): one index
+        scan in a worker thread, costing what is cached, not the file's size."""
+        cid = f.entry.content_id
+        found = await trio.to_thread.run_sync(self.cache.index.file_chunks, cid,
+                                              self.config.chunk_size, limiter=self._io)
+        return set(found) | {idx for c, idx in self._recent if c == cid}
+
     def is_cached(self, f: RemoteFile, idx: int) -> bool:
         return (f.entry.content_id, idx) in self._recent or self.cache.lookup(
             f.entry.content_id, self.config.chunk_size, idx) is not None

@@ -354,3 +354,26 @@ def test_an_untrustworthy_cache_dir_is_refused(tmp_path: Path, origin: Origin, p
         assert not is_mounted(tmp_path / "m")
     assert (victim / "precious").read_text() == "keep me"
     assert sorted(p.name for p in victim.iterdir()) == ["precious"]
+
+
+def test_huge_declared_sizes_cost_nothing_on_open_and_break_no_listing(mount_factory,
+                                                                       origin: Origin) -> None:
+    good = {"type": "file", "oid": "e" * 40}
+    origin.extra_entries["org/model"] = [
+        {**good, "path": "huge.bin", "size": 1 << 44},  # kept: within max_file_size
+        {**good, "path": "beyond.bin", "size": 1 << 64},  # skipped
+        {**good, "path": "way-beyond.bin", "size": 10**30},  # skipped
+    ]
+    m = mount_factory(["org/model"], "--prefetch-on-open=*.bin", "--retries", "0")
+    names = {p.name for p in m.p("org/model").iterdir()}  # ls works for the whole directory
+    assert "huge.bin" in names and not {"beyond.bin", "way-beyond.bin"} & names
+    assert os.stat(m.p("org/model/huge.bin")).st_size == 1 << 44
+    os.statvfs(m.path)  # df works
+    with open(m.p("org/model/huge.bin"), "rb"):
+        time.sleep(0.5)  # the on-open prefetch starts (and fails: the origin has no such file)
+        t0 = time.monotonic()
+        assert m.p("org/model/config.json").read_bytes()
+        assert time.monotonic() - t0 < 1.0  # the daemon is not frozen planning 4M chunks
+    status = Path(f"/proc/{m.proc.pid}/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+    assert rss < 400_000, f"daemon RSS {rss} kB"

@@ -155,7 +155,7 @@ def test_an_unusable_cache_dir_is_a_clear_error(origin: Origin, tmp_path: Path) 
     not_a_dir.write_text("")
     res = prefetch(origin, not_a_dir, "org/model")
     assert res.returncode == 1
-    assert f"cache index {not_a_dir}/index" in res.stderr
+    assert f"cache dir {not_a_dir}: not a directory" in res.stderr
     assert "Traceback" not in res.stderr
     mnt = tmp_path / "m"
     mnt.mkdir()

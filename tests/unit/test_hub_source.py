@@ -238,6 +238,7 @@ async def test_follow_reader_loads_ahead_in_loader_order_only_while_the_reader_f
     offset order predicts hands loading ahead back to the offset read-ahead."""
     import trio.testing
 
+    from modelfs.fetch.order import ChunkOrder
     from modelfs.fetch.prefetch import follow_reader
 
     src = source(origin)
@@ -245,7 +246,8 @@ async def test_follow_reader_loads_ahead_in_loader_order_only_while_the_reader_f
     w = repo_data["org/model@main"]["model.safetensors"]  # 11 chunks of 1 MiB
     await cache_chunks(tmp_path, f, 11)
     index, reader = make_reader(tmp_path)  # a restart: nothing in memory
-    order = [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10]  # "tensors" of 2 chunks, not in offset order
+    # "Tensors" of 2 chunks, not in offset order: 0 1 6 7 2 3 8 9 4 5 10.
+    order = ChunkOrder([(0, 2), (6, 8), (2, 4), (8, 10), (4, 6), (10, 11)], 11)
     cid = f.entry.content_id
 
     async def read_chunk(i: int) -> None:
@@ -260,7 +262,7 @@ async def test_follow_reader_loads_ahead_in_loader_order_only_while_the_reader_f
         assert cid not in reader._in_order  # 0 -> 1: both orders predict it
         await read_chunk(6)  # only loader order predicts 1 -> 6
         assert cid in reader._in_order
-        for i in order[3:]:
+        for i in list(order)[3:]:
             await read_chunk(i)
         s = reader.statistics()
         assert s.loads == 3 and s.loads_ahead == 8, s  # 0, 1, 6 on the reads' own time

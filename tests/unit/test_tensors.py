@@ -24,9 +24,9 @@ def test_chunks_follow_tensor_names_not_offsets() -> None:
                            ("layers.2.w", start, start + 1024)]
     order = loader_chunk_order(ext, start, size, 512)
     assert sorted(order) == list(range(-(-size // 512)))  # every chunk once
-    assert order[0] == 0  # the header first
+    assert order.at(0) == 0  # the header first
     first_emb = (start + 3072) // 512
-    assert order.index(first_emb) < order.index((start + 1024) // 512 + 1)  # emb before layers
+    assert order.rank(first_emb) < order.rank((start + 1024) // 512 + 1)  # emb before layers
 
 
 def test_not_safetensors_or_insane_headers() -> None:
