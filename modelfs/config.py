@@ -9,6 +9,7 @@ kept out of `repr`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -108,8 +109,8 @@ class MountConfig:
 
 
 def _at_least(value: int | float | None, minimum: float, flag: str, what: str) -> None:
-    """Refuse a flag value below `minimum`, naming the flag."""
-    if value is not None and value < minimum:
+    """Refuse a flag value below `minimum` (or not finite: `nan`, `inf`), naming the flag."""
+    if value is not None and (not math.isfinite(value) or value < minimum):
         raise ConfigError(f"{flag}: must be {what}")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .types import printable
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
 ENV_PREFIX = "MODELFS_"
@@ -174,7 +175,7 @@ def _from_toml(s: Setting, v: Any, where: str) -> Any:
         "table": isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
     }[s.kind]
     if not ok:
-        raise ConfigError(f"{where}: expected {want}, got {v!r}")
+        raise ConfigError(f"{where}: expected {want}, got {printable(v, 60)}")
     if s.kind == "str":
         return str(v)
     if s.kind == "table":
@@ -204,12 +205,12 @@ def _from_text(s: Setting, raw: str, where: str) -> Any:
         if s.kind == "float":
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{where}: {raw!r} is not a{'n integer' if s.kind == 'int' else ' number'}"
-                          ) from None
+        raise ConfigError(f"{where}: {printable(raw, 60)} is not a"
+                          f"{'n integer' if s.kind == 'int' else ' number'}") from None
     if s.kind == "bool":
         low = raw.strip().lower()
         if low not in ("1", "0", "true", "false", "yes", "no"):
-            raise ConfigError(f"{where}: {raw!r} is not true or false")
+            raise ConfigError(f"{where}: {printable(raw, 60)} is not true or false")
         return low in ("1", "true", "yes")
     if s.kind in ("list", "table"):
         return tuple(x.strip() for x in raw.split(",") if x.strip())

@@ -253,14 +253,7 @@ class HttpClient:
             data = await trio.to_thread.run_sync(_parse_json, body)
             if data is _BAD_JSON:
                 raise RemoteProtocolError(f"{what}: origin sent invalid JSON")
-            try:
-                link = resp.links.get("next", {}).get("url")
-                next_url = urljoin(str(resp.url), link) if link else None
-                if next_url is not None and urlsplit(next_url).scheme not in ("http", "https"):
-                    raise ValueError(next_url)
-            except ValueError:
-                raise RemoteProtocolError(f"{what}: unusable Link header") from None
-            return JsonPage(data, next_url, resp.headers)
+            return JsonPage(data, next_page_url(resp, what), resp.headers)
 
         result: JsonPage = await self._with_retries(what, attempt, cap)
         return result
@@ -396,10 +389,10 @@ class HttpClient:
     ) -> int:
         """Validate a range answer; return how many leading body bytes to skip."""
         if resp.status_code == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-            if not m:
+            parsed = parse_content_range(resp.headers.get("Content-Range", ""))
+            if parsed is None:
                 raise RemoteProtocolError(f"{what}: 206 without a usable Content-Range")
-            a, b, total = (int(x) for x in m.groups())
+            a, b, total = parsed
             if total != expect.size:
                 raise RemoteStale(f"{what}: origin size is {total}, listing said {expect.size}")
             if a != first or b != last:
@@ -486,6 +479,28 @@ def _check_linked(headers: Mapping[str, str], expect: Expect, what: str) -> None
     size = headers.get("X-Linked-Size")
     if size and _DIGITS.fullmatch(size) and int(size) != expect.size:
         raise RemoteStale(f"{what}: origin size is {size}, listing said {expect.size}")
+
+
+def parse_content_range(value: str) -> tuple[int, int, int] | None:
+    """`bytes A-B/TOTAL` -> (A, B, TOTAL), or None for anything else (or A > B, B >= TOTAL)."""
+    m = _CONTENT_RANGE.fullmatch(value)
+    if not m:
+        return None
+    a, b, total = (int(x) for x in m.groups())
+    return (a, b, total) if a <= b < total else None
+
+
+def next_page_url(resp: httpx.Response, what: str) -> str | None:
+    """The `Link: <URL>; rel="next"` of a paginated answer, resolved against its URL;
+    an http(s) URL or None, and a `RemoteProtocolError` for one that does not parse."""
+    try:
+        link = resp.links.get("next", {}).get("url")
+        url = urljoin(str(resp.url), link) if link else None
+        if url is not None and urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(url)
+    except ValueError:
+        raise RemoteProtocolError(f"{what}: unusable Link header") from None
+    return url
 
 
 _BAD_JSON = object()
