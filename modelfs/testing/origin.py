@@ -31,6 +31,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import random
 import re
 import socket
 import struct
@@ -130,6 +131,7 @@ class Origin:
         self.records: list[RequestRecord] = []
         self._faults: list[_Fault] = []
         self._scripts: list[_Script] = []
+        self._chaos: tuple[float, random.Random, float] | None = None
         self._lock = threading.Lock()
         self._repos: dict[str, _Repo] = {}
         self._hash_cache: dict[tuple[str, int, int], tuple[str, str]] = {}
@@ -300,6 +302,27 @@ class Origin:
             self._faults.append(_Fault(kind, n, match, seconds=seconds, rate=rate,
                                        after_bytes=after_bytes))
 
+    def chaos(self, probability: float, *, seed: int = 0, stall: float = 2.0) -> None:
+        """Fault-injecting mode: each data request, with `probability`, gets one fault
+        drawn at random (503, 500 or 429 with Retry-After, a reset at a random offset,
+        a stall before the headers or mid-body of up to `stall` seconds, a trickle,
+        a 200 for a range, a wrong Content-Range, a short or a long body). Never
+        corrupt bytes with right headers: that is `corrupt_next`. 0 turns it off."""
+        with self._lock:
+            self._chaos = (probability, random.Random(seed), stall) if probability else None
+
+    def _chaos_fault(self, kinds: tuple[str, ...]) -> _Fault | None:
+        with self._lock:
+            if self._chaos is None:
+                return None
+            p, rnd, stall = self._chaos
+            if rnd.random() >= p:
+                return None
+            kind = rnd.choice([k for k in ("status", "reset", *MISBEHAVIOURS) if k in kinds])
+            return _Fault(kind, 1, None, status=rnd.choice([500, 503, 429]),
+                          retry_after=rnd.choice([None, "1"]), after_bytes=rnd.randrange(1, 1 << 20),
+                          seconds=rnd.uniform(0.1, stall), rate=rnd.choice([50e3, 500e3, 5e6]))
+
     def script(self, match: str, body: bytes | str | Any = b"", *, status: int = 200,
                headers: dict[str, str] | None = None, times: int | None = None,
                stall: float = 0.0) -> None:
@@ -350,7 +373,7 @@ class Origin:
                         and (f.match is None or f.match in names)):
                     f.remaining -= 1
                     return f
-        return None
+        return self._chaos_fault(kinds) if "corrupt" in kinds else None  # data requests only
 
     # Stats ----------------------------------------------------------------------
 
@@ -674,6 +697,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "stall_body":
             sent = self._sendfile(disk, offset, min(count, fault.after_bytes))
             stopped.wait(fault.seconds)
+            self.close_connection = True  # then hang up: the body stays short
             return sent
         sent = 0
         step = max(1, int(fault.rate // 10))

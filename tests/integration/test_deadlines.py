@@ -150,3 +150,40 @@ def test_unmount_and_sigterm_with_a_stuck_request_end_the_daemon(mount_factory, 
 def _read_quietly(path: Path) -> None:
     with contextlib.suppress(OSError), open(path, "rb") as f:
         f.read(4096)
+
+
+def test_readers_under_random_faults_get_right_bytes_or_eio_in_bounded_time(
+        mount_factory, origin: Origin, repo_data) -> None:
+    """The fault-injecting origin (every kind of fault at random, 30% of data
+    requests): each read answers within its deadline, and what it answers is right."""
+    import random
+
+    m = mount_factory(["org/model", "org/model@v1"], "--read-deadline", "8", "--timeout", "2",
+                      "--retry-backoff", "0.05", "--prefetch-on-open=*.safetensors")
+    origin.chaos(0.3, seed=7, stall=1.0)
+    files = {f"org/model/{p}": d for p, d in repo_data[MAIN].items()}
+    files |= {f"org/model@v1/{p}": d for p, d in repo_data["org/model@v1"].items()}
+    rnd = random.Random(3)
+    wrong, errors, answered, slowest = [], [], 0, 0.0
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        path, data = rnd.choice(sorted(files.items()))
+        off = rnd.randrange(max(len(data), 1))
+        n = rnd.choice([1, 4096, MiB, 3 * MiB])
+        t0 = time.monotonic()
+        try:
+            with open(m.p(path), "rb", buffering=0) as f:
+                got = os.pread(f.fileno(), n, off)
+            if got != data[off:off + n]:
+                wrong.append((path, off, n))
+        except OSError as exc:
+            errors.append(exc.errno)
+        answered += 1
+        slowest = max(slowest, time.monotonic() - t0)
+        if rnd.random() < 0.2:
+            drop_page_cache()
+    assert not wrong
+    assert set(errors) <= {5}  # EIO when the origin kept failing, nothing else
+    assert answered > 20 and slowest < 8 + 2
+    origin.chaos(0)
+    assert m.proc.poll() is None
