@@ -396,8 +396,8 @@ class HttpClient:
             if total != expect.size:
                 raise RemoteStale(f"{what}: origin size is {total}, listing said {expect.size}")
             if a != first or b != last:
-                raise RemoteProtocolError(
-                    f"{what}: asked for bytes {first}-{last}, origin sent {a}-{b}")
+                # Never used, and worth another try: a flaky CDN node or proxy.
+                raise _Retry(f"asked for bytes {first}-{last}, origin sent {a}-{b}")
             clen = resp.headers.get("Content-Length")
             if clen is not None and clen != str(last - first + 1):
                 # Its body and its range disagree (a broken proxy?): try again.
