@@ -43,6 +43,14 @@ def parse_size(text: str, *, what: str) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+def parse_rate(text: str, *, what: str) -> float:
+    """`100MiB/s` (or a plain size) -> bytes per second, which must be positive."""
+    rate = parse_size(text.removesuffix("/s"), what=what)
+    if rate <= 0:
+        raise ConfigError(f"{what}: must be positive (e.g. 100MiB/s)")
+    return float(rate)
+
+
 def parse_cache_size(text: str, cache_dir: Path, *, what: str = "--cache-size") -> int | None:
     """`200GiB`, or `80%` of the cache dir's file system, or `unlimited` -> bytes or None."""
     text = text.strip()
@@ -140,10 +148,7 @@ def build_hub_config(*, endpoint: str | None, retries: int | None = None,
     if request_deadline is not None:
         http = replace(http, request_deadline=request_deadline)
     if min_rate:
-        rate = parse_size(min_rate.removesuffix("/s"), what="--min-rate")
-        if rate <= 0:
-            raise ConfigError("--min-rate: must be positive (e.g. 256KiB/s)")
-        http = replace(http, min_rate=float(rate))
+        http = replace(http, min_rate=parse_rate(min_rate, what="--min-rate"))
     if max_response_size:
         cap = parse_size(max_response_size, what="--max-response-size")
         if cap < 64 << 10:
@@ -185,10 +190,7 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
             raise ConfigError("--memory-limit: must hold at least one chunk")
         sched = replace(sched, memory_bytes=mem)
     if bandwidth_limit:
-        rate = parse_size(bandwidth_limit.removesuffix("/s"), what="--bandwidth-limit")
-        if rate <= 0:
-            raise ConfigError("--bandwidth-limit: must be positive (e.g. 100MiB/s)")
-        sched = replace(sched, bandwidth=float(rate))
+        sched = replace(sched, bandwidth=parse_rate(bandwidth_limit, what="--bandwidth-limit"))
     return replace(fetch, scheduler=sched)
 
 

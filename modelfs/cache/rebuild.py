@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -136,7 +137,7 @@ def _copy(src: Path, dst: Path) -> dict[str, object]:
     return {"records": records, "error": error}
 
 
-def _put(env: lmdb.Environment, db: object, batch: list[tuple[bytes, bytes]]) -> int:
+def _put(env: lmdb.Environment, db: Any, batch: list[tuple[bytes, bytes]]) -> int:
     with env.begin(write=True) as txn:
         for key, value in batch:
             txn.put(key, value, db=db)

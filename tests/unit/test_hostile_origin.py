@@ -246,3 +246,28 @@ async def test_load_snapshot_turns_anything_unexpected_into_an_error_naming_the_
         await load_snapshot(src, index, RepoRef.parse("org/model"))
     index.close()
     await src.aclose()
+
+
+async def test_a_directory_that_lists_itself_ends(origin: Origin) -> None:
+    """nginx-style: every directory lists a subdirectory `a`, for ever."""
+    from modelfs.remote import HttpSource, HttpSourceConfig
+
+    origin.script("/plain/loop/*", [{"name": "a", "type": "directory", "mtime": "-"}])
+    src = HttpSource(HttpSourceConfig(urls={"org/loop": f"{origin.url}/plain/loop/x/"},
+                                      http=FAST))
+    with trio.fail_after(20), pytest.raises(ListingRejected, match="nest more than 64 deep"):
+        await src.resolve(RepoRef.parse("org/loop"))
+    assert len(origin.records) <= 66
+    await src.aclose()
+
+
+async def test_a_directory_walk_counts_directories_against_the_cap(origin: Origin) -> None:
+    from modelfs.remote import HttpSource, HttpSourceConfig
+
+    origin.script("/plain/wide/*", [{"name": f"d{i}", "type": "directory"} for i in range(50)])
+    src = HttpSource(HttpSourceConfig(urls={"org/wide": f"{origin.url}/plain/wide/x/"},
+                                      max_listing_entries=120, http=FAST))
+    with pytest.raises(ListingRejected, match="more than 120 entries"):
+        await src.resolve(RepoRef.parse("org/wide"))
+    assert len(origin.records) <= 4
+    await src.aclose()
