@@ -39,8 +39,10 @@ async def test_a_later_job_is_not_starved_by_an_earlier_one(origin: Origin, repo
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
         await nursery.start(jobs.run)
+        origin.delay = 0.02  # every request: so each of a's files takes a while
         a = jobs.submit(JobSpec((RepoRequest("org/a"),)))
-        await trio.sleep(0.05)  # org/a is listed and its first file starts
+        while not any(i.state == "running" for i in a.items):  # noqa: ASYNC110 -- a0 starts
+            await trio.sleep(0.005)
         b = jobs.submit(JobSpec((RepoRequest("org/b"),)))
         await jobs.wait(a.id)
         await jobs.wait(b.id)
