@@ -30,8 +30,8 @@ from .config import (
     load_job_config,
     load_mount_config,
 )
-from .control.client import ControlClient, ControlError
-from .errors import ConfigError, ModelfsError
+from .control.client import ControlClient
+from .errors import ConfigError, ControlError, DaemonNotRunning, ModelfsError
 from .progress import JobProgress
 from .redaction import redact, secret_forms
 from .settings import Layered, layer, render_settings
@@ -387,24 +387,24 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> dict
         index.close()
 
 
-def _cache_dir(config_file: str | None, control_socket: str | None) -> tuple[Path, Path]:
+def _cache_dir(config_file: str | None, control_socket: str | None,
+               cache_dir: str | None = None) -> tuple[Path, Path]:
     """The cache directory and the control socket the settings name."""
     try:
-        layered = layer({"control_socket": control_socket}, config=config_file)
+        layered = layer({"control_socket": control_socket, "cache_dir": cache_dir},
+                        config=config_file)
     except ModelfsError as exc:
         raise click.UsageError(str(exc)) from None
     cdir = cache_dir_path(layered.values.get("cache_dir"), os.environ)
     return cdir, control_socket_path(layered.values.get("control_socket"), cdir)
 
 
-def _talk(config_file: str | None, control_socket: str | None,
+def _talk(config_file: str | None, control_socket: str | None, cache_dir: str | None,
           fn: Callable[[ControlClient], Any],
           offline: Callable[[Any], Any] | None = None) -> Any:
     """Run `fn` against the daemon; a daemon that is not there or says no is exit 1.
     With `offline`, no daemon means `offline(index)` on the cache's index instead."""
-    from .control.client import ControlClient, DaemonNotRunning
-
-    cdir, sock = _cache_dir(config_file, control_socket)
+    cdir, sock = _cache_dir(config_file, control_socket, cache_dir)
     with ControlClient(sock) as client:
         try:
             try:
@@ -424,17 +424,22 @@ def _talk(config_file: str | None, control_socket: str | None,
             sys.exit(1)
 
 
-_socket_option = click.option("--control-socket", type=click.Path(dir_okay=False),
-                              help="The daemon's API socket (default CACHE_DIR/control.sock).")
+def _socket_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--control-socket`, and `--cache-dir` (the socket's default lives there)."""
+    fn = click.option("--cache-dir", help="The daemon's cache directory (its socket is "
+                                          "CACHE_DIR/control.sock).")(fn)
+    return click.option("--control-socket", type=click.Path(dir_okay=False),
+                        help="The daemon's API socket (default CACHE_DIR/control.sock).")(fn)
 
 
 @main.command()
 @_config_option
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="The raw /v1/status JSON.")
-def status(config_file: str | None, control_socket: str | None, as_json: bool) -> None:
+def status(config_file: str | None, control_socket: str | None, cache_dir: str | None,
+           as_json: bool) -> None:
     """What the running daemon serves: repos and commits, cache, counters, jobs."""
-    st = _talk(config_file, control_socket, lambda c: c.status())
+    st = _talk(config_file, control_socket, cache_dir, lambda c: c.status())
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -459,11 +464,12 @@ def status(config_file: str | None, control_socket: str | None, as_json: bool) -
 @_config_option
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="The jobs with their items, as JSON.")
-def jobs(config_file: str | None, control_socket: str | None, as_json: bool) -> None:
+def jobs(config_file: str | None, control_socket: str | None, cache_dir: str | None,
+         as_json: bool) -> None:
     """Prefetch jobs of the running daemon (without one: the jobs saved in the cache)."""
     from .jobs import saved_jobs
 
-    listed = _talk(config_file, control_socket, lambda c: c.jobs(), saved_jobs)
+    listed = _talk(config_file, control_socket, cache_dir, lambda c: c.jobs(), saved_jobs)
     if as_json:
         click.echo(json.dumps(listed, indent=2))
         return
@@ -481,7 +487,7 @@ def _act(action: str) -> click.Command:
     @_config_option
     @_socket_option
     def cmd(job: str, path: str | None, config_file: str | None,
-            control_socket: str | None) -> None:
+            control_socket: str | None, cache_dir: str | None) -> None:
         def go(client: ControlClient) -> dict[str, Any]:
             item = None
             if path is not None:
@@ -502,7 +508,7 @@ def _act(action: str) -> click.Command:
                                    f"(`modelfs cancel {job}`), not {action}ed")
             return cancel_saved(index, job)
 
-        j = _talk(config_file, control_socket, go, offline)
+        j = _talk(config_file, control_socket, cache_dir, go, offline)
         click.echo(f"{j['id']} {j['state']}")
 
     return cmd

@@ -91,8 +91,27 @@ class CacheFull(CacheError):
     kind = "cache_full"
 
 
-class CacheCorrupt(ModelfsError):
+class CacheCorrupt(CacheError):
     """A chunk on disk does not hash to its name, or the index is unusable."""
 
     errno = _errno.EIO
     kind = "integrity"
+
+
+class UnknownJob(ModelfsError):
+    """No prefetch job (or item) with that id."""
+
+    errno = _errno.ENOENT
+    kind = "not_found"
+
+
+class ControlError(ModelfsError):
+    """The daemon refused a request of its local API; the message is its reason."""
+
+    kind = "control"
+
+
+class DaemonNotRunning(ModelfsError):
+    """No daemon answers on the control socket."""
+
+    kind = "control"

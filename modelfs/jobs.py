@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from .cache import Index
-from .errors import ConfigError, ModelfsError
+from .errors import ConfigError, ModelfsError, UnknownJob
 from .fetch import ChunkReader, Priority, RemoteFile, load_snapshot, matches, prefetch_file
 from .remote import Source
 from .types import FileEntry, RepoRef, printable
@@ -227,12 +227,6 @@ class Job:
         if job.finished is not None:
             job.done.set()
         return job
-
-
-class UnknownJob(ModelfsError):
-    """No job (or item) with that id."""
-
-    kind = "not_found"
 
 
 # Saved jobs while no daemon runs (`modelfs jobs` / `cancel` fall back to these) -------

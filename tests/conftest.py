@@ -109,7 +109,9 @@ class Mount:
         # Unix socket paths are limited to 107 bytes: a short directory of its own.
         self._sock_dir = Path(tempfile.mkdtemp(prefix="mfs-", dir="/tmp"))
         self.socket = self._sock_dir / "api.sock"
-        if not any(a.startswith("--control-socket") for a in extra):
+        if "--control-socket" in extra:
+            self.socket = Path(extra[extra.index("--control-socket") + 1])
+        elif not any(a.startswith("--control-socket") for a in extra):
             cmd += ["--control-socket", str(self.socket)]
         self.cmd = cmd
         self.env = {**os.environ, **(env or {})}

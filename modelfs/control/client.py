@@ -8,19 +8,7 @@ from typing import Any
 
 import httpx
 
-from ..errors import ModelfsError
-
-
-class DaemonNotRunning(ModelfsError):
-    """No daemon answers on the control socket."""
-
-    kind = "control"
-
-
-class ControlError(ModelfsError):
-    """The daemon refused a request; the message is its reason."""
-
-    kind = "control"
+from ..errors import ControlError, DaemonNotRunning
 
 
 class ControlClient:

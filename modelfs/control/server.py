@@ -37,9 +37,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownJob
 from ..fetch import ChunkReader
-from ..jobs import JobManager, JobSpec, RepoRequest, UnknownJob
+from ..jobs import JobManager, JobSpec, RepoRequest
 from . import metrics
 
 log = logging.getLogger(__name__)

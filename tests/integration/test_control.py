@@ -19,7 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelfs.control.client import ControlClient, ControlError
+from modelfs.control.client import ControlClient
+from modelfs.errors import ControlError
 from modelfs.testing.origin import Origin
 
 from ..conftest import MiB, fuse_available, is_mounted

@@ -377,3 +377,13 @@ def test_huge_declared_sizes_cost_nothing_on_open_and_break_no_listing(mount_fac
     status = Path(f"/proc/{m.proc.pid}/status").read_text()
     rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
     assert rss < 400_000, f"daemon RSS {rss} kB"
+
+
+def test_daemon_commands_find_the_socket_from_the_cache_dir(mount_factory, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    m = mount_factory(["org/model"], "--control-socket", str(cache / "control.sock"))
+    for args in (["status", "--json"], ["jobs", "--json"]):
+        res = _cli(*args, "--cache-dir", str(cache))
+        assert res.returncode == 0, res.stderr
+    assert json.loads(_cli("status", "--json", "--cache-dir", str(cache)).stdout)["pid"] == \
+        m.proc.pid
