@@ -388,26 +388,34 @@ async def _follow_revisions(config: MountConfig, cache: ChunkCache, ops: Operati
                 failing.discard(r.ref)
             if commit == r.snap.commit:
                 continue
-            org = ops.tree.child(ROOT_INODE, r.ref.repo_id.split("/")[0])
-            assert org is not None
-            ops.replace(org.inode, r.ref.mount_name,
-                        lambda tree, r=r, snap=snap, at=resolved_at:
-                        add_repo(tree, r.source, r.ref, snap, at))
-            log.info("%s moved %s -> %s: new opens see the new tree", r.ref, r.snap.commit[:12],
-                     commit[:12])
-            now = {f.path: f.content_id for f in snap.files}
-            for old in r.snap.files:
-                if old.etag and now.get(old.path) != old.content_id:
-                    log.info("%s/%s changed (ETag %s): dropping the old version", r.ref,
-                             old.path, old.etag)
-                    await trio.to_thread.run_sync(cache.drop_content, old.content_id)
-                    await ops.invalidate_content(old.content_id)
-            r.snap, r.resolved_at = snap, resolved_at
-            if isinstance(r.source, HubSource):
-                hub = ops.tree.mkdirs(ROOT_INODE, HF_VIEW, 0)
-                same = [x for x in repos if x.ref.repo_id == r.ref.repo_id]
-                ops.replace(hub.inode, hf_dir_name(r.ref.repo_id),
-                            lambda tree, same=same: add_hf_view(tree, same))
+            try:
+                await _swap_in(cache, ops, repos, r, snap, resolved_at)
+            except Exception:  # a bug tripped by this repo's tree: its old tree stays
+                log.exception("%s: could not swap in %s; still serving %s", r.ref, commit[:12],
+                              r.snap.commit[:12])
+
+
+async def _swap_in(cache: ChunkCache, ops: Operations, repos: list[_Mounted], r: _Mounted,
+                   snap: Snapshot, resolved_at: float) -> None:
+    """Show `snap` for `r` from now on (a moved branch, tag or URL)."""
+    org = ops.tree.child(ROOT_INODE, r.ref.repo_id.split("/")[0])
+    assert org is not None
+    ops.replace(org.inode, r.ref.mount_name,
+                lambda tree: add_repo(tree, r.source, r.ref, snap, resolved_at))
+    log.info("%s moved %s -> %s: new opens see the new tree", r.ref, r.snap.commit[:12],
+             snap.commit[:12])
+    now = {f.path: f.content_id for f in snap.files}
+    gone = [old for old in r.snap.files if old.etag and now.get(old.path) != old.content_id]
+    r.snap, r.resolved_at = snap, resolved_at
+    for old in gone:
+        log.info("%s/%s changed (ETag %s): dropping the old version", r.ref, old.path, old.etag)
+        await trio.to_thread.run_sync(cache.drop_content, old.content_id)
+        await ops.invalidate_content(old.content_id)
+    if isinstance(r.source, HubSource):
+        hub = ops.tree.mkdirs(ROOT_INODE, HF_VIEW, 0)
+        same = [x for x in repos if x.ref.repo_id == r.ref.repo_id]
+        ops.replace(hub.inode, hf_dir_name(r.ref.repo_id),
+                    lambda tree: add_hf_view(tree, same))
 
 
 async def _flush_access(cache: ChunkCache) -> None:
