@@ -124,19 +124,28 @@ class Mount:
         with open(self.stderr, "ab") as err:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=err,
                                          stderr=err, env=self.env)
-        deadline = time.monotonic() + 30
-        while not is_mounted(path):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mount exited {self.proc.returncode}: {self.stderr.read_text()}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("mount did not appear within 30s")
-            time.sleep(0.02)
-        with self.client() as c:  # the API comes up right after the mount
-            while not c.alive():
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"control API did not answer: {self.log_text()[-2000:]}")
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(path):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mount exited {self.proc.returncode}: "
+                                       f"{self.stderr.read_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("mount did not appear within 30s")
                 time.sleep(0.02)
+            with self.client() as c:  # the API comes up right after the mount
+                while not c.alive():
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        raise RuntimeError(f"control API did not answer: {self.log_text()[-2000:]}")
+                    time.sleep(0.02)
+        except BaseException:
+            # A daemon that did not come up is stopped here: the test never gets it
+            # to close, and its mount must not outlive the test.
+            self.proc.kill()
+            self.proc.wait()
+            if is_mounted(path):
+                subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+            raise
 
     def p(self, rel: str) -> Path:
         return self.path / rel
