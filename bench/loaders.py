@@ -215,7 +215,7 @@ def main() -> None:
                 f"interleaved; {SHARDS} shards of {args.shard_mib} MiB (float32, layers in "
                 f"numeric order on disk). Times include the loader, not the interpreter start.\n")
         write_docs_block("<!-- bench:loaders -->", f"{head}\n{table}",
-                         "## Loaders (issue 5)\n\n")
+                         "## Loaders\n\n")
 
 
 if __name__ == "__main__":

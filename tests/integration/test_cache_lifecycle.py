@@ -1,5 +1,5 @@
 """Cache lifecycle through real mounts: freshness, integrity, space, crash safety,
-start-up and offline serving (issue 4)."""
+start-up and offline serving."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real loaders reading real models from the mount (issue 5).
+"""Real loaders reading real models from the mount.
 
 Loaders run in child processes: their page faults on the mount are answered by
 the daemon, which fetches from the origin running in *this* process, and a
