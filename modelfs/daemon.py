@@ -25,7 +25,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .cache import ChunkCache, ChunkStore, Index, check_cache_dir
+from .cache import ChunkCache, ChunkStore, Index
 from .config import MountConfig
 from .control.server import ControlContext, check_socket_free, serve_control
 from .errors import CacheCorrupt, ConfigError, ModelfsError, RemoteUnavailable
@@ -254,12 +254,13 @@ def keep_freed_memory() -> None:
 
 
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
-    """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure."""
+    """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure.
+    The caller has checked the cache directory (`check_cache_dir`): the CLI does, before
+    it opens the log there."""
     keep_freed_memory()
     check_mountpoint(config.mountpoint)
     if config.control_socket:
         check_socket_free(config.control_socket)
-    check_cache_dir(config.cache_dir)
     index = open_index(config)
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     hub = HubSource(config.hub, config.token)

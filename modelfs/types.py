@@ -98,6 +98,11 @@ class FileEntry:
             return self.content_id
         return None
 
+    @property
+    def checkable(self) -> bool:
+        """Whether the origin vouches for a whole-file hash (`whole_hash`)."""
+        return bool(self.sha256) or self.git_oid is not None
+
     def whole_hash(self) -> tuple[Any, str, str] | None:
         """(a hash to feed the file's bytes to, the digest it must end at, its name),
         when the origin vouches for one: the LFS sha256, else the git blob id

@@ -34,6 +34,8 @@ from .tensors import plan_loader_order, safetensors_header_size
 log = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth")
+# Largest safetensors header read for the loader order: a shard of 10,000 tensors has ~1.5 MB.
+DEFAULT_MAX_HEADER = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,7 @@ class PrefetchConfig:
     on_open: tuple[str, ...] = WEIGHT_PATTERNS
     per_file: int = 8
     start_delay: float = 0.2
-    max_header_size: int = 16 << 20  # a shard of 10,000 tensors has ~1.5 MB
+    max_header_size: int = DEFAULT_MAX_HEADER
 
 
 # While a file's reader keeps reading, an on-open prefetch runs at most this many
@@ -70,7 +72,7 @@ def matches(path: str, patterns: tuple[str, ...]) -> bool:
 
 
 async def loader_order(reader: ChunkReader, f: RemoteFile,
-                       max_header: int = 16 << 20) -> ChunkOrder | None:
+                       max_header: int = DEFAULT_MAX_HEADER) -> ChunkOrder | None:
     """For a safetensors file, the chunk order loaders consume it in (tensors by
     name); None for other files, a header larger than `max_header`, or one that does
     not parse. Reads the header through the cache (a loader needs it first anyway)

@@ -501,7 +501,7 @@ class ChunkReader:
     def _hash_on(self, f: RemoteFile, idx: int, data: bytearray) -> None:
         """A chunk of `f` was stored: feed the file's whole-file check."""
         cid = f.entry.content_id
-        if f.entry.whole_hash() is None:
+        if not f.entry.checkable:
             return
         state = self._hashers.get(cid)
         if state is None:
