@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -30,11 +30,13 @@ from .config import (
     load_job_config,
     load_mount_config,
 )
-from .control.client import ControlClient
 from .errors import ConfigError, ControlError, DaemonNotRunning, ModelfsError
 from .progress import JobProgress
 from .redaction import redact, secret_forms
 from .settings import Layered, layer, render_settings
+
+if TYPE_CHECKING:  # loaded by the commands that talk to a daemon: it brings httpx
+    from .control.client import ControlClient
 
 log = logging.getLogger("modelfs")
 
@@ -355,7 +357,7 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> dict
     from .cache import ChunkCache, ChunkStore, Index, check_cache_dir
     from .fetch import ChunkReader
     from .jobs import JobManager
-    from .remote import HubSource
+    from .remote.hf import HubSource
 
     check_cache_dir(config.cache_dir)
     index = Index(config.cache_dir / "index")
@@ -404,6 +406,8 @@ def _talk(config_file: str | None, control_socket: str | None, cache_dir: str | 
           offline: Callable[[Any], Any] | None = None) -> Any:
     """Run `fn` against the daemon; a daemon that is not there or says no is exit 1.
     With `offline`, no daemon means `offline(index)` on the cache's index instead."""
+    from .control.client import ControlClient
+
     cdir, sock = _cache_dir(config_file, control_socket, cache_dir)
     with ControlClient(sock) as client:
         try:

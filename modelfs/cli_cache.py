@@ -16,7 +16,6 @@ import click
 from .cache import CacheConfig, ChunkCache, ChunkStore, Index, admin, check_cache_dir
 from .config import build_hub_config, cache_dir_path
 from .errors import ModelfsError
-from .remote import HubSource
 from .types import RepoRef
 
 
@@ -192,7 +191,7 @@ def _pin_command(name: str, doc: str, fn: Callable[[Index, str, str, str], Any])
     def cmd(repos: tuple[str, ...], cache_dir: str | None, endpoint: str | None) -> None:
         try:
             refs = [RepoRef.parse(r) for r in repos]
-            key = HubSource.key_for(build_hub_config(endpoint=endpoint, env=os.environ))
+            key = build_hub_config(endpoint=endpoint, env=os.environ).key
         except ModelfsError as exc:
             raise click.UsageError(str(exc)) from None
         with _open(cache_dir) as cache:

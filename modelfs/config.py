@@ -21,9 +21,9 @@ from .cache import COMPRESSION_MODES, CacheConfig
 from .errors import ConfigError
 from .fetch import FetchConfig, PrefetchConfig
 from .fetch.tensors import MAX_HEADER
-from .fs.operations import FsConfig
+from .fs.config import FsConfig
 from .jobs import JobsConfig, JobSpec, RepoRequest
-from .remote import HttpConfig, HubConfig
+from .remote.config import HttpConfig, HubConfig
 from .settings import Layered, layer, relabel
 from .types import RepoRef
 

@@ -29,12 +29,14 @@ from .cache import ChunkCache, ChunkStore, Index
 from .config import MountConfig
 from .control.server import ControlContext, check_socket_free, serve_control
 from .errors import CacheCorrupt, ConfigError, ModelfsError, RemoteUnavailable
-from .fetch import ChunkReader, OpenPrefetcher, RemoteFile, load_snapshot
-from .fs import Operations, Tree
-from .fs.tree import ROOT_INODE, StaticFile
+from .fetch import ChunkReader, OpenPrefetcher, load_snapshot
+from .fs.operations import Operations
+from .fs.tree import ROOT_INODE, StaticFile, Tree
 from .jobs import JobManager
-from .remote import HttpSource, HttpSourceConfig, HubSource, Source
-from .types import RepoRef, Snapshot
+from .remote.config import HttpSourceConfig
+from .remote.hf import HubSource
+from .remote.http import HttpSource
+from .types import RemoteFile, RepoRef, Snapshot, Source
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,8 @@ import trio
 
 from .cache import Index
 from .errors import ConfigError, ModelfsError, UnknownJob
-from .fetch import ChunkReader, Priority, RemoteFile, load_snapshot, matches, prefetch_file
-from .remote import Source
-from .types import FileEntry, RepoRef, printable
+from .fetch import ChunkReader, Priority, load_snapshot, matches, prefetch_file
+from .types import FileEntry, RemoteFile, RepoRef, Source, printable
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,14 @@
-"""Plain data shared by the layers: repo references, snapshots and file entries."""
+"""Plain data shared by the layers: repo references, snapshots, file entries, the
+`Source` interface every origin answers, and `RemoteFile`, one version of one
+file as the mount and the fetch layer see it."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ConfigError
 
@@ -122,3 +125,33 @@ class Snapshot:
     commit: str
     files: tuple[FileEntry, ...]
     directories: tuple[str, ...] = ()
+
+
+class Source(Protocol):
+    """What every origin answers: resolve a repo+revision to an immutable commit,
+    list its files, read a byte range of one version of a file. `key` names the
+    origin in the cache index."""
+
+    key: str
+
+    async def resolve(self, ref: RepoRef) -> str: ...
+    async def list_files(self, repo_id: str, commit: str) -> Snapshot: ...
+    def file_url(self, repo_id: str, commit: str, path: str) -> str: ...
+    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
+                   *, into: bytearray | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray: ...
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """One version of one file: what a FUSE file handle reads."""
+
+    source: Source
+    repo_id: str
+    commit: str
+    entry: FileEntry
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo_id}/{self.entry.path}"

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..chunks import chunk_count
 from ..errors import CacheFull
 from ..types import FileEntry
 from .index import POSITIONAL, XXH3, Index
@@ -78,7 +79,7 @@ class FileHasher:
         self._cache = cache
         self._entry = entry
         self._cs = chunk_size
-        self._n = -(-entry.size // chunk_size)
+        self._n = chunk_count(entry.size, chunk_size)
         self._next = 0
         known = entry.whole_hash()
         if known is None:
@@ -253,7 +254,7 @@ class ChunkCache:
         """Load and check every cached chunk of `entry`; when all are there and the
         origin vouched for a sha256, check the whole file too. A mismatching file
         loses all its chunks (they are refetched on the next read)."""
-        n = -(-entry.size // chunk_size) if entry.size else 0
+        n = chunk_count(entry.size, chunk_size)
         chunks = self.index.file_chunks(entry.content_id, chunk_size)
         damaged = 0
         known = entry.whole_hash()

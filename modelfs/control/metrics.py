@@ -8,7 +8,6 @@ lower layers do not depend on prometheus_client and nothing is counted twice.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,9 +20,7 @@ from prometheus_client.registry import Collector
 
 from ..fetch import LATENCY_BUCKETS
 from ..jobs import JOB_STATES
-
-if TYPE_CHECKING:
-    from .server import ControlContext
+from .context import ControlContext
 
 
 class _Collector(Collector):

@@ -22,10 +22,7 @@ import json
 import logging
 import os
 import socket
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +35,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ConfigError, UnknownJob
-from ..fetch import ChunkReader
-from ..jobs import JobManager, JobSpec, RepoRequest
+from ..jobs import JobSpec, RepoRequest
 from . import metrics
+from .context import ControlContext, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -48,55 +45,6 @@ KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the trailing NUL
 MAX_BODY = 1 << 20  # bytes of a request body (a job of 10,000 repos fits)
 MAX_JOB_REPOS = 10_000
-
-
-class Throughput:
-    """Origin bytes per second over the last `window` seconds, sampled once a second."""
-
-    def __init__(self, reader: ChunkReader, window: int = 5) -> None:
-        self._reader = reader
-        self._samples: deque[tuple[float, int]] = deque(maxlen=window + 1)
-
-    async def run(self) -> None:
-        while True:
-            self._samples.append((trio.current_time(), self._reader.statistics().bytes_fetched))
-            await trio.sleep(1.0)
-
-    def rate(self) -> float:
-        if len(self._samples) < 2:
-            return 0.0
-        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-
-@dataclass(slots=True)
-class ControlContext:
-    """What the API serves from. `describe()` gives the mount part of the status."""
-
-    jobs: JobManager
-    reader: ChunkReader
-    describe: Callable[[], dict[str, Any]]
-    started: float = field(default_factory=time.time)
-    throughput: Throughput | None = None
-
-    def status(self) -> dict[str, Any]:
-        s = self.reader.statistics()
-        cache = self.reader.cache
-        states = [j.state for j in self.jobs.jobs.values()]
-        return {
-            **self.describe(),
-            "pid": os.getpid(),
-            "started": self.started,
-            "cache": {"usage_bytes": cache.index.usage(), "limit_bytes": cache.config.limit,
-                      "compression": cache.config.compression},
-            "reads": {"hits": s.hits, "misses": s.misses, "bytes_served": s.bytes_served,
-                      "chunk_loads": s.loads, "chunk_loads_ahead": s.loads_ahead},
-            "fetch": {"bytes_fetched": s.bytes_fetched, "fetches": s.fetches,
-                      "in_flight": s.in_flight, "errors": s.errors,
-                      "throughput_bytes_per_s": round(self.throughput.rate()
-                                                      if self.throughput else 0.0)},
-            "jobs": {state: states.count(state) for state in sorted(set(states))},
-        }
 
 
 def _error(status: int, message: str) -> JSONResponse:

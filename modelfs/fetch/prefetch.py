@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import trio
 
+from ..chunks import chunk_count
 from ..errors import ModelfsError
-from .chunks import chunk_count
+from ..types import RemoteFile
 from .order import ChunkOrder, Frontier
-from .reader import ChunkReader, RemoteFile
+from .reader import ChunkReader
 from .scheduler import Priority
 from .tensors import plan_loader_order, safetensors_header_size
 

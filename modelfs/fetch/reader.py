@@ -44,10 +44,9 @@ import trio
 
 from ..cache import ChunkCache, FileHasher
 from ..cache.store import direct_buffer
+from ..chunks import Piece, chunk_count, chunk_extent, pieces
 from ..errors import IntegrityError, ModelfsError, RemoteStale, RemoteUnavailable
-from ..remote import Source
-from ..types import FileEntry
-from .chunks import Piece, chunk_count, chunk_extent, pieces
+from ..types import RemoteFile
 from .readahead import ReadAheadConfig, StreamTracker
 from .scheduler import FetchScheduler, Priority, SchedulerConfig, Ticket
 
@@ -69,20 +68,6 @@ class FetchConfig:
     recent_bytes: int = 128 << 20
     readahead: ReadAheadConfig = field(default_factory=ReadAheadConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteFile:
-    """One version of one file: what a FUSE file handle reads."""
-
-    source: Source
-    repo_id: str
-    commit: str
-    entry: FileEntry
-
-    @property
-    def name(self) -> str:
-        return f"{self.repo_id}/{self.entry.path}"
 
 
 # Cached chunks loaded into memory ahead of a sequential reader (32 MiB at 4 MiB

@@ -7,8 +7,7 @@ import time
 
 from ..cache import Index
 from ..errors import ModelfsError, RemoteProtocolError, RemoteUnavailable
-from ..remote import Source
-from ..types import RepoRef, Snapshot, printable
+from ..types import RepoRef, Snapshot, Source, printable
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,4 @@
-"""The FUSE side: the inode tree and the request handlers (the one home of pyfuse3,
-apart from init/main/close in the daemon)."""
-
-from .operations import FsConfig, Operations
-from .tree import ROOT_INODE, Node, Tree
-
-__all__ = ["ROOT_INODE", "FsConfig", "Node", "Operations", "Tree"]
+"""The FUSE side: the inode tree (`fs.tree`, sans-I/O) and the request handlers
+(`fs.operations`, the one home of pyfuse3 apart from init/main/close in the
+daemon). Import from the modules: this `__init__` imports nothing, so building a
+config never loads pyfuse3."""

@@ -15,31 +15,21 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from ..errors import ModelfsError
-from ..fetch import ChunkReader, OpenPrefetcher, RemoteFile
+from ..fetch import ChunkReader, OpenPrefetcher
+from ..types import RemoteFile
+from .config import FsConfig
 from .tree import StaticFile, Tree
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class FsConfig:
-    """`attr_ttl` is how long the kernel may cache names and attributes; inodes
-    never change meaning, so this only bounds how late a new tree is seen.
-    `blksize` is what `stat` reports: buffered readers (cat, Python's `open`)
-    size their reads from it."""
-
-    attr_ttl: float = 60.0
-    blksize: int = 1 << 20
 
 
 # A read that has waited this long has its reader checked every READER_CHECK seconds:

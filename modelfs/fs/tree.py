@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..fetch import RemoteFile
+from ..types import RemoteFile
 
 ROOT_INODE = 1
 

@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..redaction import redact, secret_forms
 from ..types import printable
+from .config import HttpConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,43 +50,6 @@ _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20})")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # `str.isdigit` also takes "²", which `int` refuses
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
-
-
-@dataclass(frozen=True, slots=True)
-class HttpConfig:
-    """Knobs of the HTTP client.
-
-    Deadlines, so that no origin can hold a request (and the reader behind it)
-    for ever: `timeout` bounds every connect and every socket read; one attempt
-    must end within `timeout + bytes / min_rate` (a body trickling one byte a
-    second never trips a read timeout); one operation, retries included, within
-    `request_deadline`. `retries` and `backoff` bound how often a failing origin
-    is retried (backoff doubles up to `max_backoff`; a `Retry-After` is honoured
-    up to `max_retry_after`, and one that points past the deadline fails at once).
-    A redirect target (a CDN URL) is reused for the same file for `redirect_ttl`
-    seconds, then asked for again (signed URLs expire). API answers (JSON) larger
-    than `max_response_size` are refused. Redirects to link-local and cloud
-    metadata addresses are refused, and to private ranges unless the request
-    was to one already or `allow_private_redirects` is set.
-    """
-
-    timeout: float = 30.0
-    min_rate: float = 256 << 10
-    request_deadline: float = 120.0
-    retries: int = 5
-    backoff: float = 0.25
-    max_backoff: float = 8.0
-    max_retry_after: float = 60.0
-    max_connections: int = 64
-    max_redirects: int = 5
-    redirect_ttl: float = 300.0
-    max_response_size: int = 8 << 20
-    allow_private_redirects: bool = False
-    user_agent: str = "modelfs/0.1"
-
-    def attempt_time(self, nbytes: int) -> float:
-        """How long one attempt that moves `nbytes` of body may take."""
-        return self.timeout + nbytes / self.min_rate
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from ..errors import ListingRejected, RemoteNotFound, RemoteProtocolError
 from ..types import COMMIT_RE, FileEntry, RepoRef, Snapshot
-from ._http import Expect, HttpClient, HttpConfig
-from .listing import MAX_FILE_SIZE, clean_listing, hub_entry
+from ._http import Expect, HttpClient
+from .config import HubConfig
+from .listing import clean_listing, hub_entry
 
 # A listing whose pages average fewer entries than this (beyond a few pages) is
 # paging for ever, not listing: the Hub sends 1,000 a page.
 MIN_PAGE_ENTRIES = 10
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class HubConfig:
-    """`max_listing_entries` caps a repo's tree (files and directories): a listing
-    beyond it is refused rather than held in memory and the index; so is one whose
-    pages repeat or average fewer than `MIN_PAGE_ENTRIES` entries. A file declared
-    larger than `max_file_size` is skipped as hostile."""
-
-    endpoint: str = "https://huggingface.co"
-    max_listing_entries: int = 200_000
-    max_file_size: int = MAX_FILE_SIZE
-    http: HttpConfig = field(default_factory=HttpConfig)
 
 
 class HubSource:
@@ -45,12 +32,7 @@ class HubSource:
         self._endpoint = config.endpoint.rstrip("/")
         self._config = config
         self._http = HttpClient(config.http, auth_host=urlsplit(self._endpoint).netloc, token=token)
-        self.key = self.key_for(config)
-
-    @staticmethod
-    def key_for(config: HubConfig) -> str:
-        """How the cache index names this origin (listings and pins are per origin)."""
-        return f"hf:{config.endpoint.rstrip('/')}"
+        self.key = config.key
 
     async def aclose(self) -> None:
         await self._http.aclose()

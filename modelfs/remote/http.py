@@ -15,29 +15,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ConfigError, ListingRejected, RemoteProtocolError
 from ..types import FileEntry, RepoRef, Snapshot
-from ._http import Expect, HttpClient, HttpConfig
-from .listing import MAX_FILE_SIZE, bad_size_reason, clean_listing
+from ._http import Expect, HttpClient
+from .config import HttpSourceConfig
+from .listing import bad_size_reason, clean_listing
 
 # Directory levels a walk descends (a directory that lists itself recurses for ever).
 MAX_DEPTH = 64
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class HttpSourceConfig:
-    """`urls`: repo id -> URL; `max_listing_entries` caps a directory walk (files
-    and directories), which also goes at most `MAX_DEPTH` directories deep."""
-
-    urls: dict[str, str] = field(default_factory=dict)
-    max_listing_entries: int = 100_000
-    max_file_size: int = MAX_FILE_SIZE
-    http: HttpConfig = field(default_factory=HttpConfig)
 
 
 def content_id(url: str, etag: str) -> str:

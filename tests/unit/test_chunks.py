@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelfs.fetch import Piece, chunk_count, chunk_extent, pieces
+from modelfs.chunks import Piece, chunk_count, chunk_extent, pieces
 
 
 def test_examples() -> None:

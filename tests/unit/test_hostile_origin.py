@@ -16,8 +16,9 @@ import trio
 
 from modelfs.errors import ListingRejected, RemoteProtocolError, RemoteUnavailable
 from modelfs.fetch import load_snapshot
-from modelfs.remote import HttpConfig, HubConfig, HubSource
 from modelfs.remote._http import check_target
+from modelfs.remote.config import HttpConfig, HubConfig
+from modelfs.remote.hf import HubSource
 from modelfs.testing.origin import Origin
 from modelfs.types import RepoRef
 
@@ -250,7 +251,8 @@ async def test_load_snapshot_turns_anything_unexpected_into_an_error_naming_the_
 
 async def test_a_directory_that_lists_itself_ends(origin: Origin) -> None:
     """nginx-style: every directory lists a subdirectory `a`, for ever."""
-    from modelfs.remote import HttpSource, HttpSourceConfig
+    from modelfs.remote.config import HttpSourceConfig
+    from modelfs.remote.http import HttpSource
 
     origin.script("/plain/loop/*", [{"name": "a", "type": "directory", "mtime": "-"}])
     src = HttpSource(HttpSourceConfig(urls={"org/loop": f"{origin.url}/plain/loop/x/"},
@@ -262,7 +264,8 @@ async def test_a_directory_that_lists_itself_ends(origin: Origin) -> None:
 
 
 async def test_a_directory_walk_counts_directories_against_the_cap(origin: Origin) -> None:
-    from modelfs.remote import HttpSource, HttpSourceConfig
+    from modelfs.remote.config import HttpSourceConfig
+    from modelfs.remote.http import HttpSource
 
     origin.script("/plain/wide/*", [{"name": f"d{i}", "type": "directory"} for i in range(50)])
     src = HttpSource(HttpSourceConfig(urls={"org/wide": f"{origin.url}/plain/wide/x/"},

@@ -21,12 +21,12 @@ from modelfs.fetch import (
     FetchConfig,
     Priority,
     ReadAheadConfig,
-    RemoteFile,
     prefetch_file,
 )
-from modelfs.remote import HttpConfig, HubConfig, HubSource
+from modelfs.remote.config import HttpConfig, HubConfig
+from modelfs.remote.hf import HubSource
 from modelfs.testing.origin import Origin
-from modelfs.types import RepoRef
+from modelfs.types import RemoteFile, RepoRef
 
 from ..conftest import MiB
 

@@ -1,12 +1,18 @@
-"""Chunk arithmetic: which fixed, aligned chunks a byte range touches.
+"""Chunk arithmetic, shared by the cache and the fetch layer: which fixed,
+aligned chunks a byte range touches.
 
 Chunks are keyed by (file version, chunk size, index), never by the range a
 reader asked for, so any read that straddles chunks still hits the cache.
+In memory, one chunk of one file version is a `ChunkKey` (the chunk size is
+the daemon's, one for its lifetime).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+# (content id of a file version, chunk index)
+ChunkKey = tuple[str, int]
 
 
 class Piece(NamedTuple):

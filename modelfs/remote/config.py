@@ -1,0 +1,74 @@
+"""The sources' settings as plain data (no httpx here: config building and the
+CLI import this without loading the HTTP stack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .listing import MAX_FILE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Knobs of the HTTP client.
+
+    Deadlines, so that no origin can hold a request (and the reader behind it)
+    for ever: `timeout` bounds every connect and every socket read; one attempt
+    must end within `timeout + bytes / min_rate` (a body trickling one byte a
+    second never trips a read timeout); one operation, retries included, within
+    `request_deadline`. `retries` and `backoff` bound how often a failing origin
+    is retried (backoff doubles up to `max_backoff`; a `Retry-After` is honoured
+    up to `max_retry_after`, and one that points past the deadline fails at once).
+    A redirect target (a CDN URL) is reused for the same file for `redirect_ttl`
+    seconds, then asked for again (signed URLs expire). API answers (JSON) larger
+    than `max_response_size` are refused. Redirects to link-local and cloud
+    metadata addresses are refused, and to private ranges unless the request
+    was to one already or `allow_private_redirects` is set.
+    """
+
+    timeout: float = 30.0
+    min_rate: float = 256 << 10
+    request_deadline: float = 120.0
+    retries: int = 5
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    max_retry_after: float = 60.0
+    max_connections: int = 64
+    max_redirects: int = 5
+    redirect_ttl: float = 300.0
+    max_response_size: int = 8 << 20
+    allow_private_redirects: bool = False
+    user_agent: str = "modelfs/0.1"
+
+    def attempt_time(self, nbytes: int) -> float:
+        """How long one attempt that moves `nbytes` of body may take."""
+        return self.timeout + nbytes / self.min_rate
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """`max_listing_entries` caps a repo's tree (files and directories): a listing
+    beyond it is refused rather than held in memory and the index; so is one whose
+    pages repeat or average fewer than `MIN_PAGE_ENTRIES` entries. A file declared
+    larger than `max_file_size` is skipped as hostile."""
+
+    endpoint: str = "https://huggingface.co"
+    max_listing_entries: int = 200_000
+    max_file_size: int = MAX_FILE_SIZE
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+    @property
+    def key(self) -> str:
+        """How the cache index names this origin (listings and pins are per origin)."""
+        return f"hf:{self.endpoint.rstrip('/')}"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSourceConfig:
+    """`urls`: repo id -> URL; `max_listing_entries` caps a directory walk (files
+    and directories), which also goes at most `MAX_DEPTH` directories deep."""
+
+    urls: dict[str, str] = field(default_factory=dict)
+    max_listing_entries: int = 100_000
+    max_file_size: int = MAX_FILE_SIZE
+    http: HttpConfig = field(default_factory=HttpConfig)
