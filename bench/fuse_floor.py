@@ -34,7 +34,7 @@ def serve(src: str, mnt: str) -> None:
     import pyfuse3
     import trio
 
-    from modelfs.daemon import tune_kernel
+    from modelfs.daemon.kernel import tune_kernel
 
     size = os.path.getsize(src)
     data = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)

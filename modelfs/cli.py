@@ -125,7 +125,8 @@ _SHARED_OPTIONS = [
                       "reads)."),
     click.option("--per-file-connections", type=int,
                  help="Concurrent ranged GETs of one file's whole-file prefetch (default 8)."),
-    click.option("--memory-limit", help="Bytes held by fetches in flight (default 256MiB)."),
+    click.option("--memory-limit", help="Memory for chunk buffers: fetches in flight, "
+                 "chunks kept for readers and hashes, load buffers (default 192MiB)."),
     click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s (default none)."),
     click.option("--cache-size", help="Disk the chunk cache may use: a size (200GiB), a share of "
                                       "its file system (80%, the default) or `unlimited`."),
@@ -224,7 +225,7 @@ def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
             os.write(ready_fd, READY)
             os.close(ready_fd)
 
-    from .daemon import serve  # pyfuse3 is only needed by the daemon itself
+    from .daemon.serve import serve  # pyfuse3 is only needed by the daemon itself
 
     try:
         trio.run(serve, config, ready)
@@ -557,7 +558,7 @@ def demo() -> None:
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon.")
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT cleanly (the daemon then exits)."""
-    from .daemon import is_mounted
+    from .daemon.mountpoint import is_mounted
 
     path = Path(mountpoint).absolute()
     if not is_mounted(path):

@@ -20,6 +20,7 @@ from typing import Any
 from .cache import COMPRESSION_MODES, CacheConfig
 from .errors import ConfigError
 from .fetch import FetchConfig, PrefetchConfig
+from .fetch.reader import MIN_MEMORY_CHUNKS
 from .fetch.tensors import MAX_HEADER
 from .fs.config import FsConfig
 from .jobs import JobsConfig, JobSpec, RepoRequest
@@ -186,9 +187,11 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
                         demand_reserve=min(sched.demand_reserve, max_connections // 2))
     if memory_limit:
         mem = parse_size(memory_limit, what="--memory-limit")
-        if mem < fetch.chunk_size:
-            raise ConfigError("--memory-limit: must hold at least one chunk")
-        sched = replace(sched, memory_bytes=mem)
+        if mem < MIN_MEMORY_CHUNKS * fetch.chunk_size:
+            raise ConfigError(f"--memory-limit: must hold at least {MIN_MEMORY_CHUNKS} chunks "
+                              f"({MIN_MEMORY_CHUNKS * fetch.chunk_size >> 20}MiB at this "
+                              "chunk size)")
+        fetch = replace(fetch, memory_limit=mem)
     if bandwidth_limit:
         sched = replace(sched, bandwidth=parse_rate(bandwidth_limit, what="--bandwidth-limit"))
     return replace(fetch, scheduler=sched)

@@ -92,8 +92,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Concurrent ranged GETs of one file's prefetch."),
     Setting("parallel_files", "limits", "parallel_files", "int", "4",
             "Files prefetched at once, over all jobs."),
-    Setting("memory_limit", "limits", "memory", "str", "256MiB",
-            "Bytes held by fetches in flight."),
+    Setting("memory_limit", "limits", "memory", "str", "192MiB",
+            "Memory for chunk buffers: fetches in flight, chunks kept for readers and for "
+            "whole-file hashes, load buffers."),
     Setting("bandwidth_limit", "limits", "bandwidth", "str", "none",
             "Cap on origin bandwidth, e.g. 200MiB/s."),
     Setting("mountpoint", "mount", "mountpoint", "str", "none", "Where to mount."),

@@ -35,7 +35,7 @@ from ..chunks import chunk_count
 from ..errors import CacheFull
 from ..types import FileEntry
 from .index import POSITIONAL, XXH3, Index
-from .store import ChunkStore, direct_buffer
+from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,14 @@ class FileHasher:
     """The whole-file sha256 of one file version, computed as its chunks are stored.
 
     Chunks arrive out of order (parallel fetches); the hash advances in order.
-    `offer` keeps a just-stored chunk's bytes when it is at most `hold` chunks
-    ahead (parallel fetches finish nearly in order); `step`, run by one task per
-    file in a worker thread, hashes every consecutive stored chunk from there or,
-    failing that, reads it back from the page cache into one reused buffer. So
-    the check costs one sha256 pass overlapped with the download, never blocks a
-    store, and never re-reads the whole file at the end.
+    A just-stored chunk at most `hold` chunks ahead (parallel fetches finish
+    nearly in order) may be `offer`ed, and is then hashed from memory; `step`,
+    run by one task per file in a worker thread, hashes every consecutive stored
+    chunk from there or, failing that, reads it back from disk into the buffer
+    it is given. So the check costs one sha256 pass overlapped with the
+    download, never blocks a store, and never re-reads the whole file at the
+    end. Whoever offers a chunk decides how long it stays (`forget`): memory is
+    theirs to account for.
     """
 
     def __init__(self, cache: ChunkCache, entry: FileEntry, chunk_size: int,
@@ -86,29 +88,37 @@ class FileHasher:
             raise ValueError(f"{entry.path}: no whole-file hash to check")
         self._sha, self.expected, self.kind = known
         self.digest: str | None = None  # what the bytes hashed to, once all were hashed
-        self._held: dict[int, bytes | bytearray] = {}
+        self._held: dict[int, bytes | bytearray | memoryview] = {}
         self._hold = hold
-        self._buf: mmap.mmap | None = None
 
-    def offer(self, idx: int, data: bytes | bytearray) -> None:
-        if self._next <= idx < self._next + self._hold:
-            self._held[idx] = data
+    @property
+    def position(self) -> int:
+        """The next chunk the hash needs: every chunk before it is hashed."""
+        return self._next
 
-    def step(self) -> bool | None:
-        """Hash on as far as chunks are stored; True/False once the whole file was
-        hashed (matched, or not: then its chunks are dropped), else None."""
-        for stale in [i for i in list(self._held) if i < self._next]:
-            self._held.pop(stale, None)  # offered while the hash passed it
+    def wants(self, idx: int) -> bool:
+        return self._next <= idx < self._next + self._hold and idx not in self._held
+
+    def offer(self, idx: int, data: bytes | bytearray | memoryview) -> None:
+        self._held[idx] = data
+
+    def forget(self, idx: int) -> None:
+        self._held.pop(idx, None)
+
+    def step(self, buf: mmap.mmap) -> bool | None:
+        """Hash on as far as chunks are stored, reading back into `buf` (a
+        `direct_buffer` of more than a chunk) what was not offered; True/False once
+        the whole file was hashed (matched, or not: then its chunks are dropped),
+        else None."""
         while self._next < self._n:
             chunk = self._held.pop(self._next, None)
             if chunk is None:
-                chunk = self._read_back(self._next)
+                chunk = self._read_back(self._next, buf)
             if chunk is None:
                 return None  # not stored yet
             self._sha.update(chunk)
             self._next += 1
         self._held.clear()
-        self._buf = None
         self.digest = self._sha.hexdigest()
         ok = self.digest == self.expected
         if ok:
@@ -117,21 +127,19 @@ class FileHasher:
             self._cache.drop_content(self._entry.content_id)
         return ok
 
-    def _read_back(self, idx: int) -> bytes | bytearray | memoryview | None:
-        """A stored chunk's bytes from disk, into one reused page-aligned buffer with
-        O_DIRECT: no crc (the sha256 being computed covers it), no allocation per
-        chunk, and no page-cache copy (chunks are written with O_DIRECT, so they
-        are rarely there; 4 shards loaded at once, this VM: 12.2 s -> 10.4 s)."""
+    def _read_back(self, idx: int, buf: mmap.mmap) -> bytes | bytearray | memoryview | None:
+        """A stored chunk's bytes from disk with O_DIRECT: no crc (the sha256 being
+        computed covers it), no allocation per chunk, and no page-cache copy
+        (chunks are written with O_DIRECT, so they are rarely there; 4 shards
+        loaded at once, this VM: 12.2 s -> 10.4 s)."""
         digest = self._cache.lookup(self._entry.content_id, self._cs, idx)
         blob = self._cache.index.blob(digest) if digest else None
         if digest is None or blob is None:
             return None
         if blob.compressed:
             return self._cache.load(digest)
-        if self._buf is None:
-            self._buf = direct_buffer(self._cs)
-        n = self._cache.store.read_into(digest, self._buf)
-        return memoryview(self._buf)[:n] if n == blob.raw_size else None
+        n = self._cache.store.read_into(digest, buf, blob.raw_size + 1)
+        return memoryview(buf)[:n] if n == blob.raw_size else None
 
 
 class ChunkCache:

@@ -265,8 +265,12 @@ class Index:
                                f"uses format {FORMAT}: remove the cache directory to start over")
 
     def close(self) -> None:
+        """Write pending access times and close; closing twice is a no-op."""
+        if getattr(self, "_closed", False):
+            return
         self.flush_access()
         self._env.close()
+        self._closed = True
 
     # Transactions, with map growth -----------------------------------------------------
 

@@ -1,17 +1,17 @@
 """Where cache and sources meet: chunk reads, single-flight fetches, scheduling,
 read-ahead and whole-file prefetch."""
 
-from ..chunks import Piece, chunk_count, chunk_extent, pieces
 from .prefetch import WEIGHT_PATTERNS, OpenPrefetcher, PrefetchConfig, matches, prefetch_file
 from .readahead import ReadAheadConfig, StreamTracker
-from .reader import LATENCY_BUCKETS, ChunkReader, FetchConfig, ReaderStats
+from .reader import ChunkReader, FetchConfig
 from .scheduler import FetchScheduler, Priority, SchedulerConfig
 from .snapshots import load_snapshot
+from .stats import LATENCY_BUCKETS, ReaderStats
 
 __all__ = [
     "LATENCY_BUCKETS", "WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler",
-    "OpenPrefetcher", "Piece",
+    "OpenPrefetcher",
     "PrefetchConfig", "Priority", "ReadAheadConfig", "ReaderStats", "SchedulerConfig",
-    "StreamTracker", "chunk_count", "chunk_extent", "load_snapshot", "matches", "pieces",
+    "StreamTracker", "load_snapshot", "matches",
     "prefetch_file",
 ]

@@ -1,6 +1,7 @@
-"""One gate for every origin request: priorities, connection and memory limits, bandwidth.
+"""One gate for every origin request: priorities, connection limits, bandwidth.
 
-Every fetch asks for a slot with a priority and the bytes it will hold:
+Every fetch asks for a slot with a priority and the bytes it will move (memory
+is the reader's budget, `memory.MemoryBudget`, charged once a slot is held):
 
 - DEMAND (a reader is blocked) > READAHEAD (a sequential stream will need it soon)
   > PREFETCH (whole files in the background). No PREFETCH request starts while a
@@ -8,8 +9,6 @@ Every fetch asks for a slot with a priority and the bytes it will hold:
 - `max_fetches` bounds concurrent requests; `demand_reserve` of them are never
   given to read-ahead or prefetch, so a demand read never queues behind
   background work that already holds every slot.
-- `memory_bytes` bounds the bytes held by fetches in flight, so 32 open files
-  cannot exhaust memory however large their read-ahead windows grow.
 - `bandwidth` (bytes/s, optional) is a token bucket charged when a slot is granted.
 - A granted request that has made no progress (`progress`) for `stall_after`
   seconds is stalled: it no longer counts against `max_fetches` nor holds back
@@ -43,7 +42,6 @@ class Priority(IntEnum):
 class SchedulerConfig:
     max_fetches: int = 16
     demand_reserve: int = 4
-    memory_bytes: int = 256 << 20
     bandwidth: float | None = None  # bytes per second; None = unlimited
     stall_after: float = 5.0
 
@@ -141,8 +139,7 @@ class FetchScheduler:
                 stalled = self._stalled()
             if self._demand_active > sum(t.granted_as == Priority.DEMAND for t in stalled):
                 return False
-        # A fetch larger than the whole budget may still run alone.
-        return self._in_flight == 0 or self._in_flight + nbytes <= cfg.memory_bytes
+        return True
 
     def _wake(self) -> None:
         while self._heap:
@@ -184,7 +181,7 @@ class FetchScheduler:
 
     @asynccontextmanager
     async def slot(self, ticket: Ticket) -> AsyncIterator[None]:
-        """Hold one request slot and `ticket.nbytes` of the memory budget."""
+        """Hold one request slot."""
         ticket.state = "waiting"
         heapq.heappush(self._heap, (ticket.priority, next(self._seq), ticket))
         self._wake()

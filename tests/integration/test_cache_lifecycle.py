@@ -19,7 +19,7 @@ import pytest
 from modelfs.cache import Index
 from modelfs.testing.origin import Origin
 
-from ..conftest import MiB, drop_page_cache, is_mounted, sha256
+from ..conftest import MiB, drop_page_cache, is_mounted, sha256, wait_for
 
 
 def modelfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -28,14 +28,6 @@ def modelfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and res.returncode != 0:
         raise AssertionError(f"modelfs {' '.join(args)} exited {res.returncode}: {res.stderr}")
     return res
-
-
-def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def cache_ls(cache_dir: Path) -> dict:  # type: ignore[type-arg]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from modelfs.testing.origin import Origin
 
-from ..conftest import MiB
-from .test_cache_lifecycle import wait_for
+from ..conftest import MiB, wait_for
 
 
 def read_or_stale(path: Path) -> bytes | None:

@@ -22,7 +22,7 @@ from modelfs.remote.hf import HubSource
 from modelfs.testing.origin import Origin
 from modelfs.types import RepoRef
 
-from .test_hub_source import remote_file
+from .conftest import Kit
 
 FAST = HttpConfig(retries=2, backoff=0.01, timeout=2, request_deadline=5)
 REV = "/api/models/org/model/revision/main"
@@ -137,7 +137,7 @@ async def test_listing_redirect_to_another_host_is_refused(origin: Origin) -> No
 async def test_download_redirects_to_unsafe_targets_fail_at_once(
         origin: Origin, location: str, why: str) -> None:
     src = source(origin)
-    f = await remote_file(src)
+    f = await Kit.remote_file(src)
     origin.script("/org/model/resolve/*", b"", status=302, headers={"Location": location})
     with trio.fail_after(2):  # not retried as if transient
         with pytest.raises(RemoteProtocolError, match=why):
@@ -185,7 +185,7 @@ async def test_a_stalled_or_trickling_body_ends_within_the_deadline(
         origin: Origin, kind: str) -> None:
     http = HttpConfig(retries=5, backoff=0.01, timeout=1, min_rate=1 << 20, request_deadline=3)
     src = source(origin, http)
-    f = await remote_file(src)
+    f = await Kit.remote_file(src)
     origin.misbehave(kind, 100, rate=1000, after_bytes=1000)
     t0 = trio.current_time()
     with pytest.raises(RemoteUnavailable, match="deadline|within|Timeout"):
@@ -199,7 +199,7 @@ async def test_whole_body_answer_with_the_same_etag_is_served(origin: Origin, re
     same version, so its bytes are good."""
     data = repo_data["org/model@main"]["model.safetensors"]
     src = source(origin)
-    f = await remote_file(src)
+    f = await Kit.remote_file(src)
     first = await src.read(f.repo_id, f.commit, f.entry, 0, 1000)  # learns the CDN's ETag
     origin.misbehave("ignore_range", 1)
     second = await src.read(f.repo_id, f.commit, f.entry, 5000, 1000)  # sent with If-Range
@@ -211,7 +211,7 @@ async def test_whole_body_answer_with_the_same_etag_is_served(origin: Origin, re
 async def test_a_wrong_content_range_is_never_served(origin: Origin, repo_data) -> None:
     data = repo_data["org/model@main"]["model.safetensors"]
     src = source(origin)
-    f = await remote_file(src)
+    f = await Kit.remote_file(src)
     origin.misbehave("wrong_range", 1)  # once: retried, and the retry is right
     assert bytes(await src.read(f.repo_id, f.commit, f.entry, 4096, 8192)) == data[4096:12288]
     origin.misbehave("wrong_range", 100)  # for ever: an error, never those bytes
@@ -224,7 +224,7 @@ async def test_a_wrong_content_range_is_never_served(origin: Origin, repo_data) 
 async def test_bodies_of_the_wrong_length_are_retried(origin: Origin, repo_data, kind: str) -> None:
     data = repo_data["org/model@main"]["model.safetensors"]
     src = source(origin)
-    f = await remote_file(src)
+    f = await Kit.remote_file(src)
     origin.misbehave(kind, 1)
     got = await src.read(f.repo_id, f.commit, f.entry, 4096, 8192)  # retried, then right
     assert bytes(got) == data[4096:4096 + 8192]

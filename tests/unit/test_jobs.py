@@ -11,8 +11,7 @@ import trio
 from modelfs.jobs import JobManager, JobsConfig, JobSpec, RepoRequest
 from modelfs.testing.origin import Origin
 
-from ..conftest import MiB
-from .test_hub_source import make_reader, source
+from .conftest import Kit, MiB
 
 
 def file_order(origin: Origin) -> list[str]:
@@ -24,15 +23,15 @@ def file_order(origin: Origin) -> list[str]:
     return seen
 
 
-async def test_a_later_job_is_not_starved_by_an_earlier_one(origin: Origin, repo_data,
+async def test_a_later_job_is_not_starved_by_an_earlier_one(kit: Kit, origin: Origin, repo_data,
                                                             tmp_path: Path) -> None:
     rng = random.Random(9)
     for n in range(4):
         origin.put_file("org/a", "main", f"a{n}.json", rng.randbytes(2 * MiB))
     for n in range(2):
         origin.put_file("org/b", "main", f"b{n}.json", rng.randbytes(2 * MiB))
-    src = source(origin)
-    index, reader = make_reader(tmp_path)
+    src = kit.source()
+    index, reader = kit.reader()
     jobs = JobManager(reader, lambda repo: src, JobsConfig(parallel_files=1, per_file=1),
                       persist=False)
     origin.reset_stats()
@@ -57,10 +56,10 @@ async def test_a_later_job_is_not_starved_by_an_earlier_one(origin: Origin, repo
     await src.aclose()
 
 
-async def test_jobs_persist_and_resume_in_a_new_manager(origin: Origin, repo_data,
+async def test_jobs_persist_and_resume_in_a_new_manager(kit: Kit, origin: Origin, repo_data,
                                                         tmp_path: Path) -> None:
-    src = source(origin)
-    index, reader = make_reader(tmp_path)
+    src = kit.source()
+    index, reader = kit.reader()
     spec = JobSpec((RepoRequest("org/model", include=("*.json",)),))
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)

@@ -9,7 +9,7 @@ from modelfs.fetch import FetchScheduler, Priority, SchedulerConfig
 
 
 async def test_priorities_reserve_and_promotion() -> None:
-    s = FetchScheduler(SchedulerConfig(max_fetches=3, demand_reserve=1, memory_bytes=1 << 30))
+    s = FetchScheduler(SchedulerConfig(max_fetches=3, demand_reserve=1))
     gates = {name: trio.Event() for name in ["p1", "p2", "p3", "r1", "d1"]}
     tickets = {"p1": s.ticket(Priority.PREFETCH, 10), "p2": s.ticket(Priority.PREFETCH, 10),
                "p3": s.ticket(Priority.PREFETCH, 10), "r1": s.ticket(Priority.READAHEAD, 10),
@@ -43,22 +43,6 @@ async def test_priorities_reserve_and_promotion() -> None:
             g.set()
     assert s.statistics().active == 0
     assert s.statistics().granted == {"DEMAND": 2, "READAHEAD": 0, "PREFETCH": 3}
-
-
-async def test_memory_budget_bounds_bytes_in_flight() -> None:
-    s = FetchScheduler(SchedulerConfig(max_fetches=10, demand_reserve=0, memory_bytes=100))
-    peak = 0
-
-    async def fetch() -> None:
-        nonlocal peak
-        async with s.slot(s.ticket(Priority.PREFETCH, 40)):
-            peak = max(peak, s.statistics().bytes_in_flight)
-            await trio.sleep(0.01)
-
-    async with trio.open_nursery() as n:
-        for _ in range(10):
-            n.start_soon(fetch)
-    assert peak == 80
 
 
 async def test_cancelled_waiter_leaves_no_slot_behind() -> None:
@@ -118,7 +102,7 @@ async def test_promoting_a_ticket_that_never_asked_for_a_slot_grants_nothing() -
     """A demand reader joining a chunk load (from disk: no slot) promotes its ticket;
     that must not grant it a slot nobody releases (every later fetch would wait
     once such leaks took them all)."""
-    s = FetchScheduler(SchedulerConfig(max_fetches=2, demand_reserve=0, memory_bytes=1 << 30))
+    s = FetchScheduler(SchedulerConfig(max_fetches=2, demand_reserve=0))
     for _ in range(5):
         s.promote(s.ticket(Priority.READAHEAD, 10), Priority.DEMAND)
     assert s.statistics().active == 0

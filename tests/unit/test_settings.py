@@ -71,7 +71,7 @@ def test_defaults_shown_by_config_show_are_the_real_defaults() -> None:
             "max_connections": str(c.fetch.scheduler.max_fetches),
             "per_file_connections": str(c.prefetch.per_file),
             "parallel_files": str(JobsConfig().parallel_files),
-            "memory_limit": f"{c.fetch.scheduler.memory_bytes >> 20}MiB",
+            "memory_limit": f"{c.fetch.memory_limit >> 20}MiB",
             "revision_ttl": str(c.revision_ttl), "compression": c.cache.compression,
             "prefetch_on_open": "[" + ", ".join(f'"{p}"' for p in c.prefetch.on_open) + "]"}
     shown = {s.name: s.default for s in SETTINGS if s.name in real}

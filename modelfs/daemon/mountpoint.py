@@ -1,0 +1,50 @@
+"""The mountpoint: refuse one in use, clear the dead mount of a daemon that died."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_mountpoint(path: Path) -> None:
+    # Mounted first: a dead FUSE mount answers stat() with ENOTCONN.
+    if is_mounted(path) and not _clear_dead_mount(path):
+        raise ConfigError(f"mountpoint {path}: something is already mounted there "
+                          f"(a stale mount? `modelfs umount {path}`)")
+    if not path.is_dir():
+        raise ConfigError(f"mountpoint {path}: not an existing directory")
+
+
+def _clear_dead_mount(path: Path) -> bool:
+    """A modelfs mount whose daemon died (kill -9, OOM) answers ENOTCONN; unmount it,
+    so a restart (systemd's Restart=on-failure) can mount again. Anything else
+    mounted there is left alone."""
+    with open("/proc/self/mounts") as f:
+        fstype = next((ln.split()[2] for ln in f if ln.split()[1] == str(path.absolute())), "")
+    if fstype != "fuse.modelfs":
+        return False
+    try:
+        os.listdir(path)  # a stat may be answered from cached attributes; a listing is not
+        return False  # alive: another daemon serves it
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return False
+    res = subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, text=True)
+    if res.returncode != 0 or is_mounted(path):
+        return False
+    log.warning("mountpoint %s: cleared the dead mount of a daemon that did not exit cleanly",
+                path)
+    return True
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.absolute())
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1].replace("\\040", " ") == target for line in f)

@@ -1,0 +1,214 @@
+"""The daemon's lifecycle: open the cache, resolve repos, mount, serve until
+unmounted or signalled, and undo each step in reverse.
+
+Start-up order matters for "fail with a reason and leave nothing mounted":
+everything that can fail for a user reason (bad repo, no token, origin down)
+happens before `pyfuse3.init`; readiness is reported only after the mount
+answers a `stat`. Each resource is entered on one `AsyncExitStack`, so a
+failure at any step closes exactly what was opened before it; the tasks run in
+one nursery, and any of them ending the mount (unmount, signal, bounded stop)
+cancels the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ..cache import ChunkCache, ChunkStore, Index
+from ..config import MountConfig
+from ..control.server import ControlContext, check_socket_free, serve_control
+from ..errors import CacheCorrupt, RemoteUnavailable
+from ..fetch import ChunkReader, OpenPrefetcher, load_snapshot
+from ..fs.operations import Operations
+from ..fs.tree import Tree
+from ..jobs import JobManager
+from ..remote.config import HttpSourceConfig
+from ..remote.hf import HubSource
+from ..remote.http import HttpSource
+from ..types import RepoRef, Source
+from .follow import RevisionFollower, Wake
+from .kernel import keep_freed_memory, sd_notify, tune_kernel
+from .layout import MountedRepo, add_hf_view, add_repo, describe, local_path
+from .mountpoint import check_mountpoint, is_mounted
+
+log = logging.getLogger(__name__)
+
+# Access times of chunks (for LRU eviction) are written to the index this often.
+ACCESS_FLUSH_INTERVAL = 10.0
+# Resolving the repos of a mount (before anything is mounted) may take this long in all.
+START_TIMEOUT = 300.0
+# A stop (signal or unmount) waits this long for requests in flight, then cancels them.
+STOP_GRACE = 3.0
+# How often the daemon looks whether its mount is still there.
+UNMOUNT_POLL = 1.0
+
+
+def _sources(config: MountConfig, hub: HubSource) -> list[tuple[RepoRef, Source]]:
+    pairs: list[tuple[RepoRef, Source]] = [(ref, hub) for ref in config.repos]
+    if config.urls:
+        http = HttpSource(HttpSourceConfig(urls={r.repo_id: u for r, u in config.urls},
+                                           max_file_size=config.hub.max_file_size,
+                                           http=config.hub.http))
+        pairs += [(ref, http) for ref, _ in config.urls]
+    return pairs
+
+
+async def _resolve(config: MountConfig, index: Index, cache: ChunkCache, hub: HubSource,
+                   pairs: list[tuple[RepoRef, Source]]) -> list[MountedRepo]:
+    """Every repo's snapshot, within `START_TIMEOUT` in all."""
+    repos: list[MountedRepo] = []
+    with trio.move_on_after(START_TIMEOUT) as starting:
+        for ref, source in pairs:
+            snap, resolved_at = await load_snapshot(source, index, ref, force=config.force)
+            repos.append(MountedRepo(ref, source, snap, resolved_at, hub=source is hub))
+            if config.force:
+                for entry in snap.files:
+                    await trio.to_thread.run_sync(cache.drop_content, entry.content_id)
+    if starting.cancelled_caught:
+        left = [str(ref) for ref, _ in pairs[len(repos):]]
+        raise RemoteUnavailable(f"repos {', '.join(left)} not resolved within "
+                                f"{START_TIMEOUT:.0f}s; nothing mounted")
+    return repos
+
+
+async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure.
+    The caller has checked the cache directory (`check_cache_dir`): the CLI does, before
+    it opens the log there."""
+    keep_freed_memory()
+    check_mountpoint(config.mountpoint)
+    if config.control_socket:
+        check_socket_free(config.control_socket)
+    async with AsyncExitStack() as stack:
+        index = open_index(config)
+        stack.callback(index.close)
+        cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
+        hub = HubSource(config.hub, config.token)
+        pairs = _sources(config, hub)
+        for source in {id(s): s for s in [hub, *(s for _, s in pairs)]}.values():
+            stack.push_async_callback(source.aclose)
+        repos = await _resolve(config, index, cache, hub, pairs)
+
+        tree = Tree(time.time_ns())
+        for r in repos:
+            add_repo(tree, r.source, r.ref, r.snap, r.resolved_at)
+        add_hf_view(tree, repos)
+        # Bytes found bad go to the kernel's cache too: handed over to a task, as
+        # invalidation must not run inside a FUSE request.
+        dropped_send, dropped = trio.open_memory_channel[str](math.inf)
+        wake = Wake()
+        reader = ChunkReader(cache, config.fetch, on_content_dropped=dropped_send.send_nowait,
+                             on_stale=wake.set)
+        prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
+        ops = Operations(tree, reader, config.fs, prefetcher)
+        follower = RevisionFollower(cache, repos, config.revision_ttl, wake, tree=tree,
+                                    replace=ops.replace, invalidate=ops.invalidate_content)
+        by_repo = {r.ref.repo_id: r.source for r in repos}
+        jobs = JobManager(reader, lambda repo: by_repo.get(repo, hub), config.jobs,
+                          local_path=local_path(config.mountpoint, repos))
+
+        options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
+        if config.allow_other:
+            options.add("allow_other")
+        pyfuse3.init(ops, str(config.mountpoint), options)
+        stack.callback(log.info, "unmounted %s", config.mountpoint)
+        stack.callback(pyfuse3.close, unmount=True)
+        stack.callback(sd_notify, "STOPPING=1")
+
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(reader.run)
+        stop = trio.Event()
+        nursery.start_soon(_main_then_cancel, nursery)
+        nursery.start_soon(_stop_on_signal, stop)
+        nursery.start_soon(_bounded_stop, nursery, config.mountpoint, stop)
+        nursery.start_soon(_flush_access, cache)
+        nursery.start_soon(ops.watch_readers)
+        nursery.start_soon(_invalidate_dropped, dropped, ops)
+        if any(not r.ref.is_commit for r in repos):
+            nursery.start_soon(follower.run)
+        await nursery.start(jobs.run)
+        if config.control_socket:
+            ctx = ControlContext(jobs, reader,
+                                 lambda: describe(config.mountpoint, config.cache_dir, repos))
+            await nursery.start(serve_control, ctx, config.control_socket)
+        await trio.to_thread.run_sync(os.stat, config.mountpoint)
+        tune_kernel(config.mountpoint)
+        log.info("mounted %s at %s", ", ".join(str(r.ref) for r in repos), config.mountpoint)
+        ready()
+        sd_notify(f"READY=1\nSTATUS=serving {config.mountpoint}")
+
+
+def open_index(config: MountConfig) -> Index:
+    """The cache index; a damaged one is refused, or with `rebuild_index` rebuilt."""
+    try:
+        return Index(config.cache_dir / "index")
+    except CacheCorrupt as exc:
+        if not config.rebuild_index:
+            raise
+        log.warning("%s: rebuilding it", exc)
+    from ..cache.rebuild import rebuild_index
+
+    r = rebuild_index(config.cache_dir)
+    log.warning("rebuilt the cache index: kept %d chunks that check out, dropped %d; the "
+                "damaged one is at %s%s", r.chunks_kept, r.chunks_dropped, r.moved_to,
+                f" (copying stopped early: {r.salvage_error})" if r.salvage_error else "")
+    return Index(config.cache_dir / "index")
+
+
+async def _invalidate_dropped(dropped: trio.MemoryReceiveChannel[str], ops: Operations) -> None:
+    async for content_id in dropped:
+        await ops.invalidate_content(content_id)
+
+
+async def _flush_access(cache: ChunkCache) -> None:
+    """Write chunk access times to the index now and then (they drive eviction), and
+    bring an over-full cache (a lowered limit) back under its limit."""
+    limit = cache.config.limit
+    if limit is not None and cache.index.usage() > limit:
+        await trio.to_thread.run_sync(cache.evict, int(limit * cache.config.low_water))
+    while True:
+        await trio.sleep(ACCESS_FLUSH_INTERVAL)
+        await trio.to_thread.run_sync(cache.index.flush_access)
+
+
+async def _main_then_cancel(nursery: trio.Nursery) -> None:
+    """pyfuse3.main returns when the file system is unmounted (or terminated)."""
+    try:
+        await pyfuse3.main()
+    finally:
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            stop.set()
+            pyfuse3.terminate()
+            return
+
+
+async def _bounded_stop(nursery: trio.Nursery, mountpoint: Path, stop: trio.Event) -> None:
+    """Once stopping (a signal, or the mount gone: `fusermount3 -u`), give requests in
+    flight `STOP_GRACE` seconds to finish, then cancel everything: pyfuse3's main loop
+    waits for its handlers, and a handler may wait on an origin that never answers."""
+    while not stop.is_set():
+        with trio.move_on_after(UNMOUNT_POLL):
+            await stop.wait()
+        if not stop.is_set() and not is_mounted(mountpoint):
+            log.info("%s was unmounted", mountpoint)
+            break
+    await trio.sleep(STOP_GRACE)
+    log.warning("requests still in flight %gs after the stop began; cancelling them", STOP_GRACE)
+    nursery.cancel_scope.cancel()

@@ -1,0 +1,184 @@
+"""One memory budget for every chunk buffer the daemon holds.
+
+A chunk's bytes live in one buffer: a `bytearray` while it is fetched, a
+page-aligned load buffer (`LoadBuffers`) when read from disk. Whoever holds a
+buffer holds a `Block` of it: the fetch filling it, the chunks kept for
+readers (`recent.RecentChunks`), the whole-file hash waiting for it
+(`integrity.FileChecks`), the spare load buffers. A block is charged to the
+budget from its creation until its last holder releases it, so the budget's
+`used` is every byte those rooms keep alive, counted once however many of them
+share it.
+
+Room for a new buffer is made by the one who owns the rooms (the reader's
+`reclaim`): spare load buffers first, then chunks held for hashing (read back
+from disk later), then the least recently used chunks kept for readers. A
+fetch that still finds no room waits for bytes to be released; everything
+charged is either reclaimable or on its way to be released (a fetch or a load
+in flight), so that wait ends.
+
+Not charged, and what a memory limit must leave room for: the interpreter and
+its libraries, views of a released chunk still being copied into a FUSE reply,
+the HTTP client's socket buffers, and a compressed chunk's bytes while they are
+decompressed in a worker thread.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from collections.abc import Callable
+
+import trio
+
+from ..cache.store import direct_buffer
+
+# Load buffers kept for reuse when no chunk is in them (still charged).
+SPARE_BUFFERS = 8
+
+
+class Block:
+    """A buffer some rooms hold; charged to its budget until the last lets go."""
+
+    __slots__ = ("_budget", "_free", "_holds", "data", "nbytes")
+
+    def __init__(self, data: bytearray | memoryview, nbytes: int, budget: MemoryBudget,
+                 free: Callable[[Block], None]) -> None:
+        self.data = data
+        self.nbytes = nbytes  # what it is charged (a load buffer's whole size)
+        self._holds = 1
+        self._budget = budget
+        self._free = free
+
+    def retain(self) -> Block:
+        if self._holds <= 0:
+            raise RuntimeError("retain of a released block")
+        self._holds += 1
+        return self
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0:
+            self._free(self)
+        elif self._holds < 0:
+            raise RuntimeError("block released more often than held")
+        # Freed, or now held only by rooms that can let it go: either way a
+        # reservation waiting for room may find some.
+        self._budget.wake()
+
+
+class MemoryBudget:
+    """Bytes charged against `limit`; trio-thread only. `reclaim()` is asked to
+    release one held thing (False: nothing is left to release) while a
+    reservation does not fit."""
+
+    def __init__(self, limit: int, reclaim: Callable[[], bool]) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._reclaim = reclaim
+        self._freed = trio.Event()
+
+    def fits(self, nbytes: int) -> bool:
+        # One buffer larger than the whole budget may still be had alone.
+        return self.used + nbytes <= self.limit or not self.used
+
+    def reclaim_once(self) -> bool:
+        return self._reclaim()
+
+    def try_reserve(self, nbytes: int) -> bool:
+        while not self.fits(nbytes):
+            if not self._reclaim():
+                return False
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return True
+
+    async def reserve(self, nbytes: int) -> None:
+        """Charge `nbytes`, waiting for releases while they do not fit. A checkpoint."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.try_reserve(nbytes):
+            await self._freed.wait()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def unreserve(self, nbytes: int) -> None:
+        self.used -= nbytes
+        if self.used < 0:
+            raise RuntimeError("memory budget released more than was charged")
+        self.wake()
+
+    def wake(self) -> None:
+        """Have waiting reservations look again: bytes were freed, or became
+        reclaimable (a chunk handed from its fetch to the rooms that keep it)."""
+        freed, self._freed = self._freed, trio.Event()
+        freed.set()
+
+    def block(self, data: bytearray, nbytes: int) -> Block:
+        """A block of `nbytes` already reserved; released, it gives them back."""
+        return Block(data, nbytes, self, lambda b: self.unreserve(b.nbytes))
+
+
+class LoadBuffers:
+    """Page-aligned buffers to load chunks into with O_DIRECT, reused: fresh
+    memory is what costs on a VM that hands freed pages back to its host.
+
+    A buffer goes back here when the block of the chunk loaded into it is
+    released; it is reused only when nothing else refers to it. Every view of
+    a loaded chunk is made from the buffer itself (`view`), so it holds a
+    reference to the buffer (CPython): a spare buffer referred to from anywhere
+    but here may still be read (a FUSE reply being assembled, a waiter not yet
+    run) and is let go, uncharged, rather than overwritten.
+    """
+
+    def __init__(self, budget: MemoryBudget, chunk_size: int) -> None:
+        self._budget = budget
+        self._length = chunk_size + 1  # +1: a longer file shows
+        # Charged: the pages a load can touch (a buffer's mapping may be longer,
+        # rounded to a huge page, but pages never touched cost nothing).
+        self.size = -(-self._length // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._spare: list[mmap.mmap] = []
+
+    async def take(self) -> mmap.mmap:
+        """A spare buffer, else a new one. When the budget is full, one thing is
+        reclaimed at a time: a loaded chunk let go brings its buffer back here."""
+        while True:
+            while self._spare:
+                buf = self._spare.pop()
+                if sys.getrefcount(buf) == 2:  # `buf` and getrefcount's argument
+                    return buf
+                self._budget.unreserve(self.size)
+            if self._budget.fits(self.size) or not self._budget.reclaim_once():
+                break
+        await self._budget.reserve(self.size)
+        return direct_buffer(self._length)
+
+    @property
+    def spare_bytes(self) -> int:
+        return len(self._spare) * self.size
+
+    def give(self, buf: mmap.mmap) -> None:
+        """`buf` (charged) is not needed any more."""
+        if len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(buf)
+        else:
+            self._budget.unreserve(self.size)
+
+    def shed(self) -> bool:
+        """Let one spare buffer go; False when there is none."""
+        if not self._spare:
+            return False
+        self._spare.pop()
+        self._budget.unreserve(self.size)
+        return True
+
+    def block(self, buf: mmap.mmap, n: int) -> Block:
+        """The block of a chunk of `n` bytes loaded into `buf`."""
+        return Block(memoryview(buf)[:n], self.size, self._budget, lambda _: self.give(buf))
+
+
+def view(data: bytearray | memoryview, start: int, end: int) -> memoryview:
+    """Bytes [start, end) of a chunk in memory. A loaded chunk's view is made from
+    its buffer itself, so that it holds a reference to the buffer (see
+    `LoadBuffers`)."""
+    if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
+        return memoryview(data.obj)[start:end]
+    return memoryview(data)[start:end]

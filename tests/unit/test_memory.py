@@ -1,0 +1,142 @@
+"""The memory budget holds every chunk buffer the reader keeps: the invariant,
+under a workload that goes through every path that holds chunk bytes (fetches,
+read-ahead, loads from disk, chunks kept for readers, chunks held for a
+whole-file hash, the on-open prefetch), on the real origin fixture."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import random
+import tracemalloc
+
+import trio
+
+from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, SchedulerConfig, prefetch_file
+from modelfs.fetch.memory import Block, LoadBuffers, MemoryBudget
+from modelfs.testing.origin import Origin
+from modelfs.types import RemoteFile
+
+from .conftest import Kit, MiB
+
+LIMIT = 8 * MiB  # eight 1 MiB chunks
+CONNECTIONS = 4
+# What the budget does not cover and this workload allocates: the HTTP client's
+# reads (up to 1 MiB a connection), views being assembled, the interpreter's own.
+SLACK = CONNECTIONS * MiB + 2 * MiB
+
+
+async def test_budget_accounts_for_blocks_shared_by_rooms() -> None:
+    freed: list[int] = []
+    budget = MemoryBudget(100, lambda: False)
+    await budget.reserve(60)
+    block = budget.block(bytearray(60), 60)
+    block.retain()  # a second room holds it
+    block.release()
+    assert budget.used == 60  # still held
+    block.release()
+    assert budget.used == 0
+    assert budget.try_reserve(100) and not budget.try_reserve(1)
+    budget.unreserve(100)
+    # A reservation that does not fit waits for a release.
+    await budget.reserve(70)
+    async with trio.open_nursery() as n:
+        async def second() -> None:
+            await budget.reserve(50)
+            freed.append(budget.used)
+        n.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert freed == []
+        budget.unreserve(70)
+    assert freed == [50]
+
+
+async def test_a_load_buffer_is_reused_through_reclaim_not_reallocated() -> None:
+    kept: list[Block] = []
+
+    def reclaim() -> bool:
+        if not kept:
+            return False
+        kept.pop(0).release()
+        return True
+
+    budget = MemoryBudget(3 * (MiB + 4096), reclaim)
+    pool = LoadBuffers(budget, MiB)
+    first = await pool.take()
+    kept.append(pool.block(first, 10))
+    first_id = id(first)
+    del first  # a reference held here would (rightly) keep it from reuse
+    for _ in range(2):
+        kept.append(pool.block(await pool.take(), 10))
+    assert budget.used == 3 * pool.size
+    # Full: the oldest loaded chunk is let go and its buffer taken again.
+    again = await pool.take()
+    assert id(again) == first_id and budget.used == 3 * pool.size
+
+
+def _big_file(origin: Origin, name: str, size: int, seed: int) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    origin.put_file("org/model", "main", name, data)
+    return data
+
+
+async def test_no_path_holds_chunk_memory_outside_the_budget(kit: Kit, origin: Origin) -> None:
+    files = {f"w{i}.safetensors": _big_file(origin, f"w{i}.safetensors", 24 * MiB + 5, i)
+             for i in range(4)}
+    src = kit.source()
+    remote: dict[str, RemoteFile] = {p: await kit.remote_file(src, p) for p in files}
+    cfg = FetchConfig(chunk_size=MiB, memory_limit=LIMIT,
+                      scheduler=SchedulerConfig(max_fetches=CONNECTIONS, demand_reserve=1),
+                      readahead=ReadAheadConfig(min_window=2 * MiB, max_window=16 * MiB,
+                                                trigger=MiB))
+    _, reader = kit.reader(cfg)
+    rng = random.Random(5)
+
+    async def sequential(path: str) -> None:
+        f, data = remote[path], files[path]
+        for off in range(0, len(data), 256 << 10):
+            got = await reader.read(f, off, 256 << 10)
+            assert bytes(got) == data[off:off + (256 << 10)]
+
+    async def out_of_order(path: str) -> None:
+        """Chunks 1, 2, 3, ... but never 0: every stored chunk waits for the hash."""
+        f, data = remote[path], files[path]
+        for idx in rng.sample(range(1, 24), 23):
+            off = idx * MiB + 100
+            assert bytes(await reader.read(f, off, 1000)) == data[off:off + 1000]
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        async with trio.open_nursery() as work:
+            work.start_soon(sequential, "w0.safetensors")
+            work.start_soon(out_of_order, "w1.safetensors")
+            work.start_soon(out_of_order, "w2.safetensors")
+            work.start_soon(functools.partial(prefetch_file, reader, remote["w3.safetensors"],
+                                              parallel=2, keep=True))
+        async with trio.open_nursery() as work:  # warm: everything is loaded from disk now
+            work.start_soon(sequential, "w3.safetensors")
+            work.start_soon(sequential, "w0.safetensors")
+        for i in range(24):  # finish w1 and w2 so their whole-file hashes end
+            for p in ("w1.safetensors", "w2.safetensors"):
+                await reader.ensure(remote[p], i, Priority.PREFETCH)
+        # Quiet once the last loads and hash steps (in worker threads) are over; a
+        # charge nobody releases never is.
+        with trio.fail_after(10):
+            while reader.memory()["in_flight"] or not all(
+                    reader.cache.index.is_checked(f.entry.content_id) for f in remote.values()):
+                await trio.sleep(0.05)
+        _, traced_peak = tracemalloc.get_traced_memory()
+        mem = reader.memory()
+        nursery.cancel_scope.cancel()
+    tracemalloc.stop()
+    await src.aclose()
+    assert 0 < reader.budget.peak <= LIMIT
+    # Python-allocated memory (fetch buffers are bytearrays; load buffers are maps,
+    # charged but not traced) stayed within the limit plus what it does not cover.
+    assert traced_peak - base <= LIMIT + SLACK, (traced_peak - base) / MiB
+    # Quiet: every charged byte is accounted for by a room (nothing leaked).
+    assert mem["used"] == mem["readers"] + mem["spare"]
+    assert mem["hashing"] == 0  # every whole-file hash finished
