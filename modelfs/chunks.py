@@ -9,13 +9,14 @@ the daemon's, one for its lifetime).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 # (content id of a file version, chunk index)
 ChunkKey = tuple[str, int]
 
 
-class Piece(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Piece:
     """Part of one chunk that a read needs: chunk `index`, bytes [start, end) in it."""
 
     index: int

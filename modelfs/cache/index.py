@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -233,12 +233,15 @@ class Index:
         self._guard = _Guard()
         self._touched: dict[bytes, float] = {}
         try:
-            db = self._env.open_db
+            names = set(DB_NAMES)
             if readonly:
                 with self._env.begin() as txn:
                     names = {n for n in DB_NAMES if txn.get(n) is not None}
-                db = lambda name: self._env.open_db(name, create=False) \
-                    if name in names else None  # noqa: E731
+
+            def db(name: bytes) -> Any:
+                if not readonly:
+                    return self._env.open_db(name)
+                return self._env.open_db(name, create=False) if name in names else None
             self._revs, self._snaps, self._chunks = db(b"revs"), db(b"snaps"), db(b"chunks")
             self._refs, self._blobs, self._pins = db(b"refs"), db(b"blobs"), db(b"pins")
             self._checked, self._meta, self._jobs = db(b"checked"), db(b"meta"), db(b"jobs")
@@ -365,7 +368,7 @@ class Index:
     def pins(self) -> list[tuple[str, str, str]]:
         def scan(txn: lmdb.Transaction) -> list[tuple[str, str, str]]:
             return [tuple(k.decode().split("\0")) for k in txn.cursor(db=self._pins).iternext(
-                values=False)]  # type: ignore[misc]
+                values=False)]
 
         return self._read(scan)
 

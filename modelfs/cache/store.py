@@ -255,10 +255,11 @@ class ChunkStore:
                 raise
             self._direct_read = False  # e.g. tmpfs: no O_DIRECT
             return self.read_into(digest, buf, limit)
+        target: mmap.mmap | bytearray | memoryview = buf
         if limit is not None and limit < len(buf):
-            buf = memoryview(buf)[:-(-limit // DIRECT_ALIGN) * DIRECT_ALIGN]
+            target = memoryview(buf)[:-(-limit // DIRECT_ALIGN) * DIRECT_ALIGN]
         try:
-            return os.preadv(fd, [buf], 0)  # a regular file reads short only at its end
+            return os.preadv(fd, [target], 0)  # a regular file reads short only at its end
         finally:
             os.close(fd)
 

@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -60,7 +60,7 @@ def reader_gone(pid: int) -> bool:
     return any(pending >> (sig - 1) & 1 for sig in _STOP_SIGNALS)
 
 
-def _boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -254,7 +254,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @_boundary
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer; its stub says bytes
+            self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes | memoryview:
         f = self._handles.get(fh)
         if f is None:
             raise pyfuse3.FUSEError(errno.EBADF)

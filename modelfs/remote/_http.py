@@ -16,10 +16,10 @@ import logging
 import math
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
@@ -399,7 +399,7 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
     """
     view = memoryview(buf.data)
     size = len(buf.data)
-    async with aclosing(resp.aiter_raw()) as body:
+    async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as body:
         async for part in body:
             if skip:
                 cut = min(skip, len(part))
@@ -486,7 +486,7 @@ async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
         raise ListingRejected(f"{what}: answer of {clen} bytes is larger than "
                               f"max_response_size ({cap})")
     parts, size = [], 0
-    async with aclosing(resp.aiter_bytes()) as body:
+    async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_bytes())) as body:
         async for part in body:
             size += len(part)
             if size > cap:

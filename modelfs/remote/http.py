@@ -68,7 +68,7 @@ class HttpSource:
             url = self.file_url(ref.repo_id, "", path)
             old = last.get(path)
             head = await self._http.head(url, what=f"{ref.repo_id}: {path}", auth_msg=(
-                f"{ref.repo_id}: {url} needs credentials"), if_none_match=old and old.etag)
+                f"{ref.repo_id}: {url} needs credentials"), if_none_match=old.etag if old else None)
             if not head.changed and old is not None:
                 files.append(old)
                 continue

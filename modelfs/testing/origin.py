@@ -147,11 +147,13 @@ class Origin:
 
     @property
     def url(self) -> str:
-        return f"http://{self._hub.server_address[0]}:{self._hub.server_address[1]}"
+        host, port = self._hub.server_address[:2]
+        return f"http://{host!s}:{port}"
 
     @property
     def cdn_url(self) -> str:
-        return f"http://{self._cdn.server_address[0]}:{self._cdn.server_address[1]}"
+        host, port = self._cdn.server_address[:2]
+        return f"http://{host!s}:{port}"
 
     def start(self) -> Origin:
         self._stopping.clear()
@@ -209,8 +211,8 @@ class Origin:
             if key not in self._hash_cache:
                 sha1 = hashlib.sha1(f"blob {st.st_size}\0".encode())
                 sha256 = hashlib.sha256()
-                with open(p, "rb") as f:
-                    while block := f.read(4 << 20):
+                with open(p, "rb") as fp:
+                    while block := fp.read(4 << 20):
                         sha1.update(block)
                         sha256.update(block)
                 self._hash_cache[key] = (sha1.hexdigest(), sha256.hexdigest())
@@ -357,8 +359,8 @@ class Origin:
     def come_back(self) -> None:
         """Listen again on the same ports."""
         hub, cdn = self._hub.server_address, self._cdn.server_address
-        self._hub = _Server((hub[0], hub[1]), _Handler, self, "hub")
-        self._cdn = _Server((cdn[0], cdn[1]), _Handler, self, "cdn")
+        self._hub = _Server((str(hub[0]), hub[1]), _Handler, self, "hub")
+        self._cdn = _Server((str(cdn[0]), cdn[1]), _Handler, self, "cdn")
         self.start()
 
     def clear_faults(self) -> None:
@@ -590,18 +592,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._json(sorted(seen.values(), key=lambda e: e["name"]))
             return
-        f = files.get(rest)
-        if f is None:
+        found = files.get(rest)
+        if found is None:
             self._send(404, b"not found")
             return
-        etag = f'"{f.git_oid[:8]}-{f.size:x}"'
+        etag = f'"{found.git_oid[:8]}-{found.size:x}"'
         if self.headers.get("If-None-Match") == etag:
             self._done(304, 0)
             self.send_response(304)
             self.send_header("ETag", etag)
             self.end_headers()
             return
-        self._serve_file(f, etag, {}, path)
+        self._serve_file(found, etag, {}, path)
 
     def _cdn(self, path: str) -> None:
         sha = path.removeprefix("/cdn/")

@@ -125,7 +125,7 @@ async def test_no_path_holds_chunk_memory_outside_the_budget(kit: Kit, origin: O
         # Quiet once the last loads and hash steps (in worker threads) are over; a
         # charge nobody releases never is.
         with trio.fail_after(10):
-            while reader.memory()["in_flight"] or not all(
+            while reader.memory()["in_flight"] or not all(  # noqa: ASYNC110 -- threads end it
                     reader.cache.index.is_checked(f.entry.content_id) for f in remote.values()):
                 await trio.sleep(0.05)
         _, traced_peak = tracemalloc.get_traced_memory()
