@@ -175,11 +175,17 @@ def is_mounted(path: Path) -> bool:
 
 
 class ModelfsMount:
-    def __init__(self, origin: Origin, work: Path, cache: Path, *extra: str) -> None:
+    """A daemon mounting the bench repo; `tree`: run the package from that source
+    tree (`python -m modelfs` with it first on the path) instead of the installed one."""
+
+    def __init__(self, origin: Origin, work: Path, cache: Path, *extra: str,
+                 tree: Path | None = None) -> None:
         self.path = work / "mnt-modelfs"
         self.path.mkdir(parents=True, exist_ok=True)
-        out = sh("modelfs", "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
-                 "--cache-dir", str(cache), *extra, capture_output=True, text=True)
+        self.cmd = ["modelfs"] if tree is None else [sys.executable, "-m", "modelfs"]
+        self.env = os.environ if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+        out = sh(*self.cmd, "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
+                 "--cache-dir", str(cache), *extra, capture_output=True, text=True, env=self.env)
         self.pid = int(out.stdout.split("pid ")[1].split(",")[0])
 
     def file(self, name: str) -> Path:
@@ -196,7 +202,7 @@ class ModelfsMount:
         return 0.0
 
     def close(self) -> None:
-        sh("modelfs", "umount", str(self.path), check=False)
+        sh(*self.cmd, "umount", str(self.path), check=False, env=self.env)
 
 
 class RcloneMount:

@@ -158,8 +158,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 def _log_level(layered: Layered, default: str) -> str:
     level = str(layered.values.get("log_level") or default).lower()
     if level not in LOG_LEVELS:
-        raise ConfigError(f"{layered.origin('log_level')}: log_level {level!r} is not one of "
-                          f"{', '.join(LOG_LEVELS)}")
+        raise ConfigError(f"log_level {level!r} is not one of {', '.join(LOG_LEVELS)}",
+                          setting="log_level", label=layered.origin("log_level"))
     return level
 
 

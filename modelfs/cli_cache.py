@@ -15,7 +15,7 @@ import click
 
 from .cache import CacheConfig, ChunkCache, ChunkStore, Index, admin, check_cache_dir
 from .config import build_hub_config, cache_dir_path
-from .errors import ModelfsError
+from .errors import ConfigError, ModelfsError
 from .types import RepoRef
 
 
@@ -51,8 +51,8 @@ def _repo_arg(text: str | None) -> str | None:
         return None
     try:
         RepoRef.parse(text)
-    except ModelfsError as exc:
-        raise click.UsageError(str(exc).replace("--repo ", "REPO ")) from None
+    except ConfigError as exc:
+        raise click.UsageError(str(exc.labelled("REPO"))) from None
     return text
 
 

@@ -35,24 +35,24 @@ DEFAULT_CACHE_SIZE = "80%"
 DEFAULT_REVISION_TTL = 60.0
 
 
-def parse_size(text: str, *, what: str) -> int:
-    """`4MiB`, `4M`, `4194304` -> bytes; anything else names `what` in the error."""
+def parse_size(text: str, *, setting: str) -> int:
+    """`4MiB`, `4M`, `4194304` -> bytes; anything else is an error of `setting`."""
     m = _SIZE.fullmatch(text)
     if not m:
-        raise ConfigError(f"{what}: {text!r} is not a size (e.g. 4MiB)")
+        raise ConfigError(f"{text!r} is not a size (e.g. 4MiB)", setting=setting)
     unit = (m.group(2) or "").upper()[:1]
     return int(m.group(1)) * _UNITS[unit]
 
 
-def parse_rate(text: str, *, what: str) -> float:
+def parse_rate(text: str, *, setting: str) -> float:
     """`100MiB/s` (or a plain size) -> bytes per second, which must be positive."""
-    rate = parse_size(text.removesuffix("/s"), what=what)
+    rate = parse_size(text.removesuffix("/s"), setting=setting)
     if rate <= 0:
-        raise ConfigError(f"{what}: must be positive (e.g. 100MiB/s)")
+        raise ConfigError("must be positive (e.g. 100MiB/s)", setting=setting)
     return float(rate)
 
 
-def parse_cache_size(text: str, cache_dir: Path, *, what: str = "--cache-size") -> int | None:
+def parse_cache_size(text: str, cache_dir: Path, *, setting: str = "cache_size") -> int | None:
     """`200GiB`, or `80%` of the cache dir's file system, or `unlimited` -> bytes or None."""
     text = text.strip()
     if text.lower() in ("unlimited", "none"):
@@ -63,15 +63,15 @@ def parse_cache_size(text: str, cache_dir: Path, *, what: str = "--cache-size") 
         except ValueError:
             pct = -1.0
         if not 0 < pct <= 100:
-            raise ConfigError(f"{what}: {text!r} is not a percentage between 0 and 100")
+            raise ConfigError(f"{text!r} is not a percentage between 0 and 100", setting=setting)
         probe = cache_dir
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         st = os.statvfs(probe)
         return int(st.f_blocks * st.f_frsize * pct / 100)
-    size = parse_size(text, what=what)
+    size = parse_size(text, setting=setting)
     if size <= 0:
-        raise ConfigError(f"{what}: must be positive (or `unlimited`)")
+        raise ConfigError("must be positive (or `unlimited`)", setting=setting)
     return size
 
 
@@ -80,7 +80,8 @@ def build_cache_config(*, cache_dir: Path, cache_size: str | None,
     limit = parse_cache_size(cache_size or DEFAULT_CACHE_SIZE, cache_dir)
     mode = compression or "auto"
     if mode not in COMPRESSION_MODES:
-        raise ConfigError(f"--compression: {mode!r} is not one of {', '.join(COMPRESSION_MODES)}")
+        raise ConfigError(f"{mode!r} is not one of {', '.join(COMPRESSION_MODES)}",
+                          setting="compression")
     return CacheConfig(limit=limit, compression=mode)
 
 
@@ -117,10 +118,10 @@ class MountConfig:
     token: str | None = field(default=None, repr=False)
 
 
-def _at_least(value: int | float | None, minimum: float, flag: str, what: str) -> None:
-    """Refuse a flag value below `minimum` (or not finite: `nan`, `inf`), naming the flag."""
+def _at_least(value: int | float | None, minimum: float, setting: str, what: str) -> None:
+    """Refuse a value below `minimum` (or not finite: `nan`, `inf`) of `setting`."""
     if value is not None and (not math.isfinite(value) or value < minimum):
-        raise ConfigError(f"{flag}: must be {what}")
+        raise ConfigError(f"must be {what}", setting=setting)
 
 
 def build_hub_config(*, endpoint: str | None, retries: int | None = None,
@@ -132,37 +133,37 @@ def build_hub_config(*, endpoint: str | None, retries: int | None = None,
                      env: Mapping[str, str]) -> HubConfig:
     ep = endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     if not re.match(r"^https?://[^/\s]+", ep):
-        src = "--endpoint" if endpoint else "HF_ENDPOINT"
-        raise ConfigError(f"{src}: {ep!r} is not an http(s) URL")
+        raise ConfigError(f"{ep!r} is not an http(s) URL", setting="endpoint",
+                          label=None if endpoint else "HF_ENDPOINT")
     http = HttpConfig()
-    _at_least(retries, 0, "--retries", "0 or more")
-    _at_least(retry_backoff, 1e-6, "--retry-backoff", "a positive number of seconds")
-    _at_least(timeout, 1e-6, "--timeout", "a positive number of seconds")
-    _at_least(max_listing_entries, 1, "--max-listing-entries", "1 or more")
+    _at_least(retries, 0, "retries", "0 or more")
+    _at_least(retry_backoff, 1e-6, "retry_backoff", "a positive number of seconds")
+    _at_least(timeout, 1e-6, "timeout", "a positive number of seconds")
+    _at_least(max_listing_entries, 1, "max_listing_entries", "1 or more")
     if retries is not None:
         http = replace(http, retries=retries)
     if retry_backoff is not None:
         http = replace(http, backoff=retry_backoff)
     if timeout is not None:
         http = replace(http, timeout=timeout)
-    _at_least(request_deadline, 1e-3, "--request-deadline", "a positive number of seconds")
+    _at_least(request_deadline, 1e-3, "request_deadline", "a positive number of seconds")
     if request_deadline is not None:
         http = replace(http, request_deadline=request_deadline)
     if min_rate:
-        http = replace(http, min_rate=parse_rate(min_rate, what="--min-rate"))
+        http = replace(http, min_rate=parse_rate(min_rate, setting="min_rate"))
     if max_response_size:
-        cap = parse_size(max_response_size, what="--max-response-size")
+        cap = parse_size(max_response_size, setting="max_response_size")
         if cap < 64 << 10:
-            raise ConfigError("--max-response-size: must be at least 64KiB")
+            raise ConfigError("must be at least 64KiB", setting="max_response_size")
         http = replace(http, max_response_size=cap)
     http = replace(http, allow_private_redirects=bool(allow_private_redirects))
     hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
     if max_listing_entries is not None:
         hub = replace(hub, max_listing_entries=max_listing_entries)
     if max_file_size:
-        limit = parse_size(max_file_size, what="--max-file-size")
+        limit = parse_size(max_file_size, setting="max_file_size")
         if not 0 < limit < 1 << 63:
-            raise ConfigError("--max-file-size: must be between 1 byte and 8EiB")
+            raise ConfigError("must be between 1 byte and 8EiB", setting="max_file_size")
         hub = replace(hub, max_file_size=limit)
     return hub
 
@@ -172,28 +173,29 @@ def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | 
                        bandwidth_limit: str | None = None,
                        read_deadline: float | None = None) -> FetchConfig:
     fetch = FetchConfig()
-    _at_least(read_deadline, 1e-3, "--read-deadline", "a positive number of seconds")
+    _at_least(read_deadline, 1e-3, "read_deadline", "a positive number of seconds")
     if read_deadline is not None:
         fetch = replace(fetch, read_deadline=read_deadline)
     if chunk_size:
-        cs = parse_size(chunk_size, what="--chunk-size")
+        cs = parse_size(chunk_size, setting="chunk_size")
         if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
-            raise ConfigError("--chunk-size: must be a power of two between 64KiB and 256MiB")
+            raise ConfigError("must be a power of two between 64KiB and 256MiB",
+                              setting="chunk_size")
         fetch = replace(fetch, chunk_size=cs)
     sched = fetch.scheduler
-    _at_least(max_connections, 2, "--max-connections", "2 or more")
+    _at_least(max_connections, 2, "max_connections", "2 or more")
     if max_connections is not None:
         sched = replace(sched, max_fetches=max_connections,
                         demand_reserve=min(sched.demand_reserve, max_connections // 2))
     if memory_limit:
-        mem = parse_size(memory_limit, what="--memory-limit")
+        mem = parse_size(memory_limit, setting="memory_limit")
         if mem < MIN_MEMORY_CHUNKS * fetch.chunk_size:
-            raise ConfigError(f"--memory-limit: must hold at least {MIN_MEMORY_CHUNKS} chunks "
+            raise ConfigError(f"must hold at least {MIN_MEMORY_CHUNKS} chunks "
                               f"({MIN_MEMORY_CHUNKS * fetch.chunk_size >> 20}MiB at this "
-                              "chunk size)")
+                              "chunk size)", setting="memory_limit")
         fetch = replace(fetch, memory_limit=mem)
     if bandwidth_limit:
-        sched = replace(sched, bandwidth=parse_rate(bandwidth_limit, what="--bandwidth-limit"))
+        sched = replace(sched, bandwidth=parse_rate(bandwidth_limit, setting="bandwidth_limit"))
     return replace(fetch, scheduler=sched)
 
 
@@ -201,11 +203,12 @@ def build_prefetch_config(per_file: int | None, on_open: str | tuple[str, ...] |
                           max_header_size: str | None = None) -> PrefetchConfig:
     cfg = PrefetchConfig()
     if max_header_size:
-        cap = parse_size(max_header_size, what="--max-header-size")
+        cap = parse_size(max_header_size, setting="max_header_size")
         if not 64 <= cap <= MAX_HEADER:
-            raise ConfigError(f"--max-header-size: must be between 64B and {MAX_HEADER >> 20}MiB")
+            raise ConfigError(f"must be between 64B and {MAX_HEADER >> 20}MiB",
+                              setting="max_header_size")
         cfg = replace(cfg, max_header_size=cap)
-    _at_least(per_file, 1, "--per-file-connections", "1 or more")
+    _at_least(per_file, 1, "per_file_connections", "1 or more")
     if per_file is not None:
         cfg = replace(cfg, per_file=per_file)
     if on_open is not None:
@@ -223,24 +226,25 @@ def load_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
         try:
             token = Path(token_file).read_text(errors="replace").strip()
         except OSError as exc:
-            raise ConfigError(f"--token-file {token_file}: {exc.strerror}") from None
+            raise ConfigError(str(exc.strerror), setting="token_file",
+                              subject=token_file) from None
         if not token:
-            raise ConfigError(f"--token-file {token_file}: file is empty")
-        where = f"--token-file {token_file}"
+            raise ConfigError("file is empty", setting="token_file", subject=token_file)
+        where = {"setting": "token_file", "subject": token_file}
     else:
         token = (env.get("HF_TOKEN") or "").strip()
         if not token:
             return None
-        where = "HF_TOKEN"
+        where = {"setting": "token_file", "label": "HF_TOKEN"}
     if not all(0x21 <= ord(c) <= 0x7E for c in token):
-        raise ConfigError(f"{where}: the token holds spaces or characters that are not "
-                          "printable ASCII (a pasted line break?); it was not used")
+        raise ConfigError("the token holds spaces or characters that are not printable ASCII "
+                          "(a pasted line break?); it was not used", **where)
     return token
 
 
 def build_jobs_config(parallel_files: int | None, per_file: int | None) -> JobsConfig:
-    _at_least(parallel_files, 1, "--parallel-files", "1 or more")
-    _at_least(per_file, 1, "--per-file-connections", "1 or more")
+    _at_least(parallel_files, 1, "parallel_files", "1 or more")
+    _at_least(per_file, 1, "per_file_connections", "1 or more")
     cfg = JobsConfig()
     if parallel_files is not None:
         cfg = replace(cfg, parallel_files=parallel_files)
@@ -290,16 +294,19 @@ def build_mount_config(
 ) -> MountConfig:
     env = os.environ if env is None else env
     if not mountpoint:
-        raise ConfigError("--mountpoint: give MOUNTPOINT (or [mount] mountpoint in the config file)")
+        raise ConfigError("give MOUNTPOINT (or [mount] mountpoint in the config file)",
+                          setting="mountpoint")
     if not repos and not urls:
-        raise ConfigError("--repo: give at least one ORG/NAME[@REVISION] (or --url ORG/NAME=URL)")
+        raise ConfigError("give at least one ORG/NAME[@REVISION] (or --url ORG/NAME=URL)",
+                          setting="repos")
     refs = tuple(RepoRef.parse(r) for r in repos)
     url_refs = tuple(_parse_url(u) for u in urls)
     seen: dict[tuple[str, str], RepoRef] = {}
     for ref in refs + tuple(r for r, _ in url_refs):
         key = (ref.repo_id.split("/")[0], ref.mount_name)
         if key in seen:
-            raise ConfigError(f"--repo/--url {ref}: listed twice")
+            raise ConfigError("listed twice", setting="repos", label="--repo/--url",
+                              subject=str(ref))
         seen[key] = ref
     hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
                            timeout=timeout, max_listing_entries=max_listing_entries,
@@ -310,7 +317,7 @@ def build_mount_config(
                                memory_limit=memory_limit, bandwidth_limit=bandwidth_limit,
                                read_deadline=read_deadline)
     prefetch = build_prefetch_config(per_file_connections, prefetch_on_open, max_header_size)
-    _at_least(revision_ttl, 0.1, "--revision-ttl", "at least 0.1 seconds")
+    _at_least(revision_ttl, 0.1, "revision_ttl", "at least 0.1 seconds")
     cdir = cache_dir_path(cache_dir, env)
     return MountConfig(
         mountpoint=Path(mountpoint).absolute(),
@@ -336,10 +343,12 @@ def _parse_url(text: str) -> tuple[RepoRef, str]:
     """`ORG/NAME=URL` -> (ref, url)."""
     name, sep, url = text.partition("=")
     if not sep or not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigError(f"--url {text!r}: expected ORG/NAME=http(s)://host/path[/]")
+        raise ConfigError("expected ORG/NAME=http(s)://host/path[/]", setting="urls",
+                          subject=repr(text))
     ref = RepoRef.parse(name)
     if ref.pinned:
-        raise ConfigError(f"--url {text!r}: a plain URL has no revisions; drop @{ref.revision}")
+        raise ConfigError(f"a plain URL has no revisions; drop @{ref.revision}", setting="urls",
+                          subject=repr(text))
     return ref, url
 
 
@@ -390,7 +399,7 @@ def build_job_config(
     """`_mount_only`: settings of the mount (from the config file) a prefetch ignores."""
     env = os.environ if env is None else env
     if not repos:
-        raise ConfigError("REPO: give at least one ORG/NAME[@REVISION]")
+        raise ConfigError("give at least one ORG/NAME[@REVISION]", setting="repos", label="REPO")
     reqs = []
     for text in repos:
         ref = RepoRef.parse(text)

@@ -18,10 +18,39 @@ class ModelfsError(Exception):
 
 
 class ConfigError(ModelfsError):
-    """A bad option, flag or environment value; the message names it."""
+    """A bad setting (flag, environment variable, config file key, API field).
+
+    `setting` is the setting's name (`cache_size`), `subject` what of it is wrong
+    when that is not the whole value (one repo of several), `reason` why. The
+    message is `LABEL [SUBJECT]: REASON`, where LABEL is how the front end the
+    value came through names the setting: the flag by default (`--cache-size`);
+    `labelled` gives the same error under another name (`MODELFS_CACHE_SIZE
+    (environment)`, `FILE: [cache] size`, `REPO`), with no rewriting of text.
+    """
 
     errno = _errno.EINVAL
     kind = "config"
+
+    def __init__(self, reason: str, *, setting: str | None = None, subject: str = "",
+                 label: str | None = None) -> None:
+        self.reason = reason
+        self.setting = setting
+        self.subject = subject
+        self.label = label if label is not None else flag_of(setting) if setting else ""
+        head = " ".join(x for x in (self.label, subject) if x)
+        super().__init__(f"{head}: {reason}" if head else reason)
+
+    def labelled(self, label: str) -> ConfigError:
+        return ConfigError(self.reason, setting=self.setting, subject=self.subject, label=label)
+
+
+# Settings whose flag is not their name (lists are given one value a flag).
+_FLAGS = {"repos": "--repo", "urls": "--url"}
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a setting: `cache_size` -> `--cache-size`."""
+    return _FLAGS.get(setting) or "--" + setting.replace("_", "-")
 
 
 class RemoteError(ModelfsError):

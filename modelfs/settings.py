@@ -236,19 +236,12 @@ def layer(flags: Mapping[str, Any], *, config: str | None = None,
 
 
 def relabel(exc: ConfigError, layered: Layered) -> ConfigError:
-    """An error from `config.py` names the flag (`--cache-size: ...`); say where the
-    value really came from when it was not a flag."""
-    msg = str(exc)
-    head, sep, rest = msg.partition(":")
-    flag = head.split()[0] if head.startswith("--") else None
-    if not sep or flag is None:
-        return exc
-    name = {"--repo": "repos", "--url": "urls"}.get(flag, flag[2:].replace("-", "_"))
-    origin = layered.origins.get(name)
+    """`exc` named as the front end its setting's value came through names it: the
+    flag (as raised), `MODELFS_X (environment)`, or `FILE: [section] key`."""
+    origin = layered.origins.get(exc.setting) if exc.setting else None
     if origin is None or origin.startswith("--"):
         return exc
-    label = f"{origin} (environment)" if origin.startswith(ENV_PREFIX) else origin
-    return ConfigError(f"{label}{head[len(flag):]}:{rest}")
+    return exc.labelled(f"{origin} (environment)" if origin.startswith(ENV_PREFIX) else origin)
 
 
 def _toml_value(v: Any) -> str:

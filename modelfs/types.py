@@ -58,9 +58,10 @@ class RepoRef:
         repo_id, sep, rev = text.partition("@")
         parts = repo_id.split("/")
         if len(parts) != 2 or not all(_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
-            raise ConfigError(f"--repo {printable(text)}: expected ORG/NAME[@REVISION]")
+            raise ConfigError("expected ORG/NAME[@REVISION]", setting="repos",
+                              subject=printable(text))
         if sep and (bad := bad_revision_reason(rev)):
-            raise ConfigError(f"--repo {printable(text)}: bad revision ({bad})")
+            raise ConfigError(f"bad revision ({bad})", setting="repos", subject=printable(text))
         return cls(repo_id, rev if sep else "main", pinned=bool(sep))
 
     @property

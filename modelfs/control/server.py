@@ -160,16 +160,21 @@ def check_socket_free(path: Path) -> None:
     """Refuse a socket path that is too long, or that another daemon answers on
     (Hypercorn would silently replace it). A stale socket file is fine."""
     if len(os.fsencode(path)) > SOCKET_PATH_MAX:
-        raise ConfigError(f"control_socket {path}: longer than {SOCKET_PATH_MAX} bytes, the "
-                          f"limit of a Unix socket path; set a shorter one")
+        raise ConfigError(f"longer than {SOCKET_PATH_MAX} bytes, the limit of a Unix socket "
+                          "path; set a shorter one", **_socket(path))
     with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(str(path))
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 return
-            raise ConfigError(f"control_socket {path}: {exc.strerror}") from None
-    raise ConfigError(f"control_socket {path}: another modelfs daemon is listening there")
+            raise ConfigError(str(exc.strerror), **_socket(path)) from None
+    raise ConfigError("another modelfs daemon is listening there", **_socket(path))
+
+
+def _socket(path: Path) -> dict[str, str]:
+    """How an error of the socket setting names it (its value, whatever it came from)."""
+    return {"setting": "control_socket", "label": "control_socket", "subject": str(path)}
 
 
 async def serve_control(ctx: ControlContext, path: Path, *,
@@ -178,7 +183,7 @@ async def serve_control(ctx: ControlContext, path: Path, *,
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
-        raise ConfigError(f"control_socket {path}: {exc.strerror}") from None
+        raise ConfigError(str(exc.strerror), **_socket(path)) from None
     config = HypercornConfig()
     config.bind = [f"unix:{path}"]
     config.umask = 0o177  # the socket is owner-only

@@ -16,10 +16,12 @@ log = logging.getLogger(__name__)
 def check_mountpoint(path: Path) -> None:
     # Mounted first: a dead FUSE mount answers stat() with ENOTCONN.
     if is_mounted(path) and not _clear_dead_mount(path):
-        raise ConfigError(f"mountpoint {path}: something is already mounted there "
-                          f"(a stale mount? `modelfs umount {path}`)")
+        raise ConfigError(f"something is already mounted there (a stale mount? "
+                          f"`modelfs umount {path}`)", setting="mountpoint", label="mountpoint",
+                          subject=str(path))
     if not path.is_dir():
-        raise ConfigError(f"mountpoint {path}: not an existing directory")
+        raise ConfigError("not an existing directory", setting="mountpoint", label="mountpoint",
+                          subject=str(path))
 
 
 def _clear_dead_mount(path: Path) -> bool:

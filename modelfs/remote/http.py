@@ -39,7 +39,7 @@ class HttpSource:
     def __init__(self, config: HttpSourceConfig) -> None:
         for repo, url in config.urls.items():
             if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-                raise ConfigError(f"--url {repo}={url}: not an http(s) URL")
+                raise ConfigError("not an http(s) URL", setting="urls", subject=f"{repo}={url}")
         self._config = config
         self._http = HttpClient(config.http, auth_host=None, token=None)
         self._snapshots: dict[tuple[str, str], Snapshot] = {}

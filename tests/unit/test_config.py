@@ -52,10 +52,10 @@ def test_bad_values_name_their_source(tmp_path: Path) -> None:
 
 
 def test_parse_size() -> None:
-    assert parse_size("4MiB", what="x") == 4 << 20
-    assert parse_size("64K", what="x") == 64 << 10
-    assert parse_size("123", what="x") == 123
-    assert parse_size("1G", what="x") == 1 << 30
+    assert parse_size("4MiB", setting="x") == 4 << 20
+    assert parse_size("64K", setting="x") == 64 << 10
+    assert parse_size("123", setting="x") == 123
+    assert parse_size("1G", setting="x") == 1 << 30
 
 
 def test_cache_and_url_options(tmp_path: Path) -> None:
@@ -80,3 +80,31 @@ def test_cache_and_url_options(tmp_path: Path) -> None:
         build({}, urls=("mirror/m@v1=http://h/x",))
     with pytest.raises(ConfigError, match="listed twice"):
         build({}, repos=("org/a",), urls=("org/a=http://h/x",))
+
+
+def test_a_config_error_carries_its_setting_and_each_front_end_names_it(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from modelfs.cli import main
+    from modelfs.config import load_mount_config
+
+    flags = {"mountpoint": str(tmp_path), "repos": ("org/model",)}
+    with pytest.raises(ConfigError) as by_flag:
+        load_mount_config({**flags, "cache_size": "lots"}, env={})
+    with pytest.raises(ConfigError) as by_env:
+        load_mount_config(flags, env={"MODELFS_CACHE_SIZE": "lots"})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[cache]\nsize = "lots"\n')
+    with pytest.raises(ConfigError) as by_file:
+        load_mount_config(flags, config=str(cfg), env={})
+    for e in (by_flag, by_env, by_file):
+        assert (e.value.setting, e.value.reason) == ("cache_size", "'lots' is not a size (e.g. 4MiB)")
+    assert str(by_flag.value) == "--cache-size: 'lots' is not a size (e.g. 4MiB)"
+    assert str(by_env.value) == "MODELFS_CACHE_SIZE (environment): 'lots' is not a size (e.g. 4MiB)"
+    assert str(by_file.value) == f"{cfg}: [cache] size: 'lots' is not a size (e.g. 4MiB)"
+    from modelfs.cache import Index
+
+    Index(tmp_path / "c" / "index").close()
+    out = CliRunner().invoke(main, ["cache", "ls", "no-slash", "--cache-dir", str(tmp_path / "c")])
+    assert out.exit_code == 2
+    assert "REPO 'no-slash': expected ORG/NAME[@REVISION]" in out.output
