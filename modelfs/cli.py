@@ -33,7 +33,7 @@ from .config import (
 from .errors import ConfigError, ControlError, DaemonNotRunning, ModelfsError
 from .progress import JobProgress
 from .redaction import redact, secret_forms
-from .settings import Layered, layer, render_settings
+from .settings import BY_NAME, Layered, layer, render_settings
 
 if TYPE_CHECKING:  # loaded by the commands that talk to a daemon: it brings httpx
     from .control.client import ControlClient
@@ -98,41 +98,30 @@ def main() -> None:
     os.umask(0o077)  # the cache, its index, chunks and log are the daemon's user's alone
 
 
-_SHARED_OPTIONS = [
-    click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else huggingface.co)."),
-    click.option("--cache-dir", help="Chunk cache and index directory."),
-    click.option("--token-file", help="File holding the Hub token (default: $HF_TOKEN)."),
-    click.option("--chunk-size", help="Cache chunk size, a power of two (default 4MiB); a mount "
-                                      "and a prefetch share chunks only at the same size."),
-    click.option("--retries", type=int, help="Retries of a failing origin request (default 5)."),
-    click.option("--retry-backoff", type=float,
-                 help="First retry delay in seconds, doubled each time."),
-    click.option("--timeout", type=float,
-                 help="Per-request connect/read timeout in seconds (default 30)."),
-    click.option("--request-deadline", type=float,
-                 help="Seconds one origin request may take in all, retries included (default "
-                      "120)."),
-    click.option("--min-rate", help="Slowest body an origin may send (default 256KiB/s): one "
-                                    "attempt gets --timeout plus its bytes at this rate."),
-    click.option("--max-response-size",
-                 help="Refuse API answers (listings, revisions) larger than this (default 8MiB)."),
-    click.option("--max-file-size",
-                 help="Skip listing entries declaring a larger file (default 1024TiB)."),
-    click.option("--allow-private-redirects", is_flag=True,
-                 help="Follow redirects from a public endpoint to private addresses."),
-    click.option("--max-connections", type=int,
-                 help="Concurrent origin requests in all (default 16; a mount keeps 4 for demand "
-                      "reads)."),
-    click.option("--per-file-connections", type=int,
-                 help="Concurrent ranged GETs of one file's whole-file prefetch (default 8)."),
-    click.option("--memory-limit", help="Memory for chunk buffers: fetches in flight, "
-                 "chunks kept for readers and hashes, load buffers (default 192MiB)."),
-    click.option("--bandwidth-limit", help="Cap on origin bandwidth, e.g. 200MiB/s (default none)."),
-    click.option("--cache-size", help="Disk the chunk cache may use: a size (200GiB), a share of "
-                                      "its file system (80%, the default) or `unlimited`."),
-    click.option("--compression", type=click.Choice(["auto", "always", "never"]),
-                 help="zstd per chunk: auto (default) keeps a chunk compressed only when that "
-                      "saves 10% or more."),
+_TYPES: dict[str, Any] = {"int": int, "float": float}
+
+
+def setting_option(name: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The flag of setting `name`: its type, help text and default shown are read from
+    the one settings table (`settings.SETTINGS`); `kw` adds what only a flag has."""
+    s = BY_NAME[name]
+    args: dict[str, Any] = {"help": f"{s.help} (default: {s.default})"}
+    if s.kind == "bool":
+        args["is_flag"] = True
+    elif s.kind in _TYPES:
+        args["type"] = _TYPES[s.kind]
+    args.update(kw)
+    return click.option(s.flag, s.name, **args)
+
+
+_PATH = click.Path(dir_okay=False)
+_SHARED_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+    *(setting_option(n) for n in (
+        "endpoint", "cache_dir", "token_file", "chunk_size", "retries", "retry_backoff",
+        "timeout", "request_deadline", "min_rate", "max_response_size", "max_file_size",
+        "allow_private_redirects", "max_connections", "per_file_connections", "memory_limit",
+        "bandwidth_limit", "cache_size")),
+    setting_option("compression", type=click.Choice(["auto", "always", "never"])),
     click.option("--force", is_flag=True,
                  help="Fetch listings and file contents again, whatever is cached."),
 ]
@@ -173,29 +162,20 @@ def _log_level(layered: Layered, default: str) -> str:
                    "--revision-ttl.")
 @_source_options
 @_config_option
-@click.option("--allow-other", is_flag=True, help="Let other users read the mount.")
-@click.option("--max-listing-entries", type=int, help="Refuse repo listings larger than this.")
-@click.option("--prefetch-on-open", metavar="GLOBS",
-              help="Comma-separated patterns of files fetched whole in the background when "
-                   "opened (default *.safetensors,*.gguf,*.bin,*.pt,*.pth; '' for none).")
-@click.option("--revision-ttl", type=float,
-              help="Seconds between re-resolving branches and tags (default 60).")
-@click.option("--max-header-size",
-              help="Largest safetensors header read to prefetch in loader order (default 16MiB).")
-@click.option("--read-deadline", type=float,
-              help="Seconds a read through the mount waits for the origin before EIO "
-                   "(default 60).")
-@click.option("--parallel-files", type=int, help="Files prefetch jobs fetch at once (default 4).")
-@click.option("--control-socket", type=click.Path(dir_okay=False),
-              help="Unix socket of the local API (default CACHE_DIR/control.sock).")
+@setting_option("allow_other")
+@setting_option("max_listing_entries")
+@setting_option("prefetch_on_open", metavar="GLOBS")
+@setting_option("revision_ttl")
+@setting_option("max_header_size")
+@setting_option("read_deadline")
+@setting_option("parallel_files")
+@setting_option("control_socket", type=_PATH)
 @click.option("--rebuild-index", is_flag=True,
               help="If the cache index is damaged, rebuild it (keeping the chunks that check "
                    "out) instead of refusing to start.")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
-              help="Default info.")
-@click.option("--log-file", type=click.Path(dir_okay=False),
-              help="Log here (default: stderr with --foreground, else CACHE_DIR/modelfs.log).")
+@setting_option("log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+@setting_option("log_file", type=_PATH)
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
           **opts: Any) -> None:
@@ -280,10 +260,9 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
 @_source_options
 @_config_option
-@click.option("--parallel-files", type=int, help="Files fetched at once (default 4).")
+@setting_option("parallel_files")
 @click.option("--pin", is_flag=True, help="Pin the repos: eviction never removes them.")
-@click.option("--control-socket", type=click.Path(dir_okay=False),
-              help="The daemon's API socket (default CACHE_DIR/control.sock).")
+@setting_option("control_socket", type=_PATH)
 @click.option("--no-wait", is_flag=True,
               help="Start the job on the running daemon and print its id; do not follow it.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: item updates, then the job.")

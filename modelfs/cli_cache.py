@@ -191,7 +191,7 @@ def _pin_command(name: str, doc: str, fn: Callable[[Index, str, str, str], Any])
     def cmd(repos: tuple[str, ...], cache_dir: str | None, endpoint: str | None) -> None:
         try:
             refs = [RepoRef.parse(r) for r in repos]
-            key = build_hub_config(endpoint=endpoint, env=os.environ).key
+            key = build_hub_config({"endpoint": endpoint}, os.environ).key
         except ModelfsError as exc:
             raise click.UsageError(str(exc)) from None
         with _open(cache_dir) as cache:

@@ -25,14 +25,12 @@ from .fetch.tensors import MAX_HEADER
 from .fs.config import FsConfig
 from .jobs import JobsConfig, JobSpec, RepoRequest
 from .remote.config import HttpConfig, HubConfig
-from .settings import Layered, layer, relabel
+from .settings import DEFAULT_CACHE_SIZE, DEFAULT_REVISION_TTL, Layered, layer, relabel
 from .types import RepoRef
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SIZE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-DEFAULT_CACHE_SIZE = "80%"
-DEFAULT_REVISION_TTL = 60.0
 
 
 def parse_size(text: str, *, setting: str) -> int:
@@ -75,10 +73,12 @@ def parse_cache_size(text: str, cache_dir: Path, *, setting: str = "cache_size")
     return size
 
 
-def build_cache_config(*, cache_dir: Path, cache_size: str | None,
-                       compression: str | None) -> CacheConfig:
-    limit = parse_cache_size(cache_size or DEFAULT_CACHE_SIZE, cache_dir)
-    mode = compression or "auto"
+Values = Mapping[str, Any]  # setting name -> value, as `settings.layer` merged them
+
+
+def build_cache_config(v: Values, cache_dir: Path) -> CacheConfig:
+    limit = parse_cache_size(v.get("cache_size") or DEFAULT_CACHE_SIZE, cache_dir)
+    mode = v.get("compression") or CacheConfig().compression
     if mode not in COMPRESSION_MODES:
         raise ConfigError(f"{mode!r} is not one of {', '.join(COMPRESSION_MODES)}",
                           setting="compression")
@@ -124,97 +124,91 @@ def _at_least(value: int | float | None, minimum: float, setting: str, what: str
         raise ConfigError(f"must be {what}", setting=setting)
 
 
-def build_hub_config(*, endpoint: str | None, retries: int | None = None,
-                     retry_backoff: float | None = None, timeout: float | None = None,
-                     max_listing_entries: int | None = None,
-                     request_deadline: float | None = None, min_rate: str | None = None,
-                     max_response_size: str | None = None, max_file_size: str | None = None,
-                     allow_private_redirects: bool = False,
-                     env: Mapping[str, str]) -> HubConfig:
+def _number(v: Values, setting: str, minimum: float, what: str) -> Any:
+    value = v.get(setting)
+    _at_least(value, minimum, setting, what)
+    return value
+
+
+def build_hub_config(v: Values, env: Mapping[str, str]) -> HubConfig:
+    endpoint = v.get("endpoint")
     ep = endpoint or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     if not re.match(r"^https?://[^/\s]+", ep):
         raise ConfigError(f"{ep!r} is not an http(s) URL", setting="endpoint",
                           label=None if endpoint else "HF_ENDPOINT")
-    http = HttpConfig()
-    _at_least(retries, 0, "retries", "0 or more")
-    _at_least(retry_backoff, 1e-6, "retry_backoff", "a positive number of seconds")
-    _at_least(timeout, 1e-6, "timeout", "a positive number of seconds")
-    _at_least(max_listing_entries, 1, "max_listing_entries", "1 or more")
-    if retries is not None:
-        http = replace(http, retries=retries)
-    if retry_backoff is not None:
-        http = replace(http, backoff=retry_backoff)
-    if timeout is not None:
-        http = replace(http, timeout=timeout)
-    _at_least(request_deadline, 1e-3, "request_deadline", "a positive number of seconds")
-    if request_deadline is not None:
-        http = replace(http, request_deadline=request_deadline)
-    if min_rate:
-        http = replace(http, min_rate=parse_rate(min_rate, setting="min_rate"))
-    if max_response_size:
-        cap = parse_size(max_response_size, setting="max_response_size")
+    changes: dict[str, Any] = {}
+    for setting, field_, minimum, what in (
+            ("retries", "retries", 0, "0 or more"),
+            ("retry_backoff", "backoff", 1e-6, "a positive number of seconds"),
+            ("timeout", "timeout", 1e-6, "a positive number of seconds"),
+            ("request_deadline", "request_deadline", 1e-3, "a positive number of seconds")):
+        if (value := _number(v, setting, minimum, what)) is not None:
+            changes[field_] = value
+    if v.get("min_rate"):
+        changes["min_rate"] = parse_rate(v["min_rate"], setting="min_rate")
+    if v.get("max_response_size"):
+        cap = parse_size(v["max_response_size"], setting="max_response_size")
         if cap < 64 << 10:
             raise ConfigError("must be at least 64KiB", setting="max_response_size")
-        http = replace(http, max_response_size=cap)
-    http = replace(http, allow_private_redirects=bool(allow_private_redirects))
+        changes["max_response_size"] = cap
+    http = replace(HttpConfig(), allow_private_redirects=bool(v.get("allow_private_redirects")),
+                   **changes)
     hub = HubConfig(endpoint=ep.rstrip("/"), http=http)
-    if max_listing_entries is not None:
-        hub = replace(hub, max_listing_entries=max_listing_entries)
-    if max_file_size:
-        limit = parse_size(max_file_size, setting="max_file_size")
+    if (entries := _number(v, "max_listing_entries", 1, "1 or more")) is not None:
+        hub = replace(hub, max_listing_entries=entries)
+    if v.get("max_file_size"):
+        limit = parse_size(v["max_file_size"], setting="max_file_size")
         if not 0 < limit < 1 << 63:
             raise ConfigError("must be between 1 byte and 8EiB", setting="max_file_size")
         hub = replace(hub, max_file_size=limit)
     return hub
 
 
-def build_fetch_config(*, chunk_size: str | None = None, max_connections: int | None = None,
-                       memory_limit: str | None = None,
-                       bandwidth_limit: str | None = None,
-                       read_deadline: float | None = None) -> FetchConfig:
+def build_fetch_config(v: Values, *, demand_reserve: bool = True) -> FetchConfig:
+    """`demand_reserve`: keep connections for demand reads (a mount; a prefetch in
+    its own process has none to keep them for)."""
     fetch = FetchConfig()
-    _at_least(read_deadline, 1e-3, "read_deadline", "a positive number of seconds")
-    if read_deadline is not None:
-        fetch = replace(fetch, read_deadline=read_deadline)
-    if chunk_size:
-        cs = parse_size(chunk_size, setting="chunk_size")
+    if (deadline := _number(v, "read_deadline", 1e-3, "a positive number of seconds")) is not None:
+        fetch = replace(fetch, read_deadline=deadline)
+    if v.get("chunk_size"):
+        cs = parse_size(v["chunk_size"], setting="chunk_size")
         if cs < 64 << 10 or cs > 256 << 20 or cs & (cs - 1):
             raise ConfigError("must be a power of two between 64KiB and 256MiB",
                               setting="chunk_size")
         fetch = replace(fetch, chunk_size=cs)
     sched = fetch.scheduler
-    _at_least(max_connections, 2, "max_connections", "2 or more")
-    if max_connections is not None:
-        sched = replace(sched, max_fetches=max_connections,
-                        demand_reserve=min(sched.demand_reserve, max_connections // 2))
-    if memory_limit:
-        mem = parse_size(memory_limit, setting="memory_limit")
+    if (conns := _number(v, "max_connections", 2, "2 or more")) is not None:
+        sched = replace(sched, max_fetches=conns,
+                        demand_reserve=min(sched.demand_reserve, conns // 2))
+    if not demand_reserve:
+        sched = replace(sched, demand_reserve=0)
+    if v.get("memory_limit"):
+        mem = parse_size(v["memory_limit"], setting="memory_limit")
         if mem < MIN_MEMORY_CHUNKS * fetch.chunk_size:
             raise ConfigError(f"must hold at least {MIN_MEMORY_CHUNKS} chunks "
                               f"({MIN_MEMORY_CHUNKS * fetch.chunk_size >> 20}MiB at this "
                               "chunk size)", setting="memory_limit")
         fetch = replace(fetch, memory_limit=mem)
-    if bandwidth_limit:
-        sched = replace(sched, bandwidth=parse_rate(bandwidth_limit, setting="bandwidth_limit"))
+    if v.get("bandwidth_limit"):
+        sched = replace(sched, bandwidth=parse_rate(v["bandwidth_limit"],
+                                                    setting="bandwidth_limit"))
     return replace(fetch, scheduler=sched)
 
 
-def build_prefetch_config(per_file: int | None, on_open: str | tuple[str, ...] | None,
-                          max_header_size: str | None = None) -> PrefetchConfig:
+def build_prefetch_config(v: Values) -> PrefetchConfig:
     cfg = PrefetchConfig()
-    if max_header_size:
-        cap = parse_size(max_header_size, setting="max_header_size")
+    if v.get("max_header_size"):
+        cap = parse_size(v["max_header_size"], setting="max_header_size")
         if not 64 <= cap <= MAX_HEADER:
             raise ConfigError(f"must be between 64B and {MAX_HEADER >> 20}MiB",
                               setting="max_header_size")
         cfg = replace(cfg, max_header_size=cap)
-    _at_least(per_file, 1, "per_file_connections", "1 or more")
-    if per_file is not None:
+    if (per_file := _number(v, "per_file_connections", 1, "1 or more")) is not None:
         cfg = replace(cfg, per_file=per_file)
+    on_open = v.get("prefetch_on_open")
     if on_open is not None:
         parts = on_open.split(",") if isinstance(on_open, str) else on_open
-        pats = tuple(p.strip() for p in parts if p.strip())
-        cfg = replace(cfg, on_open=pats)
+        cfg = replace(cfg, on_open=tuple(p.strip() for p in parts if p.strip()))
     return cfg
 
 
@@ -242,13 +236,11 @@ def load_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
     return token
 
 
-def build_jobs_config(parallel_files: int | None, per_file: int | None) -> JobsConfig:
-    _at_least(parallel_files, 1, "parallel_files", "1 or more")
-    _at_least(per_file, 1, "per_file_connections", "1 or more")
+def build_jobs_config(v: Values) -> JobsConfig:
     cfg = JobsConfig()
-    if parallel_files is not None:
-        cfg = replace(cfg, parallel_files=parallel_files)
-    if per_file is not None:
+    if (files := _number(v, "parallel_files", 1, "1 or more")) is not None:
+        cfg = replace(cfg, parallel_files=files)
+    if (per_file := _number(v, "per_file_connections", 1, "1 or more")) is not None:
         cfg = replace(cfg, per_file=per_file)
     return cfg
 
@@ -257,43 +249,29 @@ def control_socket_path(control_socket: str | None, cache_dir: Path) -> Path:
     return Path(control_socket).absolute() if control_socket else cache_dir / "control.sock"
 
 
-def build_mount_config(
-    *,
-    mountpoint: str | None,
-    repos: tuple[str, ...],
-    endpoint: str | None = None,
-    urls: tuple[str, ...] = (),
-    cache_dir: str | None = None,
-    token_file: str | None = None,
-    allow_other: bool = False,
-    chunk_size: str | None = None,
-    retries: int | None = None,
-    retry_backoff: float | None = None,
-    timeout: float | None = None,
-    max_listing_entries: int | None = None,
-    request_deadline: float | None = None,
-    min_rate: str | None = None,
-    max_response_size: str | None = None,
-    max_file_size: str | None = None,
-    allow_private_redirects: bool = False,
-    read_deadline: float | None = None,
-    max_connections: int | None = None,
-    per_file_connections: int | None = None,
-    memory_limit: str | None = None,
-    bandwidth_limit: str | None = None,
-    prefetch_on_open: str | None = None,
-    max_header_size: str | None = None,
-    cache_size: str | None = None,
-    compression: str | None = None,
-    force: bool = False,
-    rebuild_index: bool = False,
-    revision_ttl: float | None = None,
-    parallel_files: int | None = None,
-    control_socket: str | None = None,
-    env: Mapping[str, str] | None = None,
-) -> MountConfig:
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """What a mount and a prefetch build alike from their settings."""
+
+    cache_dir: Path
+    control_socket: Path
+    hub: HubConfig
+    cache: CacheConfig
+    jobs: JobsConfig
+    token: str | None = field(repr=False)
+
+
+def _shared(v: Values, env: Mapping[str, str]) -> _Shared:
+    cdir = cache_dir_path(v.get("cache_dir"), env)
+    return _Shared(cache_dir=cdir, control_socket=control_socket_path(v.get("control_socket"), cdir),
+                   hub=build_hub_config(v, env), cache=build_cache_config(v, cdir),
+                   jobs=build_jobs_config(v), token=load_token(v.get("token_file"), env))
+
+
+def build_mount_config(v: Values, env: Mapping[str, str] | None = None) -> MountConfig:
     env = os.environ if env is None else env
-    if not mountpoint:
+    repos, urls = tuple(v.get("repos") or ()), tuple(v.get("urls") or ())
+    if not v.get("mountpoint"):
         raise ConfigError("give MOUNTPOINT (or [mount] mountpoint in the config file)",
                           setting="mountpoint")
     if not repos and not urls:
@@ -308,35 +286,16 @@ def build_mount_config(
             raise ConfigError("listed twice", setting="repos", label="--repo/--url",
                               subject=str(ref))
         seen[key] = ref
-    hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
-                           timeout=timeout, max_listing_entries=max_listing_entries,
-                           request_deadline=request_deadline, min_rate=min_rate,
-                           max_response_size=max_response_size, max_file_size=max_file_size,
-                           allow_private_redirects=allow_private_redirects, env=env)
-    fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
-                               memory_limit=memory_limit, bandwidth_limit=bandwidth_limit,
-                               read_deadline=read_deadline)
-    prefetch = build_prefetch_config(per_file_connections, prefetch_on_open, max_header_size)
-    _at_least(revision_ttl, 0.1, "revision_ttl", "at least 0.1 seconds")
-    cdir = cache_dir_path(cache_dir, env)
+    ttl = _number(v, "revision_ttl", 0.1, "at least 0.1 seconds")
+    shared = _shared(v, env)
     return MountConfig(
-        mountpoint=Path(mountpoint).absolute(),
-        repos=refs,
-        urls=url_refs,
-        cache_dir=cdir,
-        hub=hub,
-        fetch=fetch,
-        fs=FsConfig(),
-        prefetch=prefetch,
-        cache=build_cache_config(cache_dir=cdir, cache_size=cache_size, compression=compression),
-        allow_other=allow_other,
-        force=force,
-        rebuild_index=rebuild_index,
-        revision_ttl=DEFAULT_REVISION_TTL if revision_ttl is None else revision_ttl,
-        jobs=build_jobs_config(parallel_files, per_file_connections),
-        control_socket=control_socket_path(control_socket, cdir),
-        token=load_token(token_file, env),
-    )
+        mountpoint=Path(v["mountpoint"]).absolute(), repos=refs, urls=url_refs,
+        cache_dir=shared.cache_dir, hub=shared.hub, fetch=build_fetch_config(v), fs=FsConfig(),
+        prefetch=build_prefetch_config(v), cache=shared.cache,
+        allow_other=bool(v.get("allow_other")), force=bool(v.get("force")),
+        rebuild_index=bool(v.get("rebuild_index")),
+        revision_ttl=DEFAULT_REVISION_TTL if ttl is None else ttl, jobs=shared.jobs,
+        control_socket=shared.control_socket, token=shared.token)
 
 
 def _parse_url(text: str) -> tuple[RepoRef, str]:
@@ -366,60 +325,24 @@ class PrefetchJobConfig:
     token: str | None = field(default=None, repr=False)
 
 
-def build_job_config(
-    *,
-    repos: tuple[str, ...],
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    endpoint: str | None = None,
-    cache_dir: str | None = None,
-    token_file: str | None = None,
-    chunk_size: str | None = None,
-    retries: int | None = None,
-    retry_backoff: float | None = None,
-    timeout: float | None = None,
-    request_deadline: float | None = None,
-    min_rate: str | None = None,
-    max_response_size: str | None = None,
-    max_file_size: str | None = None,
-    allow_private_redirects: bool = False,
-    max_connections: int | None = None,
-    per_file_connections: int | None = None,
-    parallel_files: int | None = None,
-    memory_limit: str | None = None,
-    bandwidth_limit: str | None = None,
-    cache_size: str | None = None,
-    compression: str | None = None,
-    control_socket: str | None = None,
-    force: bool = False,
-    pin: bool = False,
-    env: Mapping[str, str] | None = None,
-    **_mount_only: object,
-) -> PrefetchJobConfig:
-    """`_mount_only`: settings of the mount (from the config file) a prefetch ignores."""
+def build_job_config(v: Values, env: Mapping[str, str] | None = None) -> PrefetchJobConfig:
+    """What `modelfs prefetch` runs: `repos` with `include`/`exclude` globs; settings
+    of the mount only (from the config file) are not read."""
     env = os.environ if env is None else env
-    if not repos:
+    if not v.get("repos"):
         raise ConfigError("give at least one ORG/NAME[@REVISION]", setting="repos", label="REPO")
+    include, exclude = tuple(v.get("include") or ()), tuple(v.get("exclude") or ())
     reqs = []
-    for text in repos:
+    for text in v["repos"]:
         ref = RepoRef.parse(text)
-        reqs.append(RepoRequest(ref.repo_id, ref.revision, tuple(include), tuple(exclude)))
-    hub = build_hub_config(endpoint=endpoint, retries=retries, retry_backoff=retry_backoff,
-                           timeout=timeout, request_deadline=request_deadline, min_rate=min_rate,
-                           max_response_size=max_response_size, max_file_size=max_file_size,
-                           allow_private_redirects=allow_private_redirects, env=env)
-    fetch = build_fetch_config(chunk_size=chunk_size, max_connections=max_connections,
-                               memory_limit=memory_limit, bandwidth_limit=bandwidth_limit)
-    # Nothing else reads through this process: no slots need holding back for demand reads.
-    fetch = replace(fetch, scheduler=replace(fetch.scheduler, demand_reserve=0))
-    cdir = cache_dir_path(cache_dir, env)
+        reqs.append(RepoRequest(ref.repo_id, ref.revision, include, exclude))
+    shared = _shared(v, env)
     return PrefetchJobConfig(
-        spec=JobSpec(tuple(dict.fromkeys(reqs)), pin=pin, force=force),
-        jobs=build_jobs_config(parallel_files, per_file_connections),
-        cache_dir=cdir, control_socket=control_socket_path(control_socket, cdir), hub=hub,
-        fetch=fetch,
-        cache=build_cache_config(cache_dir=cdir, cache_size=cache_size, compression=compression),
-        token=load_token(token_file, env))
+        spec=JobSpec(tuple(dict.fromkeys(reqs)), pin=bool(v.get("pin")),
+                     force=bool(v.get("force"))),
+        jobs=shared.jobs, cache_dir=shared.cache_dir, control_socket=shared.control_socket,
+        hub=shared.hub, fetch=build_fetch_config(v, demand_reserve=False), cache=shared.cache,
+        token=shared.token)
 
 
 def _hf_env_wins(layered: Layered, env: Mapping[str, str]) -> dict[str, Any]:
@@ -437,13 +360,8 @@ def load_mount_config(flags: Mapping[str, Any], *, config: str | None = None,
     """Flags > environment > file > defaults, for `modelfs mount`."""
     env = os.environ if env is None else env
     layered = layer(flags, config=config, env=env)
-    values = _hf_env_wins(layered, env)
-    values.pop("log_level", None)
-    values.pop("log_file", None)
-    values.setdefault("repos", ())
-    values.setdefault("mountpoint", None)
     try:
-        return build_mount_config(env=env, **values), layered
+        return build_mount_config(_hf_env_wins(layered, env), env), layered
     except ConfigError as exc:
         raise relabel(exc, layered) from None
 
@@ -453,13 +371,7 @@ def load_job_config(flags: Mapping[str, Any], *, config: str | None = None,
     """Flags > environment > file > defaults, for `modelfs prefetch`."""
     env = os.environ if env is None else env
     layered = layer(flags, config=config, env=env)
-    values = _hf_env_wins(layered, env)
-    values.setdefault("repos", ())
-    for mount_only in ("log_level", "log_file", "mountpoint", "urls", "allow_other",
-                       "prefetch_on_open", "revision_ttl", "max_listing_entries",
-                       "read_deadline", "max_header_size"):
-        values.pop(mount_only, None)
     try:
-        return build_job_config(env=env, **values), layered
+        return build_job_config(_hf_env_wins(layered, env), env), layered
     except ConfigError as exc:
         raise relabel(exc, layered) from None

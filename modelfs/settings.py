@@ -16,16 +16,31 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .cache import CacheConfig
+from .errors import ConfigError, flag_of
+from .fetch import FetchConfig, PrefetchConfig, SchedulerConfig
+from .jobs import JobsConfig
+from .remote.config import HttpConfig, HubConfig
 from .types import printable
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
 ENV_PREFIX = "MODELFS_"
+# Defaults no layer's config holds (the others are the layers' dataclass defaults).
+DEFAULT_CACHE_SIZE = "80%"
+DEFAULT_REVISION_TTL = 60.0
+
+
+def size_text(n: int) -> str:
+    """Bytes as the settings take them: 4194304 -> `4MiB`."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n}B"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +49,19 @@ class Setting:
     section: str  # its TOML table ("" for the top level)
     key: str  # its key in that table
     kind: str  # str | int | float | bool | list | table
-    default: str  # as `config show` prints it (tests/unit/test_settings.py checks it)
+    # As `config show` and `--help` print it: text, or read from the default of the
+    # layer's config that the setting sets, so that each default is stated once.
+    default_of: str | Callable[[], object]
     help: str
+
+    @property
+    def default(self) -> str:
+        value = self.default_of() if callable(self.default_of) else self.default_of
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, tuple):
+            return "[" + ", ".join(f'"{x}"' for x in value) + "]"
+        return str(value)
 
     @property
     def env(self) -> str:
@@ -47,7 +73,7 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_of(self.name)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -58,41 +84,56 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "", "log_level", "str", "info", "debug, info, warning or error."),
     Setting("log_file", "", "log_file", "str", "stderr (foreground), else CACHE_DIR/modelfs.log",
             "Where the daemon logs."),
-    Setting("cache_size", "cache", "size", "str", "80%",
+    Setting("cache_size", "cache", "size", "str", DEFAULT_CACHE_SIZE,
             "Disk the cache may use: a size, a share of its file system, or unlimited."),
-    Setting("compression", "cache", "compression", "str", "auto", "auto, always or never."),
-    Setting("chunk_size", "cache", "chunk_size", "str", "4MiB",
+    Setting("compression", "cache", "compression", "str", lambda: CacheConfig().compression,
+            "auto, always or never."),
+    Setting("chunk_size", "cache", "chunk_size", "str",
+            lambda: size_text(FetchConfig().chunk_size),
             "Chunk size, a power of two (mount and prefetch share chunks only at one size)."),
-    Setting("endpoint", "hub", "endpoint", "str", "$HF_ENDPOINT, else https://huggingface.co",
+    Setting("endpoint", "hub", "endpoint", "str",
+            lambda: f"$HF_ENDPOINT, else {HubConfig().endpoint}",
             "Hub endpoint (a mirror)."),
     Setting("token_file", "hub", "token_file", "str", "$HF_TOKEN",
             "File holding the Hub token."),
-    Setting("retries", "hub", "retries", "int", "5", "Retries of a failing origin request."),
-    Setting("retry_backoff", "hub", "retry_backoff", "float", "0.25",
+    Setting("retries", "hub", "retries", "int", lambda: HttpConfig().retries,
+            "Retries of a failing origin request."),
+    Setting("retry_backoff", "hub", "retry_backoff", "float", lambda: HttpConfig().backoff,
             "First retry delay in seconds, doubled each time."),
-    Setting("timeout", "hub", "timeout", "float", "30.0",
+    Setting("timeout", "hub", "timeout", "float", lambda: HttpConfig().timeout,
             "Per-request connect/read timeout in seconds."),
-    Setting("max_listing_entries", "hub", "max_listing_entries", "int", "200000",
+    Setting("max_listing_entries", "hub", "max_listing_entries", "int",
+            lambda: HubConfig().max_listing_entries,
             "Refuse repo listings larger than this."),
-    Setting("request_deadline", "hub", "request_deadline", "float", "120.0",
+    Setting("request_deadline", "hub", "request_deadline", "float",
+            lambda: HttpConfig().request_deadline,
             "Seconds one origin request may take in all, retries included."),
-    Setting("min_rate", "hub", "min_rate", "str", "256KiB/s",
+    Setting("min_rate", "hub", "min_rate", "str",
+            lambda: size_text(int(HttpConfig().min_rate)) + "/s",
             "Slowest body an origin may send: one attempt gets timeout + bytes / min_rate."),
-    Setting("max_response_size", "hub", "max_response_size", "str", "8MiB",
+    Setting("max_response_size", "hub", "max_response_size", "str",
+            lambda: size_text(HttpConfig().max_response_size),
             "Refuse API answers (listings, revisions) larger than this."),
-    Setting("max_file_size", "hub", "max_file_size", "str", "1024TiB",
+    Setting("max_file_size", "hub", "max_file_size", "str",
+            lambda: size_text(HubConfig().max_file_size),
             "Skip listing entries that declare a larger file (hostile)."),
-    Setting("allow_private_redirects", "hub", "allow_private_redirects", "bool", "false",
+    Setting("allow_private_redirects", "hub", "allow_private_redirects", "bool",
+            lambda: HttpConfig().allow_private_redirects,
             "Follow redirects to private addresses from a public endpoint (in-cluster mirrors)."),
-    Setting("read_deadline", "limits", "read_deadline", "float", "60.0",
+    Setting("read_deadline", "limits", "read_deadline", "float",
+            lambda: FetchConfig().read_deadline,
             "Seconds a read through the mount waits for the origin before EIO."),
-    Setting("max_connections", "limits", "max_connections", "int", "16",
+    Setting("max_connections", "limits", "max_connections", "int",
+            lambda: SchedulerConfig().max_fetches,
             "Concurrent origin requests in all."),
-    Setting("per_file_connections", "limits", "per_file_connections", "int", "8",
+    Setting("per_file_connections", "limits", "per_file_connections", "int",
+            lambda: PrefetchConfig().per_file,
             "Concurrent ranged GETs of one file's prefetch."),
-    Setting("parallel_files", "limits", "parallel_files", "int", "4",
+    Setting("parallel_files", "limits", "parallel_files", "int",
+            lambda: JobsConfig().parallel_files,
             "Files prefetched at once, over all jobs."),
-    Setting("memory_limit", "limits", "memory", "str", "192MiB",
+    Setting("memory_limit", "limits", "memory", "str",
+            lambda: size_text(FetchConfig().memory_limit),
             "Memory for chunk buffers: fetches in flight, chunks kept for readers and for "
             "whole-file hashes, load buffers."),
     Setting("bandwidth_limit", "limits", "bandwidth", "str", "none",
@@ -104,11 +145,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_other", "mount", "allow_other", "bool", "false",
             "Let other users read the mount."),
     Setting("prefetch_on_open", "mount", "prefetch_on_open", "list",
-            '["*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth"]',
+            lambda: PrefetchConfig().on_open,
             "Files fetched whole in the background when opened."),
-    Setting("revision_ttl", "mount", "revision_ttl", "float", "60.0",
+    Setting("revision_ttl", "mount", "revision_ttl", "float", lambda: DEFAULT_REVISION_TTL,
             "Seconds between re-resolving branches and tags."),
-    Setting("max_header_size", "mount", "max_header_size", "str", "16MiB",
+    Setting("max_header_size", "mount", "max_header_size", "str",
+            lambda: size_text(PrefetchConfig().max_header_size),
             "Largest safetensors header read to prefetch in loader order."),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -14,7 +14,7 @@ def build(env: dict[str, str], **kw: object):
     args: dict[str, object] = dict(mountpoint="/m", repos=("org/a",), endpoint=None, cache_dir=None,
                                    token_file=None, allow_other=False, chunk_size=None)
     args.update(kw)
-    return build_mount_config(env=env, **args)  # type: ignore[arg-type]
+    return build_mount_config(args, env)
 
 
 def test_endpoint_and_token_sources(tmp_path: Path) -> None:

@@ -27,11 +27,11 @@ LAYERS: list[list[str]] = [
     ["modelfs"],  # the package's own __init__: its version
     ["modelfs.errors"],
     ["modelfs.types", "modelfs.chunks", "modelfs.redaction"],
-    ["modelfs.settings"],
     ["modelfs.cache", "modelfs.remote"],
     ["modelfs.fetch"],
     ["modelfs.fs", "modelfs.jobs"],
     ["modelfs.control"],
+    ["modelfs.settings"],  # each setting and its default, read from the layers' configs
     ["modelfs.config"],
     ["modelfs.daemon"],
     ["modelfs.progress", "modelfs.cli_cache", "modelfs.demo", "modelfs.testing"],
