@@ -33,6 +33,7 @@ from .config import (
 from .errors import ConfigError, ControlError, DaemonNotRunning, ModelfsError
 from .progress import JobProgress
 from .redaction import redact, secret_forms
+from .schema import JobDoc
 from .settings import BY_NAME, Layered, layer, render_settings
 
 if TYPE_CHECKING:  # loaded by the commands that talk to a daemon: it brings httpx
@@ -333,7 +334,7 @@ def _prefetch_via_daemon(client: ControlClient, config: PrefetchJobConfig, no_wa
     return job
 
 
-async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> dict[str, Any]:
+async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> JobDoc:
     from .cache import ChunkCache, ChunkStore, Index, check_cache_dir
     from .fetch import ChunkReader
     from .jobs import JobManager
@@ -484,7 +485,7 @@ def _act(action: str) -> click.Command:
                 item = hits[0]["id"]
             return client.act(job, action, item)
 
-        def offline(index: Any) -> dict[str, Any]:
+        def offline(index: Any) -> Any:
             from .jobs import cancel_saved
 
             if action != "cancel" or path is not None:

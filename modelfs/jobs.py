@@ -36,12 +36,11 @@ import trio
 from .cache import Index
 from .errors import ConfigError, ModelfsError, UnknownJob
 from .fetch import ChunkReader, Priority, load_snapshot, matches, prefetch_file
+from .schema import ItemDoc, JobDoc, JobSummaryDoc
 from .types import FileEntry, RemoteFile, RepoRef, Source, printable
 
 log = logging.getLogger(__name__)
 
-JOB_STATES = ("queued", "running", "paused", "done", "partial", "failed", "cancelled")
-ITEM_STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
 EVENT_INTERVAL = 0.25  # seconds between batches of updates (and index writes) of a job
 MAX_PATTERNS = 256  # include/exclude globs of one repo request
 
@@ -141,7 +140,8 @@ class Item:
     state: str = "queued"
     error: str | None = None
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> ItemDoc:
+        """The item as the API shows it (`schema.ITEM`)."""
         return {"id": self.id, "repo": self.repo, "revision": self.revision,
                 "commit": self.commit, "path": self.entry.path, "url": self.url,
                 "local_path": self.local_path, "bytes": self.entry.size,
@@ -196,7 +196,8 @@ class Job:
     def active(self) -> bool:
         return self.state in ("queued", "running")
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JobSummaryDoc:
+        """The job without its items, as the API shows it (`schema.JOB_SUMMARY`)."""
         items = self.items
         return {"id": self.id, "state": self.state, "created": self.created,
                 "finished": self.finished, "pin": self.spec.pin,
@@ -208,7 +209,8 @@ class Job:
                 "downloaded_bytes": sum(i.downloaded for i in items),
                 "fetched_bytes": sum(i.fetched for i in items)}
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> JobDoc:
+        """The job as the API shows it (`schema.JOB`)."""
         return {**self.summary(), "items": [i.public() for i in self.items]}
 
     def record(self) -> dict[str, Any]:
@@ -231,10 +233,10 @@ class Job:
 # Saved jobs while no daemon runs (`modelfs jobs` / `cancel` fall back to these) -------
 
 
-def saved_jobs(index: Index) -> list[dict[str, Any]]:
+def saved_jobs(index: Index) -> list[JobSummaryDoc | dict[str, Any]]:
     """Summaries of the jobs saved in the index; a record this version cannot read
     shows as state `unreadable` (the next daemon start drops it)."""
-    out = []
+    out: list[JobSummaryDoc | dict[str, Any]] = []
     for rec in index.jobs():
         try:
             out.append(Job.from_record(rec).summary())
@@ -244,7 +246,7 @@ def saved_jobs(index: Index) -> list[dict[str, Any]]:
     return out
 
 
-def cancel_saved(index: Index, job_id: str) -> dict[str, Any]:
+def cancel_saved(index: Index, job_id: str) -> JobSummaryDoc | dict[str, Any]:
     """Cancel a saved job (so no daemon takes it up again); an unreadable one is deleted."""
     rec = next((r for r in index.jobs() if r["id"] == job_id), None)
     if rec is None:

@@ -23,6 +23,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from .schema import ItemDoc, JobDoc
+
 
 class JobProgress:
     def __init__(self, stream: IO[str], *, json_lines: bool = False) -> None:
@@ -35,7 +37,7 @@ class JobProgress:
             TransferSpeedColumn(), TimeRemainingColumn(), console=self._console, transient=False)
         self._tasks: dict[tuple[str, str, str], TaskID] = {}
         self._total: TaskID | None = None
-        self._seen: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._seen: dict[tuple[str, str, str], ItemDoc | dict[str, Any]] = {}
         self._t0 = time.monotonic()
 
     def __enter__(self) -> JobProgress:
@@ -51,7 +53,7 @@ class JobProgress:
     def _line(self, text: str) -> None:
         self._console.print(text, highlight=False, markup=False, soft_wrap=True)
 
-    def update(self, item: dict[str, Any]) -> None:
+    def update(self, item: ItemDoc | dict[str, Any]) -> None:
         key = (item["repo"], item["revision"], item["path"])
         before = self._seen.get(key)
         self._seen[key] = item
@@ -84,7 +86,7 @@ class JobProgress:
             self._progress.console.print(f"{state} {item['repo']}/{item['path']}{err}",
                                          highlight=False, markup=False)
 
-    def finish(self, job: dict[str, Any]) -> None:
+    def finish(self, job: JobDoc | dict[str, Any]) -> None:
         """The job's last word: its state and totals."""
         for item in job.get("items", []):
             self.update(item)

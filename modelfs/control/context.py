@@ -46,6 +46,7 @@ class ControlContext:
     throughput: Throughput | None = None
 
     def status(self) -> dict[str, Any]:
+        """`/v1/status` (`schema.STATUS`)."""
         s = self.reader.statistics()
         cache = self.reader.cache
         states = [j.state for j in self.jobs.jobs.values()]
@@ -61,5 +62,6 @@ class ControlContext:
                       "in_flight": s.in_flight, "errors": s.errors,
                       "throughput_bytes_per_s": round(self.throughput.rate()
                                                       if self.throughput else 0.0)},
+            "memory": self.reader.memory(),
             "jobs": {state: states.count(state) for state in sorted(set(states))},
         }

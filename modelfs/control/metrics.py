@@ -19,7 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ..fetch import LATENCY_BUCKETS
-from ..jobs import JOB_STATES
+from ..schema import JOB_STATES
 from .context import ControlContext
 
 

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelfs.control.client import ControlClient
 from modelfs.errors import ControlError
+from modelfs.schema import JOB, JOB_EVENT, STATUS, check
 from modelfs.testing.origin import Origin
 
 from ..conftest import MiB, fuse_available, is_mounted
@@ -131,6 +132,8 @@ def test_pause_stops_fetching_and_resume_refetches_nothing(mount_factory, origin
     while not any(e["job"]["state"] == "done" for e in events) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
+    assert [p for e in events for p in check(e, JOB_EVENT)] == []
+    assert check(done, JOB) == []
     states = [e["job"]["state"] for e in events if e["job"]["id"] == job["id"]]
     assert "running" in states and "paused" in states and states[-1] == "done"
     progress = [i["downloaded_bytes"] for e in events for i in e["items"]]
@@ -219,6 +222,7 @@ def test_status_and_metrics(mount_factory, origin: Origin, repo_data) -> None:
     with m.client() as c:
         st = c.status()
         text = c.request("GET", "/metrics")
+    assert check(st, STATUS) == []
     assert st["mountpoint"] == str(m.path)
     assert {(r["id"], r["revision"], r["commit"]) for r in st["repos"]} == {
         ("org/model", "main", origin.commit_of("org/model", "main")),

@@ -26,7 +26,7 @@ PACKAGE = Path(modelfs.__file__).parent
 LAYERS: list[list[str]] = [
     ["modelfs"],  # the package's own __init__: its version
     ["modelfs.errors"],
-    ["modelfs.types", "modelfs.chunks", "modelfs.redaction"],
+    ["modelfs.types", "modelfs.chunks", "modelfs.redaction", "modelfs.schema"],
     ["modelfs.cache", "modelfs.remote"],
     ["modelfs.fetch"],
     ["modelfs.fs", "modelfs.jobs"],
