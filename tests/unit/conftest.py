@@ -3,7 +3,7 @@ it as the mount sees them, and chunk readers over fresh caches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +28,12 @@ class Kit:
         self.origin = origin
         self.tmp_path = tmp_path
         self._indexes: list[Index] = []
+        self._sources: list[HubSource] = []
 
     def source(self, token: str | None = None, **kw: int) -> HubSource:
-        return HubSource(HubConfig(endpoint=self.origin.url, http=FAST, **kw), token)
+        src = HubSource(HubConfig(endpoint=self.origin.url, http=FAST, **kw), token)
+        self._sources.append(src)
+        return src
 
     @staticmethod
     async def remote_file(src: HubSource, path: str = "model.safetensors") -> RemoteFile:
@@ -59,13 +62,15 @@ class Kit:
             nursery.cancel_scope.cancel()
         index.close()
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        for src in self._sources:
+            await src.aclose()
         for index in self._indexes:
             index.close()
 
 
 @pytest.fixture
-def kit(origin: Origin, tmp_path: Path) -> Iterator[Kit]:
+async def kit(origin: Origin, tmp_path: Path) -> AsyncIterator[Kit]:
     k = Kit(origin, tmp_path)
     yield k
-    k.close()
+    await k.aclose()
