@@ -78,6 +78,17 @@ def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:  # t
         time.sleep(0.05)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers by what a test uses, not by hand: `fuse` for every test that mounts
+    (`mount_factory`), `slow` for everything under tests/integration (real daemons);
+    so `-m "not fuse"` and `-m "not slow"` select the same way everywhere."""
+    for item in items:
+        if "mount_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fuse)
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
 def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 

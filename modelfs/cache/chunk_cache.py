@@ -195,31 +195,34 @@ class ChunkCache:
 
     # Writes -------------------------------------------------------------------------
 
-    def put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray,
-            positional: bool = False) -> str:
+    def put(self, content_id: str, chunk_size: int, idx: int,
+            data: bytes | bytearray | memoryview, positional: bool = False,
+            aligned: bool = False) -> str:
         """Store and index a chunk; evict if that took the cache over its limit.
         `positional`: name it by (content id, chunk size, index) instead of hashing
         its bytes — for files whose whole-file sha256 is known and checked.
+        `aligned`: `data` starts on a page (a `direct_buffer`), so it is written with
+        O_DIRECT as it is, without a copy.
         Raises `OSError`/`CacheFull` when it cannot be stored even after evicting."""
         try:
-            digest = self._put(content_id, chunk_size, idx, data, positional)
+            digest = self._put(content_id, chunk_size, idx, data, positional, aligned)
         except (OSError, CacheFull) as exc:
             if getattr(exc, "errno", None) != errno.ENOSPC:
                 raise
             freed = self._evict_to(max(0, self.index.usage() - 8 * len(data)))
             log.warning("cache file system full while storing a chunk: evicted %d chunks, "
                         "retrying", freed)
-            digest = self._put(content_id, chunk_size, idx, data, positional)
+            digest = self._put(content_id, chunk_size, idx, data, positional, aligned)
         limit = self.config.limit
         if limit is not None and self.index.usage() > limit:
             self._evict_to(int(limit * self.config.low_water))
         return digest
 
-    def _put(self, content_id: str, chunk_size: int, idx: int, data: bytes | bytearray,
-             positional: bool) -> str:
+    def _put(self, content_id: str, chunk_size: int, idx: int,
+             data: bytes | bytearray | memoryview, positional: bool, aligned: bool) -> str:
         name = hashlib.sha256(f"{content_id}\0{chunk_size}\0{idx}".encode()).hexdigest() \
             if positional else None
-        stored = self.store.put(data, self.config.compression, name)
+        stored = self.store.put(data, self.config.compression, name, aligned=aligned)
         codec_id = stored.codec | XXH3 | (POSITIONAL if positional else 0)
         orphans = self.index.put_chunk(content_id, chunk_size, idx, stored.digest,
                                        stored.disk_bytes, len(data), codec_id, stored.checksum)

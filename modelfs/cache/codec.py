@@ -28,7 +28,7 @@ def decompress(data: bytes, size: int | None = None) -> bytes:
     return d.decompress(data, max_output_size=size or 0)
 
 
-def compress_chunk(data: bytes | bytearray, mode: str) -> bytes | None:
+def compress_chunk(data: bytes | bytearray | memoryview, mode: str) -> bytes | None:
     """The compressed form of a chunk to store, or None to store it raw."""
     if mode == "never" or not data or (mode == "auto" and len(data) <= _BLOCK):
         return None  # auto: a chunk of one disk block or less cannot get smaller on disk

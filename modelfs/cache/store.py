@@ -144,10 +144,12 @@ class ChunkStore:
     def path_for(self, digest: str) -> Path:
         return self._chunks / digest[:2] / digest
 
-    def put(self, data: bytes | bytearray, compression: str = "never",
-            name: str | None = None) -> Stored:
+    def put(self, data: bytes | bytearray | memoryview, compression: str = "never",
+            name: str | None = None, *, aligned: bool = False) -> Stored:
         """Store `data` (compressed if `compression` says so) under its sha256, or
-        under `name` (a position-derived name: see `index.POSITIONAL`)."""
+        under `name` (a position-derived name: see `index.POSITIONAL`). `aligned`:
+        `data` starts on a page boundary (a view of a `direct_buffer` from its
+        start), so an O_DIRECT write can take it as it is."""
         digest = name or hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
         packed = codec.compress_chunk(data, compression)
@@ -156,7 +158,7 @@ class ChunkStore:
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=self._prefix)
         try:
             with os.fdopen(fd, "wb") as f:
-                if not self._write_direct(f.fileno(), body):
+                if not self._write_direct(f.fileno(), body, aligned=packed is None and aligned):
                     f.write(body)
                     f.flush()
                 blocks = os.fstat(f.fileno()).st_blocks
@@ -170,27 +172,33 @@ class ChunkStore:
         return Stored(digest, disk, CODEC_RAW if packed is None else CODEC_ZSTD,
                       checksum(data, xxh3=True))
 
-    def _write_direct(self, fd: int, body: bytes | bytearray) -> bool:
-        """Write a whole-block chunk with O_DIRECT, from a page-aligned per-thread
-        buffer: it skips the page cache, which on a cold stream holds the bytes
-        already (as the mount's file pages) and costs a second copy, page
+    def _write_direct(self, fd: int, body: bytes | bytearray | memoryview, *,
+                      aligned: bool = False) -> bool:
+        """Write a whole-block chunk with O_DIRECT, from `body` itself when it is
+        `aligned`, else from a page-aligned per-thread copy: it skips the page
+        cache, which on a cold stream holds the bytes already (as the mount's
+        file pages) and costs a second copy, page
         allocations and writeback (1 GiB of 4 MiB chunks, this VM: 1.49 s buffered
         with the sync, 0.52 s direct). False when not possible (a partial block,
         a file system without O_DIRECT such as tmpfs): the caller writes normally."""
         n = len(body)
         if not self._direct or n == 0 or n % DIRECT_ALIGN or n > DIRECT_MAX:
             return False
-        buf = getattr(self._local, "direct", None)
-        if buf is None or len(buf) < n:
-            buf = self._local.direct = direct_buffer(n)
-        buf[:n] = body
+        if aligned:
+            source: memoryview = memoryview(body)
+        else:
+            buf = getattr(self._local, "direct", None)
+            if buf is None or len(buf) < n:
+                buf = self._local.direct = direct_buffer(n)
+            buf[:n] = body
+            source = memoryview(buf)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
         except OSError:
             self._direct = False
             return False
-        view = memoryview(buf)[:n]
+        view = source[:n]
         try:
             done = 0
             while done < n:

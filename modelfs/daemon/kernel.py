@@ -1,10 +1,9 @@
 """What the daemon sets in the kernel and the process around it: the mount's
-read-ahead and FUSE queue, the FUSE control file system, glibc's handling of
-freed buffers, and systemd's readiness protocol."""
+read-ahead and FUSE queue, the FUSE control file system, and systemd's
+readiness protocol."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import socket
@@ -61,25 +60,6 @@ def _mount_fusectl() -> None:
                          text=True)
     if res.returncode != 0:
         log.info("cannot mount fusectl on %s: %s", conns, res.stderr.strip())
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed chunk buffers for reuse instead of returning them.
-
-    Every fetch and load allocates a chunk-sized buffer (4 MiB). glibc serves
-    those from fresh `mmap`s and unmaps them when freed, so each chunk's bytes
-    land in newly faulted pages, which costs (on a VM that hands freed memory
-    back to its host: 4 shards loaded at once, 12.7 s -> 11.4 s). With these
-    thresholds they come from the heap and its pages are reused. The heap's
-    peak stays bounded by the memory budget (`--memory-limit`).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return  # not glibc
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 64 << 20)
-    mallopt(m_trim_threshold, 512 << 20)
 
 
 def sd_notify(state: str) -> None:

@@ -37,7 +37,7 @@ from ..remote.hf import HubSource
 from ..remote.http import HttpSource
 from ..types import RepoRef, Source
 from .follow import RevisionFollower, Wake
-from .kernel import keep_freed_memory, sd_notify, tune_kernel
+from .kernel import sd_notify, tune_kernel
 from .layout import MountedRepo, add_hf_view, add_repo, describe, local_path
 from .mountpoint import check_mountpoint, is_mounted
 
@@ -85,7 +85,6 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure.
     The caller has checked the cache directory (`check_cache_dir`): the CLI does, before
     it opens the log there."""
-    keep_freed_memory()
     check_mountpoint(config.mountpoint)
     if config.control_socket:
         check_socket_free(config.control_socket)

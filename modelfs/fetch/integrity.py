@@ -78,7 +78,7 @@ class FileChecks:
     def held_bytes(self) -> int:
         return sum(b.nbytes for c in self._checks.values() for b in c.held.values())
 
-    async def check_single(self, f: RemoteFile, data: bytearray) -> None:
+    async def check_single(self, f: RemoteFile, data: bytearray | memoryview) -> None:
         """`data` is the whole of the one-chunk file `f`: raise unless it hashes to
         what the origin vouches for."""
         known = f.entry.whole_hash()

@@ -1,8 +1,9 @@
 """One memory budget for every chunk buffer the daemon holds.
 
-A chunk's bytes live in one buffer: a `bytearray` while it is fetched, a
-page-aligned load buffer (`LoadBuffers`) when read from disk. Whoever holds a
-buffer holds a `Block` of it: the fetch filling it, the chunks kept for
+A chunk's bytes live in one page-aligned buffer (`LoadBuffers`), reused from
+chunk to chunk, whether it is fetched into it or loaded from disk (so it is
+written to and read from the disk with O_DIRECT, without a copy). Whoever
+holds a buffer holds a `Block` of it: the fetch filling it, the chunks kept for
 readers (`recent.RecentChunks`), the whole-file hash waiting for it
 (`integrity.FileChecks`), the spare load buffers. A block is charged to the
 budget from its creation until its last holder releases it, so the budget's
@@ -16,10 +17,11 @@ fetch that still finds no room waits for bytes to be released; everything
 charged is either reclaimable or on its way to be released (a fetch or a load
 in flight), so that wait ends.
 
-Not charged, and what a memory limit must leave room for: the interpreter and
-its libraries, views of a released chunk still being copied into a FUSE reply,
-the HTTP client's socket buffers, and a compressed chunk's bytes while they are
-decompressed in a worker thread.
+A request in flight also reserves `remote.config.RECEIVE_BYTES` for the HTTP
+client's reads of its body. Not charged, and what a memory limit must leave
+room for: the interpreter and its libraries (about 50 MiB), views of a released
+chunk still being copied into a FUSE reply, and a compressed chunk's bytes
+while they are decompressed in a worker thread.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ import trio
 from ..cache import ChunkCache
 from ..chunks import ChunkKey, Piece, chunk_count, chunk_extent, pieces
 from ..errors import IntegrityError, ModelfsError, RemoteStale, RemoteUnavailable
+from ..remote.config import RECEIVE_BYTES
 from ..types import RemoteFile
 from .files import FileStates
 from .flights import Flight, Flights
@@ -375,12 +376,15 @@ class ChunkReader:
             # is checked before any byte of it is served or stored.
             single = length == f.entry.size and f.entry.checkable
             async with self.scheduler.slot(flight.ticket):
-                await self.budget.reserve(length)
-                block = self.budget.block(bytearray(length), length)
+                # Into a (reused) page-aligned buffer: stored from it with O_DIRECT,
+                # no copy, and no fresh memory per chunk.
+                buf = await self._buffers.take()
+                block = self._buffers.block(buf, length)
                 data = block.data
-                assert isinstance(data, bytearray)
                 if not single:
                     flight.buf = data
+                # The HTTP client's reads of the body are buffers too.
+                await self.budget.reserve(RECEIVE_BYTES)
                 t0 = trio.current_time()
                 self._stats.in_flight += 1
                 try:
@@ -388,6 +392,7 @@ class ChunkReader:
                                         progress=None if single else flight.advance)
                 finally:
                     self._stats.in_flight -= 1
+                    self.budget.unreserve(RECEIVE_BYTES)
                 self._stats.observe(trio.current_time() - t0)
             self._stats.fetches += 1
             self._stats.bytes_fetched += length
@@ -401,7 +406,8 @@ class ChunkReader:
                 # A file with a known sha256 is checked whole (`FileChecks`): its chunks
                 # are named by position, which saves hashing each one.
                 await trio.to_thread.run_sync(self.cache.put, key[0], cs, idx, data,
-                                              f.entry.sha256 is not None, limiter=self._io)
+                                              f.entry.sha256 is not None, True,
+                                              limiter=self._io)
                 if single:
                     await trio.to_thread.run_sync(self.cache.index.set_checked, key[0])
             except (OSError, ModelfsError) as exc:

@@ -36,15 +36,12 @@ from ..errors import (
 )
 from ..redaction import redact, secret_forms
 from ..types import printable
-from .config import HttpConfig
+from .config import RECEIVE_BYTES, HttpConfig
 
 log = logging.getLogger(__name__)
 
-# httpcore reads the socket 64 KiB at a time; for multi-MiB range bodies that
-# per-read overhead dominates (measured on loopback, 8 streams: 370 MB/s at
-# 64 KiB vs 840 MB/s at 1 MiB, with half the CPU). A read returns what the
-# socket has, so small responses are unaffected.
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
+# httpcore reads the socket 64 KiB at a time; see RECEIVE_BYTES.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
 
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20})")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # `str.isdigit` also takes "²", which `int` refuses
@@ -251,9 +248,9 @@ class HttpClient:
 
     async def get_range(
         self, url: str, start: int, length: int, expect: Expect, *, what: str, auth_msg: str,
-        content_id: str, into: bytearray | None = None,
+        content_id: str, into: bytearray | memoryview | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> bytearray:
+    ) -> bytearray | memoryview:
         """Return exactly `length` bytes of the file at `url` from `start`.
 
         A body broken off mid-way is resumed from where it broke, with If-Range
@@ -271,12 +268,13 @@ class HttpClient:
             raise ValueError("buffer size does not match the range")
         buf = _Buffer(into if into is not None else bytearray(length), progress=progress)
 
-        async def attempt() -> bytearray:
+        async def attempt() -> bytearray | memoryview:
             if buf.filled < length:  # else a validated body broke off after our last byte
                 await self._fetch_into(url, start, length, expect, buf, what, auth_msg, content_id)
             return buf.data
 
-        data: bytearray = await self._with_retries(f"{what} at offset {start}", attempt, length)
+        data: bytearray | memoryview = await self._with_retries(f"{what} at offset {start}",
+                                                                attempt, length)
         return data
 
     async def _fetch_into(
@@ -385,7 +383,7 @@ class HttpClient:
 class _Buffer:
     """A preallocated body buffer and how much of it is filled."""
 
-    data: bytearray
+    data: bytearray | memoryview
     filled: int = 0
     progress: Callable[[int], None] | None = None
 

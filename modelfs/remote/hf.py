@@ -92,8 +92,8 @@ class HubSource:
         return f"{self._endpoint}/{repo_id}/resolve/{commit}/{quote(path)}"
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | None = None,
-                   progress: Callable[[int], None] | None = None) -> bytearray:
+                   *, into: bytearray | memoryview | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
         """Exactly `length` bytes of `entry` at `commit` from offset `start`, written
         into `into` when given; `progress(n)`: the first n bytes have arrived."""
         if start < 0 or start + length > entry.size:

@@ -127,8 +127,8 @@ class HttpSource:
         return snap
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | None = None,
-                   progress: Callable[[int], None] | None = None) -> bytearray:
+                   *, into: bytearray | memoryview | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
         url = self.file_url(repo_id, commit, entry.path)
         expect = Expect(size=entry.size, etag=entry.etag, strict_etag=True)
         return await self._http.get_range(

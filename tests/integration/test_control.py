@@ -26,8 +26,6 @@ from modelfs.testing.origin import Origin
 
 from ..conftest import MiB, fuse_available, is_mounted
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow]
-
 
 def wait_job(client: ControlClient, job_id: str, timeout: float = 60.0,
              until: Any = lambda j: j["finished"] is not None) -> dict[str, Any]:

@@ -19,8 +19,6 @@ from modelfs.testing.origin import Origin
 
 from ..conftest import MiB, drop_page_cache, is_mounted
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow]
-
 MAIN = "org/model@main"
 WEIGHTS = "model.safetensors"
 

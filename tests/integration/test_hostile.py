@@ -19,8 +19,6 @@ from modelfs.testing.origin import Origin
 
 from ..conftest import is_mounted
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow]
-
 MAIN = "org/model@main"
 
 

@@ -18,8 +18,6 @@ from modelfs.testing.origin import Origin
 
 from ..conftest import CHUNK, drop_page_cache, is_mounted, sha256
 
-pytestmark = pytest.mark.fuse
-
 MAIN = "org/model@main"
 WEIGHTS = "model.safetensors"
 
