@@ -137,38 +137,24 @@ def loader_cases(ab: AB, work: Path, shard_mib: int) -> None:
     origin.start()
     shards = [n for n in origin.files if n.endswith(".safetensors")]
     cache = work / "cache"
+    # (case, loader mode, shards it loads, a fresh cache first: cold, else warm)
+    cases = [("loader: cold safe_open sorted", "sorted", shards[:1], True),
+             ("loader: warm safe_open sorted", "sorted", shards[:1], False),
+             ("loader: cold load_file", "load_file", shards[:1], True),
+             (f"loader: cold {SHARDS} threads", "threads", shards, True)]
     try:
         for r in range(ab.runs):
             print(f"loader round {r + 1}/{ab.runs}", flush=True)
             for name, tree in ab.trees.items():
-                shutil.rmtree(cache, ignore_errors=True)
-                m = ModelfsMount(origin, work, cache, tree=tree)
-                try:
-                    drop_caches()
-                    ab.add("loader: cold safe_open sorted", name, load("sorted", m.file(shards[0])))
-                finally:
-                    m.close()
-                m = ModelfsMount(origin, work, cache, tree=tree)
-                try:
-                    drop_caches()
-                    ab.add("loader: warm safe_open sorted", name, load("sorted", m.file(shards[0])))
-                finally:
-                    m.close()
-                shutil.rmtree(cache, ignore_errors=True)
-                m = ModelfsMount(origin, work, cache, tree=tree)
-                try:
-                    drop_caches()
-                    ab.add("loader: cold load_file", name, load("load_file", m.file(shards[0])))
-                finally:
-                    m.close()
-                shutil.rmtree(cache, ignore_errors=True)
-                m = ModelfsMount(origin, work, cache, tree=tree)
-                try:
-                    drop_caches()
-                    ab.add(f"loader: cold {SHARDS} threads", name,
-                           load("threads", *[m.file(s) for s in shards]))
-                finally:
-                    m.close()
+                for case, mode, names, fresh in cases:
+                    if fresh:
+                        shutil.rmtree(cache, ignore_errors=True)
+                    m = ModelfsMount(origin, work, cache, tree=tree)
+                    try:
+                        drop_caches()
+                        ab.add(case, name, load(mode, *[m.file(n) for n in names]))
+                    finally:
+                        m.close()
     finally:
         origin.stop()
 

@@ -346,7 +346,7 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> JobD
     source = HubSource(config.hub, config.token)
     try:
         reader = ChunkReader(cache, config.fetch)
-        jobs = JobManager(reader, lambda repo: source, config.jobs, persist=False)
+        jobs = JobManager(reader, cache, lambda repo: source, config.jobs, persist=False)
         with JobProgress(sys.stderr if not as_json else sys.stdout,
                          json_lines=as_json) as progress:
             async with trio.open_nursery() as nursery:

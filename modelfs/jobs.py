@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from .cache import Index
+from .cache import ChunkCache, Index
 from .errors import ConfigError, ModelfsError, UnknownJob
 from .fetch import ChunkReader, Priority, load_snapshot, matches, prefetch_file
 from .schema import ItemDoc, JobDoc, JobSummaryDoc
@@ -272,11 +272,12 @@ class JobManager:
     revision, path)` where a file shows under the mount (None when not mounted).
     """
 
-    def __init__(self, reader: ChunkReader, sources: Callable[[str], Source],
+    def __init__(self, reader: ChunkReader, cache: ChunkCache, sources: Callable[[str], Source],
                  config: JobsConfig | None = None, *, persist: bool = True,
                  local_path: Callable[[str, str, str], str | None] | None = None) -> None:
         self._reader = reader
-        self._index: Index = reader.cache.index
+        self._cache = cache
+        self._index: Index = cache.index
         self._sources = sources
         self.config = config or JobsConfig()
         self._persist = persist
@@ -415,7 +416,7 @@ class JobManager:
                     if not req.selects(entry.path):
                         continue
                     if job.spec.force:
-                        await trio.to_thread.run_sync(self._reader.cache.drop_content,
+                        await trio.to_thread.run_sync(self._cache.drop_content,
                                                       entry.content_id)
                     found[n].append(Item(
                         0, req.id, req.revision, snap.commit, entry,

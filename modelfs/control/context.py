@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from ..cache import ChunkCache
 from ..fetch import ChunkReader
 from ..jobs import JobManager
 
@@ -41,6 +42,7 @@ class ControlContext:
 
     jobs: JobManager
     reader: ChunkReader
+    cache: ChunkCache
     describe: Callable[[], dict[str, Any]]
     started: float = field(default_factory=time.time)
     throughput: Throughput | None = None
@@ -48,7 +50,7 @@ class ControlContext:
     def status(self) -> dict[str, Any]:
         """`/v1/status` (`schema.STATUS`)."""
         s = self.reader.statistics()
-        cache = self.reader.cache
+        cache = self.cache
         states = [j.state for j in self.jobs.jobs.values()]
         return {
             **self.describe(),

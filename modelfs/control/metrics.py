@@ -58,7 +58,7 @@ class _Collector(Collector):
         for kind, n in sorted(s.errors.items()):
             errors.add_metric([kind], n)
         yield errors
-        cache = ctx.reader.cache
+        cache = ctx.cache
         yield GaugeMetricFamily("modelfs_cache_usage_bytes", "Disk used by cached chunks.",
                                 value=cache.index.usage())
         if cache.config.limit is not None:

@@ -113,7 +113,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         follower = RevisionFollower(cache, repos, config.revision_ttl, wake, tree=tree,
                                     replace=ops.replace, invalidate=ops.invalidate_content)
         by_repo = {r.ref.repo_id: r.source for r in repos}
-        jobs = JobManager(reader, lambda repo: by_repo.get(repo, hub), config.jobs,
+        jobs = JobManager(reader, cache, lambda repo: by_repo.get(repo, hub), config.jobs,
                           local_path=local_path(config.mountpoint, repos))
 
         options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
@@ -137,7 +137,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             nursery.start_soon(follower.run)
         await nursery.start(jobs.run)
         if config.control_socket:
-            ctx = ControlContext(jobs, reader,
+            ctx = ControlContext(jobs, reader, cache,
                                  lambda: describe(config.mountpoint, config.cache_dir, repos))
             await nursery.start(serve_control, ctx, config.control_socket)
         await trio.to_thread.run_sync(os.stat, config.mountpoint)

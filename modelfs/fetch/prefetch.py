@@ -228,8 +228,7 @@ class OpenPrefetcher:
         try:
             cs = self._reader.config.chunk_size
             total = chunk_count(f.entry.size, cs)
-            cached = len(await trio.to_thread.run_sync(
-                self._reader.cache.index.file_chunks, cid, cs)) == total
+            cached = len(await self._reader.cached_chunks(f)) == total
             if not cached:
                 await trio.sleep(self._config.start_delay)
                 if cid not in self._open:
