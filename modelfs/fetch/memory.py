@@ -17,8 +17,8 @@ fetch that still finds no room waits for bytes to be released; everything
 charged is either reclaimable or on its way to be released (a fetch or a load
 in flight), so that wait ends.
 
-A request in flight also reserves `remote.config.RECEIVE_BYTES` for the HTTP
-client's reads of its body. Not charged, and what a memory limit must leave
+A request in flight also reserves `remote.config.RECEIVE_HELD` for the HTTP
+client's reads of its body, together with its chunk buffer (`LoadBuffers.take`). Not charged, and what a memory limit must leave
 room for: the interpreter and its libraries (about 50 MiB), views of a released
 chunk still being copied into a FUSE reply, and a compressed chunk's bytes
 while they are decompressed in a worker thread.
@@ -33,9 +33,6 @@ from collections.abc import Callable
 import trio
 
 from ..cache.store import direct_buffer
-
-# Load buffers kept for reuse when no chunk is in them (still charged).
-SPARE_BUFFERS = 8
 
 
 class Block:
@@ -102,6 +99,10 @@ class MemoryBudget:
             await self._freed.wait()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def released(self) -> None:
+        """Return at the next release (or a block becoming reclaimable)."""
+        await self._freed.wait()
+
     def unreserve(self, nbytes: int) -> None:
         self.used -= nbytes
         if self.used < 0:
@@ -139,30 +140,43 @@ class LoadBuffers:
         self.size = -(-self._length // mmap.PAGESIZE) * mmap.PAGESIZE
         self._spare: list[mmap.mmap] = []
 
-    async def take(self) -> mmap.mmap:
-        """A spare buffer, else a new one. When the budget is full, one thing is
-        reclaimed at a time: a loaded chunk let go brings its buffer back here."""
+    async def take(self, extra: int = 0) -> mmap.mmap:
+        """A spare buffer, else a new one, and `extra` bytes more charged beside it
+        (what a request receiving into it holds): both or neither, so a fetch
+        waiting for room holds none (two fetches each holding a buffer and
+        waiting for the other's room would wait for ever). When the budget is
+        full, one thing is reclaimed at a time: a chunk let go brings its buffer
+        back here. A checkpoint."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            while self._spare:
+            buf = None
+            while self._spare and buf is None:
                 buf = self._spare.pop()
-                if sys.getrefcount(buf) == 2:  # `buf` and getrefcount's argument
-                    return buf
-                self._budget.unreserve(self.size)
-            if self._budget.fits(self.size) or not self._budget.reclaim_once():
-                break
-        await self._budget.reserve(self.size)
-        return direct_buffer(self._length)
+                if sys.getrefcount(buf) != 2:  # `buf` and getrefcount's argument
+                    buf = None  # still read from: let it go, uncharged
+                    self._budget.unreserve(self.size)
+            if buf is not None:
+                if self._budget.try_reserve(extra):
+                    break
+                self._spare.append(buf)
+                await self._budget.released()
+            elif self._budget.fits(self.size + extra) or not self._budget.reclaim_once():
+                if self._budget.try_reserve(self.size + extra):
+                    buf = direct_buffer(self._length)
+                    break
+                await self._budget.released()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return buf
 
     @property
     def spare_bytes(self) -> int:
         return len(self._spare) * self.size
 
     def give(self, buf: mmap.mmap) -> None:
-        """`buf` (charged) is not needed any more."""
-        if len(self._spare) < SPARE_BUFFERS:
-            self._spare.append(buf)
-        else:
-            self._budget.unreserve(self.size)
+        """`buf` (charged) is not needed any more: kept for the next chunk. Spares
+        are the first thing the budget's reclaim lets go, so keeping every one
+        costs nothing another buffer needs; a fresh one costs page faults."""
+        self._spare.append(buf)
 
     def shed(self) -> bool:
         """Let one spare buffer go; False when there is none."""
@@ -178,9 +192,8 @@ class LoadBuffers:
 
 
 def view(data: bytearray | memoryview, start: int, end: int) -> memoryview:
-    """Bytes [start, end) of a chunk in memory. A loaded chunk's view is made from
-    its buffer itself, so that it holds a reference to the buffer (see
-    `LoadBuffers`)."""
+    """Bytes [start, end) of a chunk in memory, made from its buffer itself, so that
+    it holds a reference to the buffer (see `LoadBuffers`)."""
     if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
         return memoryview(data.obj)[start:end]
     return memoryview(data)[start:end]

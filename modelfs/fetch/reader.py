@@ -40,7 +40,7 @@ import trio
 from ..cache import ChunkCache
 from ..chunks import ChunkKey, Piece, chunk_count, chunk_extent, pieces
 from ..errors import IntegrityError, ModelfsError, RemoteStale, RemoteUnavailable
-from ..remote.config import RECEIVE_BYTES
+from ..remote.config import RECEIVE_HELD
 from ..types import RemoteFile
 from .files import FileStates
 from .flights import Flight, Flights
@@ -376,15 +376,14 @@ class ChunkReader:
             # is checked before any byte of it is served or stored.
             single = length == f.entry.size and f.entry.checkable
             async with self.scheduler.slot(flight.ticket):
-                # Into a (reused) page-aligned buffer: stored from it with O_DIRECT,
-                # no copy, and no fresh memory per chunk.
-                buf = await self._buffers.take()
+                # The HTTP client's reads of the body are buffers too.
+                # Into a reused page-aligned buffer, written to disk from it as it
+                # is (O_DIRECT, no copy).
+                buf = await self._buffers.take(RECEIVE_HELD)
                 block = self._buffers.block(buf, length)
                 data = block.data
                 if not single:
                     flight.buf = data
-                # The HTTP client's reads of the body are buffers too.
-                await self.budget.reserve(RECEIVE_BYTES)
                 t0 = trio.current_time()
                 self._stats.in_flight += 1
                 try:
@@ -392,7 +391,7 @@ class ChunkReader:
                                         progress=None if single else flight.advance)
                 finally:
                     self._stats.in_flight -= 1
-                    self.budget.unreserve(RECEIVE_BYTES)
+                    self.budget.unreserve(RECEIVE_HELD)
                 self._stats.observe(trio.current_time() - t0)
             self._stats.fetches += 1
             self._stats.bytes_fetched += length

@@ -9,10 +9,15 @@ from .listing import MAX_FILE_SIZE
 
 # Bytes one socket read of a response body may return (httpcore's read size, raised
 # from 64 KiB: for multi-MiB range bodies the per-read overhead dominated; loopback,
-# 8 streams: 370 MB/s at 64 KiB vs 840 MB/s at 1 MiB, with half the CPU). A read
-# returns what the socket has, so small responses are unaffected. Each request in
-# flight holds up to about this much beside its chunk (the fetch layer charges it).
-RECEIVE_BYTES = 1 << 20
+# 8 streams: 370 MB/s at 64 KiB vs 840 MB/s at 1 MiB, with half the CPU; 512 KiB
+# was as fast as 1 MiB in a same-run A/B, and holds half the memory). A read
+# returns what the socket has, so small responses are unaffected.
+RECEIVE_BYTES = 512 << 10
+# What one request in flight holds beside its chunk, at most: the bytes a read
+# returned, h11's receive buffer they are appended to, and the body piece cut
+# from it (measured with tracemalloc, tests/unit/test_memory.py). The fetch
+# layer charges it to the memory budget.
+RECEIVE_HELD = 3 * RECEIVE_BYTES
 
 
 @dataclass(frozen=True, slots=True)
