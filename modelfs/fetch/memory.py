@@ -18,10 +18,11 @@ charged is either reclaimable or on its way to be released (a fetch or a load
 in flight), so that wait ends.
 
 A request in flight also reserves `remote.config.RECEIVE_HELD` for the HTTP
-client's reads of its body, together with its chunk buffer (`LoadBuffers.take`). Not charged, and what a memory limit must leave
-room for: the interpreter and its libraries (about 50 MiB), views of a released
-chunk still being copied into a FUSE reply, and a compressed chunk's bytes
-while they are decompressed in a worker thread.
+client's reads of its body, together with its chunk buffer (`LoadBuffers.take`).
+Not charged, and what a memory limit must leave room for: the interpreter and
+its libraries (about 50 MiB), views of a released chunk still being copied
+into a FUSE reply, and a compressed chunk's bytes while they are decompressed
+in a worker thread.
 """
 
 from __future__ import annotations
