@@ -18,13 +18,13 @@ default and 1GiB.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,23 +39,12 @@ from run import (
     ensure_tools,
     machine_line,
     sh,
+    timed,
     write_docs_block,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = ("128MiB", None, "1GiB")  # None: the default
-
-
-def time_cat(path: Path) -> float:
-    t = time.perf_counter()
-    cat(path)
-    return time.perf_counter() - t
-
-
-def time_sh(*cmd: str, env: dict[str, str]) -> float:
-    t = time.perf_counter()
-    sh(*cmd, stderr=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - t
 
 
 class AB:
@@ -95,23 +84,23 @@ def peer_cases(ab: AB, work: Path, size_mib: int) -> dict[str, float]:
                 m = ModelfsMount(origin, work, cache, tree=tree)
                 try:
                     drop_caches()
-                    ab.add("cold cat (one shard)", name, time_cat(m.file(shards[0])))
+                    ab.add("cold cat (one shard)", name, timed(functools.partial(cat, m.file(shards[0]))))
                 finally:
                     m.close()
                 m = ModelfsMount(origin, work, cache, tree=tree)
                 try:
                     drop_caches()
                     ab.add("warm cat (remount, page cache dropped)", name,
-                           time_cat(m.file(shards[0])))
-                    ab.add("hot cat (page cache)", name, time_cat(m.file(shards[0])))
+                           timed(functools.partial(cat, m.file(shards[0]))))
+                    ab.add("hot cat (page cache)", name, timed(functools.partial(cat, m.file(shards[0]))))
                 finally:
                     m.close()
                 shutil.rmtree(cache, ignore_errors=True)
                 drop_caches()
                 env = {**os.environ, "PYTHONPATH": str(tree)}
-                ab.add(f"prefetch (repo, {repo_bytes >> 20} MiB)", name, time_sh(
-                    sys.executable, "-m", "modelfs", "prefetch", REPO, "--endpoint", origin.url,
-                    "--cache-dir", str(cache), env=env))
+                ab.add(f"prefetch (repo, {repo_bytes >> 20} MiB)", name, timed(functools.partial(
+                    sh, sys.executable, "-m", "modelfs", "prefetch", REPO, "--endpoint",
+                    origin.url, "--cache-dir", str(cache), stderr=subprocess.DEVNULL, env=env)))
         # Peak RSS streaming both shards cold, one daemon each.
         for name, tree in ab.trees.items():
             for limit in (LIMITS if name == "new" else (None,)):

@@ -93,13 +93,6 @@ class MemoryBudget:
         self.peak = max(self.peak, self.used)
         return True
 
-    async def reserve(self, nbytes: int) -> None:
-        """Charge `nbytes`, waiting for releases while they do not fit. A checkpoint."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while not self.try_reserve(nbytes):
-            await self._freed.wait()
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
     async def released(self) -> None:
         """Return at the next release (or a block becoming reclaimable)."""
         await self._freed.wait()
@@ -115,10 +108,6 @@ class MemoryBudget:
         reclaimable (a chunk handed from its fetch to the rooms that keep it)."""
         freed, self._freed = self._freed, trio.Event()
         freed.set()
-
-    def block(self, data: bytearray, nbytes: int) -> Block:
-        """A block of `nbytes` already reserved; released, it gives them back."""
-        return Block(data, nbytes, self, lambda b: self.unreserve(b.nbytes))
 
 
 class LoadBuffers:

@@ -93,7 +93,7 @@ class ChunkReader:
         self.scheduler = FetchScheduler(config.scheduler)
         self._on_content_dropped = on_content_dropped
         self._on_stale = on_stale
-        self._stats = ReaderStats(memory_limit=config.memory_limit)
+        self._stats = ReaderStats()
         self._io = trio.CapacityLimiter(config.io_threads)
         self._nursery: trio.Nursery | None = None
         self.budget = MemoryBudget(config.memory_limit, self._reclaim)
@@ -108,8 +108,7 @@ class ChunkReader:
 
     def statistics(self) -> ReaderStats:
         s = self._stats
-        return replace(s, errors=dict(s.errors), latency_counts=list(s.latency_counts),
-                       memory_used=self.budget.used, memory_peak=self.budget.peak)
+        return replace(s, errors=dict(s.errors), latency_counts=list(s.latency_counts))
 
     def memory(self) -> dict[str, int]:
         """Where the memory budget goes now: chunks kept for readers, held for a

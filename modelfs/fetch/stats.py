@@ -22,9 +22,6 @@ class ReaderStats:
     loads_ahead: int = 0  # cached chunks loaded into memory ahead of their reader
     bytes_served: int = 0
     in_flight: int = 0  # chunk fetches holding an origin request now
-    memory_used: int = 0  # bytes of chunk buffers charged to the memory budget now
-    memory_peak: int = 0  # the most that ever were
-    memory_limit: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # by `ModelfsError.kind`
     # Chunk fetch latency, slot granted to last byte: counts per LATENCY_BUCKETS, and the sum.
     latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))

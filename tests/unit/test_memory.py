@@ -29,8 +29,8 @@ SLACK = 2 * MiB
 async def test_budget_accounts_for_blocks_shared_by_rooms() -> None:
     freed: list[int] = []
     budget = MemoryBudget(100, lambda: False)
-    await budget.reserve(60)
-    block = budget.block(bytearray(60), 60)
+    assert budget.try_reserve(60)
+    block = Block(bytearray(60), 60, budget, lambda b: budget.unreserve(b.nbytes))
     block.retain()  # a second room holds it
     block.release()
     assert budget.used == 60  # still held
@@ -38,17 +38,18 @@ async def test_budget_accounts_for_blocks_shared_by_rooms() -> None:
     assert budget.used == 0
     assert budget.try_reserve(100) and not budget.try_reserve(1)
     budget.unreserve(100)
-    # A reservation that does not fit waits for a release.
-    await budget.reserve(70)
+    # A buffer (and the room beside it) that does not fit waits for a release.
+    pool = LoadBuffers(MemoryBudget(3 * 4096, lambda: False), 4095)  # one page a buffer
+    assert await pool.take(extra=4096) is not None
     async with trio.open_nursery() as n:
         async def second() -> None:
-            await budget.reserve(50)
-            freed.append(budget.used)
+            await pool.take(extra=4096)
+            freed.append(pool._budget.used)
         n.start_soon(second)
         await trio.testing.wait_all_tasks_blocked()
         assert freed == []
-        budget.unreserve(70)
-    assert freed == [50]
+        pool._budget.unreserve(2 * 4096)
+    assert freed == [2 * 4096]
 
 
 async def test_a_load_buffer_is_reused_through_reclaim_not_reallocated() -> None:
