@@ -121,7 +121,9 @@ _SHARED_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "endpoint", "cache_dir", "token_file", "chunk_size", "retries", "retry_backoff",
         "timeout", "request_deadline", "min_rate", "max_response_size", "max_file_size",
         "allow_private_redirects", "max_connections", "per_file_connections", "memory_limit",
-        "bandwidth_limit", "cache_size")),
+        "bandwidth_limit", "cache_size", "s3_endpoint", "s3_region", "s3_anonymous",
+        "s3_profile")),
+    setting_option("s3_addressing", type=click.Choice(["auto", "path", "virtual"])),
     setting_option("compression", type=click.Choice(["auto", "always", "never"])),
     click.option("--force", is_flag=True,
                  help="Fetch listings and file contents again, whatever is cached."),
@@ -155,12 +157,14 @@ def _log_level(layered: Layered, default: str) -> str:
 
 @main.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
-@click.option("--repo", "repos", multiple=True, metavar="ORG/NAME[@REV]",
-              help="Repo to mount (repeatable). @REV pins a branch, tag or commit.")
+@click.option("--repo", "repos", multiple=True, metavar="SPEC",
+              help="Repo to mount (repeatable): ORG/NAME[@REV] from the Hub (@REV pins a branch, "
+                   "tag or commit), datasets/ORG/NAME[@REV] a Hub dataset, or ORG/NAME=URL with "
+                   "URL s3://BUCKET/PREFIX/, http(s)://... (a file, or a directory with a JSON "
+                   "index) or file:///path/ (a local or NFS directory). A URL repo's versions "
+                   "are re-listed every --revision-ttl.")
 @click.option("--url", "urls", multiple=True, metavar="ORG/NAME=URL",
-              help="Plain HTTP file, or directory with a JSON index (URL ending in /), to mount "
-                   "as ORG/NAME (repeatable). Versions are ETags, revalidated every "
-                   "--revision-ttl.")
+              help="The same as --repo ORG/NAME=URL.")
 @_source_options
 @_config_option
 @setting_option("allow_other")
@@ -256,7 +260,7 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
 
 
 @main.command()
-@click.argument("repos", nargs=-1, metavar="ORG/NAME[@REV]...")
+@click.argument("repos", nargs=-1, metavar="SPEC...")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
 @_source_options
@@ -271,7 +275,8 @@ def _spawn_daemon(args: list[str], log_file: Path) -> int:
               type=click.Choice(LOG_LEVELS, case_sensitive=False))
 def prefetch(log_level: str, config_file: str | None, no_wait: bool, as_json: bool,
              **opts: Any) -> None:
-    """Warm the cache with whole repos.
+    """Warm the cache with whole repos: ORG/NAME[@REV], datasets/ORG/NAME[@REV] or
+    ORG/NAME=URL, as --repo of `mount` takes them.
 
     With a daemon running (its control socket answers), the job runs there: it
     survives this command, and `modelfs jobs` / `pause` / `resume` / `cancel` act on
@@ -338,15 +343,16 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> JobD
     from .cache import ChunkCache, ChunkStore, Index, check_cache_dir
     from .fetch import ChunkReader
     from .jobs import JobManager
-    from .remote.hf import HubSource
+    from .remote.sources import Sources
 
     check_cache_dir(config.cache_dir)
     index = Index(config.cache_dir / "index")
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
-    source = HubSource(config.hub, config.token)
+    sources = Sources(config.sources, config.token)
     try:
         reader = ChunkReader(cache, config.fetch)
-        jobs = JobManager(reader, cache, lambda repo: source, config.jobs, persist=False)
+        jobs = JobManager(reader, cache, lambda repo, url: sources.get(url), config.jobs,
+                          persist=False)
         with JobProgress(sys.stderr if not as_json else sys.stdout,
                          json_lines=as_json) as progress:
             async with trio.open_nursery() as nursery:
@@ -366,7 +372,7 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> JobD
             progress.finish(job.public())
         return job.public()
     finally:
-        await source.aclose()
+        await sources.aclose()
         index.close()
 
 

@@ -24,9 +24,17 @@ from .fetch.reader import MIN_MEMORY_CHUNKS
 from .fetch.tensors import MAX_HEADER
 from .fs.config import FsConfig
 from .jobs import JobsConfig, JobSpec, RepoRequest
-from .remote.config import HttpConfig, HubConfig
+from .remote.config import (
+    S3_ADDRESSING,
+    FileSourceConfig,
+    HttpConfig,
+    HttpSourceConfig,
+    HubConfig,
+    S3Config,
+    SourcesConfig,
+)
 from .settings import DEFAULT_CACHE_SIZE, DEFAULT_REVISION_TTL, Layered, layer, relabel
-from .types import RepoRef
+from .types import RepoSpec
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SIZE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
@@ -101,14 +109,13 @@ def cache_dir_path(cache_dir: str | None, env: Mapping[str, str]) -> Path:
 @dataclass(frozen=True, slots=True)
 class MountConfig:
     mountpoint: Path
-    repos: tuple[RepoRef, ...]  # Hub repos
+    repos: tuple[RepoSpec, ...]  # Hub repos, and ORG/NAME=URL ones (`--repo`, `--url`)
     cache_dir: Path
-    hub: HubConfig
+    sources: SourcesConfig
     fetch: FetchConfig
     fs: FsConfig
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    urls: tuple[tuple[RepoRef, str], ...] = ()  # plain HTTP repos (`--url ORG/NAME=URL`)
     allow_other: bool = False
     force: bool = False
     rebuild_index: bool = False  # a damaged index is rebuilt at start instead of refused
@@ -116,6 +123,10 @@ class MountConfig:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     control_socket: Path | None = None  # the API's Unix socket (None: no API)
     token: str | None = field(default=None, repr=False)
+
+    @property
+    def hub(self) -> HubConfig:
+        return self.sources.hub
 
 
 def _at_least(value: int | float | None, minimum: float, setting: str, what: str) -> None:
@@ -162,6 +173,44 @@ def build_hub_config(v: Values, env: Mapping[str, str]) -> HubConfig:
             raise ConfigError("must be between 1 byte and 8EiB", setting="max_file_size")
         hub = replace(hub, max_file_size=limit)
     return hub
+
+
+def build_s3_config(v: Values, env: Mapping[str, str], hub: HubConfig) -> S3Config:
+    """The S3 store's settings; `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_REGION`
+    / `AWS_DEFAULT_REGION` and `AWS_PROFILE` stand in for settings not given, as the
+    AWS tools read them. Retries and deadlines are the other origins' (`hub.http`)."""
+    endpoint = v.get("s3_endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get(
+        "AWS_ENDPOINT_URL")
+    label = None if v.get("s3_endpoint") else (
+        "AWS_ENDPOINT_URL_S3" if env.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
+    if endpoint and not re.match(r"^https?://[^/\s]+/?$", endpoint):
+        raise ConfigError(f"{endpoint!r} is not an http(s) URL with no path "
+                          "(e.g. http://127.0.0.1:8333)", setting="s3_endpoint", label=label)
+    region = v.get("s3_region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region is not None and not re.fullmatch(r"[a-z0-9-]{1,40}", region):
+        raise ConfigError(f"{region!r} is not a region name (e.g. us-east-1)",
+                          setting="s3_region",
+                          label=None if v.get("s3_region") else "AWS_REGION")
+    addressing = v.get("s3_addressing") or S3Config().addressing
+    if addressing not in S3_ADDRESSING:
+        raise ConfigError(f"{addressing!r} is not one of {', '.join(S3_ADDRESSING)}",
+                          setting="s3_addressing")
+    return S3Config(endpoint=endpoint.rstrip("/") if endpoint else None, region=region,
+                    addressing=addressing, anonymous=bool(v.get("s3_anonymous")),
+                    profile=v.get("s3_profile") or env.get("AWS_PROFILE") or None,
+                    max_listing_entries=hub.max_listing_entries,
+                    max_file_size=hub.max_file_size, http=hub.http)
+
+
+def build_sources_config(v: Values, env: Mapping[str, str]) -> SourcesConfig:
+    """The settings of every origin; listing caps and HTTP deadlines are shared."""
+    hub = build_hub_config(v, env)
+    return SourcesConfig(
+        hub=hub, s3=build_s3_config(v, env, hub),
+        http=HttpSourceConfig(max_listing_entries=hub.max_listing_entries,
+                              max_file_size=hub.max_file_size, http=hub.http),
+        file=FileSourceConfig(max_listing_entries=hub.max_listing_entries,
+                              max_file_size=hub.max_file_size))
 
 
 def build_fetch_config(v: Values, *, demand_reserve: bool = True) -> FetchConfig:
@@ -255,7 +304,7 @@ class _Shared:
 
     cache_dir: Path
     control_socket: Path
-    hub: HubConfig
+    sources: SourcesConfig
     cache: CacheConfig
     jobs: JobsConfig
     token: str | None = field(repr=False)
@@ -264,7 +313,7 @@ class _Shared:
 def _shared(v: Values, env: Mapping[str, str]) -> _Shared:
     cdir = cache_dir_path(v.get("cache_dir"), env)
     return _Shared(cache_dir=cdir, control_socket=control_socket_path(v.get("control_socket"), cdir),
-                   hub=build_hub_config(v, env), cache=build_cache_config(v, cdir),
+                   sources=build_sources_config(v, env), cache=build_cache_config(v, cdir),
                    jobs=build_jobs_config(v), token=load_token(v.get("token_file"), env))
 
 
@@ -275,22 +324,15 @@ def build_mount_config(v: Values, env: Mapping[str, str] | None = None) -> Mount
         raise ConfigError("give MOUNTPOINT (or [mount] mountpoint in the config file)",
                           setting="mountpoint")
     if not repos and not urls:
-        raise ConfigError("give at least one ORG/NAME[@REVISION] (or --url ORG/NAME=URL)",
-                          setting="repos")
-    refs = tuple(RepoRef.parse(r) for r in repos)
-    url_refs = tuple(_parse_url(u) for u in urls)
-    seen: dict[tuple[str, str], RepoRef] = {}
-    for ref in refs + tuple(r for r, _ in url_refs):
-        key = (ref.repo_id.split("/")[0], ref.mount_name)
-        if key in seen:
-            raise ConfigError("listed twice", setting="repos", label="--repo/--url",
-                              subject=str(ref))
-        seen[key] = ref
+        raise ConfigError("give at least one ORG/NAME[@REVISION], datasets/ORG/NAME[@REVISION] "
+                          "or ORG/NAME=URL", setting="repos")
+    specs = tuple(RepoSpec.parse(r) for r in repos) + tuple(_parse_url(u) for u in urls)
+    check_specs(specs)
     ttl = _number(v, "revision_ttl", 0.1, "at least 0.1 seconds")
     shared = _shared(v, env)
     return MountConfig(
-        mountpoint=Path(v["mountpoint"]).absolute(), repos=refs, urls=url_refs,
-        cache_dir=shared.cache_dir, hub=shared.hub, fetch=build_fetch_config(v), fs=FsConfig(),
+        mountpoint=Path(v["mountpoint"]).absolute(), repos=specs,
+        cache_dir=shared.cache_dir, sources=shared.sources, fetch=build_fetch_config(v), fs=FsConfig(),
         prefetch=build_prefetch_config(v), cache=shared.cache,
         allow_other=bool(v.get("allow_other")), force=bool(v.get("force")),
         rebuild_index=bool(v.get("rebuild_index")),
@@ -298,17 +340,28 @@ def build_mount_config(v: Values, env: Mapping[str, str] | None = None) -> Mount
         control_socket=shared.control_socket, token=shared.token)
 
 
-def _parse_url(text: str) -> tuple[RepoRef, str]:
-    """`ORG/NAME=URL` -> (ref, url)."""
-    name, sep, url = text.partition("=")
-    if not sep or not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigError("expected ORG/NAME=http(s)://host/path[/]", setting="urls",
-                          subject=repr(text))
-    ref = RepoRef.parse(name)
-    if ref.pinned:
-        raise ConfigError(f"a plain URL has no revisions; drop @{ref.revision}", setting="urls",
-                          subject=repr(text))
-    return ref, url
+def _parse_url(text: str) -> RepoSpec:
+    """`--url ORG/NAME=URL`, the older spelling of `--repo ORG/NAME=URL`."""
+    if "=" not in text:
+        raise ConfigError("expected ORG/NAME=URL", setting="urls", subject=repr(text))
+    return RepoSpec.parse(text, setting="urls")
+
+
+def check_specs(specs: tuple[RepoSpec, ...]) -> None:
+    """Refuse two repos at one place of the mount, or one inside another's directory
+    (`datasets/x` the model and `datasets/x/y` the dataset)."""
+    seen: dict[str, RepoSpec] = {}
+    for spec in specs:
+        path = spec.ref.mount_path
+        if path in seen:
+            raise ConfigError("listed twice", setting="repos", label="--repo/--url",
+                              subject=str(spec))
+        clash = next((p for p in seen if path.startswith(p + "/") or p.startswith(path + "/")),
+                     None)
+        if clash is not None:
+            raise ConfigError(f"its directory {path} and {clash}'s nest", setting="repos",
+                              subject=str(spec))
+        seen[path] = spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,10 +372,14 @@ class PrefetchJobConfig:
     jobs: JobsConfig
     cache_dir: Path
     control_socket: Path
-    hub: HubConfig
+    sources: SourcesConfig
     fetch: FetchConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     token: str | None = field(default=None, repr=False)
+
+    @property
+    def hub(self) -> HubConfig:
+        return self.sources.hub
 
 
 def build_job_config(v: Values, env: Mapping[str, str] | None = None) -> PrefetchJobConfig:
@@ -330,27 +387,37 @@ def build_job_config(v: Values, env: Mapping[str, str] | None = None) -> Prefetc
     of the mount only (from the config file) are not read."""
     env = os.environ if env is None else env
     if not v.get("repos"):
-        raise ConfigError("give at least one ORG/NAME[@REVISION]", setting="repos", label="REPO")
+        raise ConfigError("give at least one ORG/NAME[@REVISION] or ORG/NAME=URL",
+                          setting="repos", label="REPO")
     include, exclude = tuple(v.get("include") or ()), tuple(v.get("exclude") or ())
     reqs = []
     for text in v["repos"]:
-        ref = RepoRef.parse(text)
-        reqs.append(RepoRequest(ref.repo_id, ref.revision, include, exclude))
+        spec = RepoSpec.parse(text)
+        reqs.append(RepoRequest(spec.ref.repo_id, spec.ref.revision, include, exclude,
+                                url=spec.url))
     shared = _shared(v, env)
     return PrefetchJobConfig(
         spec=JobSpec(tuple(dict.fromkeys(reqs)), pin=bool(v.get("pin")),
                      force=bool(v.get("force"))),
         jobs=shared.jobs, cache_dir=shared.cache_dir, control_socket=shared.control_socket,
-        hub=shared.hub, fetch=build_fetch_config(v, demand_reserve=False), cache=shared.cache,
+        sources=shared.sources, fetch=build_fetch_config(v, demand_reserve=False), cache=shared.cache,
         token=shared.token)
 
 
+# Variables of the Hugging Face and AWS tools that stand for settings.
+_TOOL_ENV = (("endpoint", ("HF_ENDPOINT",)), ("token_file", ("HF_TOKEN",)),
+             ("s3_endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+             ("s3_region", ("AWS_REGION", "AWS_DEFAULT_REGION")), ("s3_profile", ("AWS_PROFILE",)))
+
+
 def _hf_env_wins(layered: Layered, env: Mapping[str, str]) -> dict[str, Any]:
-    """`HF_ENDPOINT` / `HF_TOKEN` are environment too: they beat the config file."""
+    """`HF_ENDPOINT`, `HF_TOKEN`, `AWS_REGION`, ... are environment too: they beat the
+    config file (not flags or `MODELFS_*`)."""
     values = dict(layered.values)
-    for name, var in (("endpoint", "HF_ENDPOINT"), ("token_file", "HF_TOKEN")):
+    for name, names in _TOOL_ENV:
         origin = layered.origin(name)
-        if env.get(var) and origin != "default" and not origin.startswith(("--", "MODELFS_")):
+        if any(env.get(var) for var in names) and origin != "default" \
+                and not origin.startswith(("--", "MODELFS_")):
             values.pop(name, None)
     return values
 

@@ -37,7 +37,7 @@ from .cache import ChunkCache, Index
 from .errors import ConfigError, ModelfsError, UnknownJob
 from .fetch import ChunkReader, Priority, load_snapshot, matches, prefetch_file
 from .schema import ItemDoc, JobDoc, JobSummaryDoc
-from .types import FileEntry, RemoteFile, RepoRef, Source, printable
+from .types import FileEntry, RemoteFile, RepoRef, RepoSpec, Source, printable
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,12 @@ class RepoRequest:
     revision: str = "main"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    url: str | None = None  # ORG/NAME=URL: where the repo is read from (None: the Hub)
 
     @property
     def ref(self) -> RepoRef:
+        if self.url is not None:
+            return RepoRef(self.id)
         return RepoRef.parse(f"{self.id}@{self.revision}")
 
     def selects(self, path: str) -> bool:
@@ -78,13 +81,20 @@ class RepoRequest:
             raw = {"id": raw}
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected an object with an `id`")
-        unknown = set(raw) - {"id", "revision", "include", "exclude"}
+        unknown = set(raw) - {"id", "revision", "include", "exclude", "url"}
         if unknown:
             raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-        repo_id, revision = raw.get("id"), raw.get("revision", "main")
-        if not isinstance(repo_id, str) or not isinstance(revision, str):
-            raise ConfigError(f"{where}.id/revision: expected strings")
-        if "@" in repo_id:
+        repo_id, revision, url = raw.get("id"), raw.get("revision", "main"), raw.get("url")
+        if not isinstance(repo_id, str) or not isinstance(revision, str) \
+                or not isinstance(url, str | None):
+            raise ConfigError(f"{where}.id/revision/url: expected strings")
+        if url is not None or "=" in repo_id:
+            try:
+                spec = RepoSpec.parse(repo_id if url is None else f"{repo_id}={url}")
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            repo_id, url = spec.ref.repo_id, spec.url
+        elif "@" in repo_id:
             repo_id, _, revision = repo_id.partition("@")
         lists = {}
         for key in ("include", "exclude"):
@@ -94,7 +104,7 @@ class RepoRequest:
                 raise ConfigError(f"{where}.{key}: expected a list of at most {MAX_PATTERNS} "
                                   "glob strings")
             lists[key] = tuple(val)
-        req = cls(repo_id, revision, lists["include"], lists["exclude"])
+        req = cls(repo_id, "main" if url else revision, lists["include"], lists["exclude"], url)
         try:
             req.ref  # noqa: B018 -- validates the id and revision
         except ConfigError as exc:
@@ -103,7 +113,7 @@ class RepoRequest:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "revision": self.revision, "include": list(self.include),
-                "exclude": list(self.exclude)}
+                "exclude": list(self.exclude), "url": self.url}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +145,7 @@ class Item:
     entry: FileEntry
     url: str
     local_path: str | None
+    origin: str | None = None  # the repo's ORG/NAME=URL URL (None: the Hub)
     downloaded: int = 0  # bytes cached so far
     fetched: int = 0  # of those, bytes this job fetched from the origin
     state: str = "queued"
@@ -150,14 +161,17 @@ class Item:
 
     def record(self) -> dict[str, Any]:
         e = self.entry
-        return {**self.public(), "content_id": e.content_id, "etag": e.etag}
+        return {**self.public(), "content_id": e.content_id, "etag": e.etag,
+                "version": e.version, "origin": self.origin}
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Item:
-        entry = FileEntry(r["path"], r["bytes"], r["content_id"], r["checksum"], r["etag"])
+        entry = FileEntry(r["path"], r["bytes"], r["content_id"], r["checksum"], r["etag"],
+                          r.get("version"))
         state = "queued" if r["state"] == "running" else r["state"]
         return cls(r["id"], r["repo"], r["revision"], r["commit"], entry, r["url"],
-                   r["local_path"], r["downloaded_bytes"], r["fetched_bytes"], state, r["error"])
+                   r["local_path"], r.get("origin"), r["downloaded_bytes"], r["fetched_bytes"],
+                   state, r["error"])
 
 
 @dataclass(slots=True, eq=False)
@@ -221,7 +235,7 @@ class Job:
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> Job:
         spec = JobSpec(tuple(RepoRequest(x["id"], x["revision"], tuple(x["include"]),
-                                         tuple(x["exclude"])) for x in r["repos"]),
+                                         tuple(x["exclude"]), x.get("url")) for x in r["repos"]),
                        pin=r["pin"], force=r["force"])
         job = cls(r["id"], spec, r["created"], [Item.from_record(i) for i in r["items"]],
                   list(r["errors"]), r["resolved"], r["paused"], r["cancelled"], r["finished"])
@@ -268,11 +282,13 @@ def cancel_saved(index: Index, job_id: str) -> JobSummaryDoc | dict[str, Any]:
 class JobManager:
     """Runs prefetch jobs on a shared `ChunkReader`; see the module docstring.
 
-    `sources(repo_id)` gives the source a repo is read from; `local_path(repo,
+    `sources(repo_id, url)` gives the source a repo is read from (`url`: what
+    ORG/NAME=URL named, None for the Hub) and may refuse it; `local_path(repo,
     revision, path)` where a file shows under the mount (None when not mounted).
     """
 
-    def __init__(self, reader: ChunkReader, cache: ChunkCache, sources: Callable[[str], Source],
+    def __init__(self, reader: ChunkReader, cache: ChunkCache,
+                 sources: Callable[[str, str | None], Source],
                  config: JobsConfig | None = None, *, persist: bool = True,
                  local_path: Callable[[str, str, str], str | None] | None = None) -> None:
         self._reader = reader
@@ -401,9 +417,9 @@ class JobManager:
 
         async def one(n: int, req: RepoRequest) -> None:
             async with limiter:
-                source = self._sources(req.id)
                 ref = req.ref
                 try:
+                    source = self._sources(req.id, req.url)
                     snap, _ = await load_snapshot(source, self._index, ref, force=job.spec.force)
                     if job.spec.pin:
                         await trio.to_thread.run_sync(self._index.pin, source.key, ref.repo_id,
@@ -421,7 +437,7 @@ class JobManager:
                     found[n].append(Item(
                         0, req.id, req.revision, snap.commit, entry,
                         source.file_url(req.id, snap.commit, entry.path),
-                        self._local_path(req.id, req.revision, entry.path)))
+                        self._local_path(req.id, req.revision, entry.path), req.url))
 
         async with trio.open_nursery() as nursery:
             for n, req in enumerate(job.spec.repos):
@@ -467,9 +483,6 @@ class JobManager:
             self._nursery.start_soon(self._run_item, job, item)
 
     async def _run_item(self, job: Job, item: Item) -> None:
-        source = self._sources(item.repo)
-        f = RemoteFile(source, item.repo, item.commit, item.entry)
-
         def progress(n: int, fetched: bool) -> None:
             item.downloaded += n
             item.fetched += n if fetched else 0
@@ -478,6 +491,8 @@ class JobManager:
         try:
             item.downloaded = 0  # counted again from what is cached
             try:
+                f = RemoteFile(self._sources(item.repo, item.origin), item.repo, item.commit,
+                               item.entry)
                 await prefetch_file(self._reader, f, parallel=self.config.per_file,
                                     priority=Priority.PREFETCH, progress=progress,
                                     stopped=lambda: item.state != "running")

@@ -36,6 +36,8 @@ REPO_REQUEST = _obj({
     "revision": ("string", "branch, tag or commit"),
     "include": (_list("string"), "only files matching these globs (none: all)"),
     "exclude": (_list("string"), "skip files matching these globs"),
+    "url": (["string", "null"], "where an ORG/NAME=URL repo is read from (s3://, http(s)://, "
+                                "file://); null for the Hub"),
 })
 
 ITEM = _obj({
@@ -93,6 +95,8 @@ STATUS = _obj({
         "commit": ("string", "what the mount shows now"),
         "resolved_at": ("number", "when that commit was first resolved"),
         "path": ("string", "its directory under the mount"),
+        "url": (["string", "null"], "what ORG/NAME=URL named (credentials cut out); null "
+                                    "for the Hub"),
         "files": ("integer", "files in the snapshot")})), "the mounted repos"),
     "cache": (_obj({
         "usage_bytes": ("integer", "disk used by chunk files"),

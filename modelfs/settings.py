@@ -25,7 +25,7 @@ from .cache import CacheConfig
 from .errors import ConfigError, flag_of
 from .fetch import FetchConfig, PrefetchConfig, SchedulerConfig
 from .jobs import JobsConfig
-from .remote.config import HttpConfig, HubConfig
+from .remote.config import HttpConfig, HubConfig, S3Config
 from .types import printable
 
 DEFAULT_CONFIG = Path("/etc/modelfs/config.toml")
@@ -120,6 +120,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_private_redirects", "hub", "allow_private_redirects", "bool",
             lambda: HttpConfig().allow_private_redirects,
             "Follow redirects to private addresses from a public endpoint (in-cluster mirrors)."),
+    Setting("s3_endpoint", "s3", "endpoint", "str",
+            "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS (https://s3.REGION.amazonaws.com)",
+            "S3-compatible store for s3:// repos (MinIO, Ceph RGW, SeaweedFS, R2, ...)."),
+    Setting("s3_region", "s3", "region", "str",
+            "$AWS_REGION, $AWS_DEFAULT_REGION, the profile's, else us-east-1",
+            "Region requests are signed for."),
+    Setting("s3_addressing", "s3", "addressing", "str", lambda: S3Config().addressing,
+            "auto (virtual-hosted on AWS, path-style on a custom endpoint), path or virtual."),
+    Setting("s3_anonymous", "s3", "anonymous", "bool", lambda: S3Config().anonymous,
+            "Send unsigned requests (a public bucket); no credentials are looked for."),
+    Setting("s3_profile", "s3", "profile", "str", "$AWS_PROFILE, else default",
+            "Profile of ~/.aws/config and ~/.aws/credentials to take credentials from."),
     Setting("read_deadline", "limits", "read_deadline", "float",
             lambda: FetchConfig().read_deadline,
             "Seconds a read through the mount waits for the origin before EIO."),
@@ -139,9 +151,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bandwidth_limit", "limits", "bandwidth", "str", "none",
             "Cap on origin bandwidth, e.g. 200MiB/s."),
     Setting("mountpoint", "mount", "mountpoint", "str", "none", "Where to mount."),
-    Setting("repos", "mount", "repos", "list", "[]", "Hub repos to mount, ORG/NAME[@REV]."),
+    Setting("repos", "mount", "repos", "list", "[]",
+            "Repos to mount: ORG/NAME[@REV] (Hub), datasets/ORG/NAME[@REV] (Hub dataset), "
+            "ORG/NAME=URL (s3://BUCKET/PREFIX/, http(s)://..., file:///path/)."),
     Setting("urls", "mount", "urls", "table", "{}",
-            "Plain HTTP repos: ORG/NAME = URL (a file, or a directory ending in /)."),
+            "URL repos as a table, ORG/NAME = URL (the same as ORG/NAME=URL in repos)."),
     Setting("allow_other", "mount", "allow_other", "bool", "false",
             "Let other users read the mount."),
     Setting("prefetch_on_open", "mount", "prefetch_on_open", "list",

@@ -5,10 +5,12 @@ file as the mount and the fetch layer see it."""
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
 
@@ -16,6 +18,8 @@ from .errors import ConfigError
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 GIT_OID_RE = COMMIT_RE  # a git object id: 40 hex digits
+# The prefix of a Hub dataset's repo id, as in the Hub's URLs: `datasets/ORG/NAME`.
+DATASETS = "datasets"
 # Longest revision (branch or tag name) accepted from a user or an API request.
 MAX_REVISION = 255
 
@@ -54,12 +58,15 @@ class RepoRef:
 
     @classmethod
     def parse(cls, text: str) -> RepoRef:
-        """Parse `ORG/NAME[@REV]` and refuse anything that is not a plain repo id."""
+        """Parse `ORG/NAME[@REV]` or `datasets/ORG/NAME[@REV]` (a Hub dataset) and
+        refuse anything that is not a plain repo id."""
         repo_id, sep, rev = text.partition("@")
         parts = repo_id.split("/")
+        if parts[0] == DATASETS and len(parts) == 3:
+            parts = parts[1:]
         if len(parts) != 2 or not all(_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
-            raise ConfigError("expected ORG/NAME[@REVISION]", setting="repos",
-                              subject=printable(text))
+            raise ConfigError("expected ORG/NAME[@REVISION] or datasets/ORG/NAME[@REVISION]",
+                              setting="repos", subject=printable(text))
         if sep and (bad := bad_revision_reason(rev)):
             raise ConfigError(f"bad revision ({bad})", setting="repos", subject=printable(text))
         return cls(repo_id, rev if sep else "main", pinned=bool(sep))
@@ -67,8 +74,22 @@ class RepoRef:
     @property
     def mount_name(self) -> str:
         """Directory name under the org: `name` or `name@rev`."""
-        name = self.repo_id.split("/")[1]
+        name = self.repo_id.rsplit("/", 1)[1]
         return f"{name}@{self.revision.replace('/', '%2F')}" if self.pinned else name
+
+    @property
+    def parent(self) -> str:
+        """The directories above the repo's own: `org`, or `datasets/org`."""
+        return self.repo_id.rsplit("/", 1)[0]
+
+    @property
+    def mount_path(self) -> str:
+        """Where the repo shows under the mount: `org/name[@rev]` (`datasets/org/name`)."""
+        return f"{self.parent}/{self.mount_name}"
+
+    @property
+    def is_dataset(self) -> bool:
+        return self.repo_id.startswith(DATASETS + "/")
 
     @property
     def is_commit(self) -> bool:
@@ -76,6 +97,91 @@ class RepoRef:
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.pinned else self.repo_id
+
+
+# S3 bucket names (the rules of every store: 3-63 of lowercase, digits, `.` and `-`).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+URL_SCHEMES = ("s3", "http", "https", "file")
+
+
+@dataclass(frozen=True, slots=True)
+class RepoSpec:
+    """What one `--repo` names: a Hub repo (`url` None), or `ORG/NAME=URL`, a repo read
+    from an S3 prefix, an HTTP(S) file or directory, or a local (NFS) directory."""
+
+    ref: RepoRef
+    url: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        """`hf`, `s3`, `http` or `file`."""
+        if self.url is None:
+            return "hf"
+        scheme = self.url.split(":", 1)[0]
+        return "http" if scheme == "https" else scheme
+
+    @classmethod
+    def parse(cls, text: str, *, setting: str = "repos") -> RepoSpec:
+        """`ORG/NAME[@REV]`, `datasets/ORG/NAME[@REV]` or `ORG/NAME=URL`; the URL is
+        normalised (an S3 prefix and a directory end in `/`). Anything else is a
+        `ConfigError` naming the spec and what is wrong with it."""
+        name, sep, url = text.partition("=")
+        if not sep:
+            return cls(RepoRef.parse(text))
+        ref = RepoRef.parse(name)
+        subject = printable(text)
+        if ref.pinned:
+            raise ConfigError(f"a URL repo has no revisions (its versions are the origin's); "
+                              f"drop @{ref.revision}", setting=setting, subject=subject)
+        if ref.is_dataset:
+            raise ConfigError("datasets/ names a Hub dataset; a URL repo is ORG/NAME=URL",
+                              setting=setting, subject=subject)
+        return cls(ref, normalise_url(url, setting=setting, subject=subject))
+
+    def __str__(self) -> str:
+        return f"{self.ref}={self.url}" if self.url else str(self.ref)
+
+
+def normalise_url(url: str, *, setting: str, subject: str) -> str:
+    """Check a repo URL and give it its one spelling (see `RepoSpec.parse`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError("the URL does not parse", setting=setting, subject=subject) from None
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise ConfigError("the URL holds spaces or control characters", setting=setting,
+                          subject=subject)
+    scheme = parts.scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise ConfigError(f"URL scheme {scheme or '(none)'!r} is not one of "
+                          "s3://, http(s)://, file://", setting=setting, subject=subject)
+    if parts.query or parts.fragment:
+        raise ConfigError("the URL may not have a query or fragment", setting=setting,
+                          subject=subject)
+    if scheme == "s3":
+        if not _BUCKET.fullmatch(parts.netloc) or ".." in parts.netloc:
+            raise ConfigError(f"{printable(parts.netloc, 80)} is not an S3 bucket name "
+                              "(3-63 lowercase letters, digits, '.' and '-')",
+                              setting=setting, subject=subject)
+        prefix = parts.path.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"  # a key prefix is a directory: s3://b/models/x lists models/x/
+        if "//" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+            raise ConfigError("the S3 prefix has an empty, '.' or '..' part", setting=setting,
+                              subject=subject)
+        return f"s3://{parts.netloc}/{prefix}"
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError("a file:// URL names a local path (file:///path/)",
+                              setting=setting, subject=subject)
+        path = unquote(parts.path)
+        if not path.startswith("/") or "\0" in path:
+            raise ConfigError("a file:// URL needs an absolute path (file:///path/)",
+                              setting=setting, subject=subject)
+        return "file://" + posixpath.normpath(path).rstrip("/") + "/"
+    if not parts.netloc:
+        raise ConfigError("expected http(s)://host/path[/]", setting=setting, subject=subject)
+    return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +199,8 @@ class FileEntry:
     size: int
     content_id: str
     sha256: str | None = None
-    etag: str | None = None  # plain HTTP: the version the content id stands for
+    etag: str | None = None  # plain HTTP and S3: the version the content id stands for
+    version: str | None = None  # S3: the object's VersionId in a versioned bucket
 
     @property
     def git_oid(self) -> str | None:

@@ -350,7 +350,8 @@ class Index:
         return Snapshot(repo, commit, files, tuple(rec["dirs"]))
 
     def put_snapshot(self, source: str, snap: Snapshot) -> None:
-        rec = {"files": [[f.path, f.size, f.content_id, f.sha256, *([f.etag] if f.etag else [])]
+        rec = {"files": [[f.path, f.size, f.content_id, f.sha256,
+                          *([f.etag, f.version] if f.version else [f.etag] if f.etag else [])]
                          for f in snap.files],
                "dirs": list(snap.directories)}
         blob = codec.compress(json.dumps(rec, separators=(",", ":")).encode())

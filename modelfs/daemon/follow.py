@@ -88,14 +88,15 @@ class RevisionFollower:
         """Show `snap` for `r` from now on (a moved branch, tag or URL). Files whose
         version is an ETag (plain HTTP) can never be fetched at their old version
         again: their chunks are dropped and the kernel's pages of them invalidated."""
-        org = self._tree.child(ROOT_INODE, r.ref.repo_id.split("/")[0])
-        assert org is not None
-        self._replace(org.inode, r.ref.mount_name,
+        parent = self._tree.mkdirs(ROOT_INODE, r.ref.parent, int(resolved_at * 1e9))
+        self._replace(parent.inode, r.ref.mount_name,
                       lambda tree: add_repo(tree, r.source, r.ref, snap, resolved_at))
         log.info("%s moved %s -> %s: new opens see the new tree", r.ref, r.snap.commit[:12],
                  snap.commit[:12])
         now = {f.path: f.content_id for f in snap.files}
-        gone = [old for old in r.snap.files if old.etag and now.get(old.path) != old.content_id]
+        # An S3 object's old version stays readable by its VersionId: its chunks stay.
+        gone = [old for old in r.snap.files
+                if old.etag and not old.version and now.get(old.path) != old.content_id]
         r.snap, r.resolved_at = snap, resolved_at
         for old in gone:
             log.info("%s/%s changed (ETag %s): dropping the old version", r.ref, old.path,

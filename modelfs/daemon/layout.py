@@ -1,7 +1,8 @@
 """The mount's layout: which directory shows which repo at which snapshot.
 
-`MOUNT/<org>/<name>[@rev]/...` per repo, and the Hugging Face cache view
-(`MOUNT/.hf-cache/hub/models--ORG--NAME/{refs,snapshots}`) for the Hub repos,
+`MOUNT/<org>/<name>[@rev]/...` per repo (`MOUNT/datasets/<org>/<name>` for a
+dataset), and the Hugging Face cache view
+(`MOUNT/.hf-cache/hub/{models,datasets}--ORG--NAME/{refs,snapshots}`) for the Hub repos,
 built into a `Tree` (sans-I/O: no FUSE here), and the mount part of the status.
 """
 
@@ -11,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from ..fs.tree import ROOT_INODE, StaticFile, Tree
-from ..types import RemoteFile, RepoRef, Snapshot, Source
+from ..types import DATASETS, RemoteFile, RepoRef, Snapshot, Source
 
 
 @dataclass(slots=True)
@@ -26,6 +28,7 @@ class MountedRepo:
     snap: Snapshot
     resolved_at: float
     hub: bool = False
+    url: str | None = None  # what `ORG/NAME=URL` named; None for the Hub
 
 
 # The Hugging Face cache view: `HF_HUB_CACHE=MOUNT/.hf-cache/hub HF_HUB_OFFLINE=1`.
@@ -33,6 +36,10 @@ HF_VIEW = ".hf-cache/hub"
 
 
 def hf_dir_name(repo_id: str) -> str:
+    """`models--ORG--NAME`, or `datasets--ORG--NAME` for `datasets/ORG/NAME`."""
+    kind, _, name = repo_id.partition("/")
+    if kind == DATASETS and "/" in name:
+        return "datasets--" + name.replace("/", "--")
     return "models--" + repo_id.replace("/", "--")
 
 
@@ -68,8 +75,7 @@ def add_snapshot(tree: Tree, top: int, source: Source, ref: RepoRef, snap: Snaps
 def add_repo(tree: Tree, source: Source, ref: RepoRef, snap: Snapshot, resolved_at: float) -> None:
     """`MOUNT/<org>/<name>[@rev]/...` for one snapshot."""
     mtime = int(resolved_at * 1e9)
-    org = ref.repo_id.split("/")[0]
-    top = tree.mkdirs(tree.mkdirs(ROOT_INODE, org, mtime).inode, ref.mount_name, mtime)
+    top = tree.mkdirs(ROOT_INODE, ref.mount_path, mtime)
     add_snapshot(tree, top.inode, source, ref, snap, mtime)
 
 
@@ -78,8 +84,18 @@ def describe(mountpoint: Path, cache_dir: Path, repos: list[MountedRepo]) -> dic
     return {"mountpoint": str(mountpoint), "cache_dir": str(cache_dir),
             "repos": [{"id": r.ref.repo_id, "revision": r.ref.revision, "source": r.source.key,
                        "commit": r.snap.commit, "resolved_at": r.resolved_at,
-                       "path": str(mountpoint / r.ref.repo_id.split("/")[0] / r.ref.mount_name),
+                       "path": str(mountpoint / r.ref.mount_path), "url": shown_url(r.url),
                        "files": len(r.snap.files)} for r in repos]}
+
+
+def shown_url(url: str | None) -> str | None:
+    """A repo URL without credentials (`https://user:secret@host/` -> `https://host/`)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def local_path(mountpoint: Path,
@@ -88,6 +104,6 @@ def local_path(mountpoint: Path,
     def find(repo: str, revision: str, path: str) -> str | None:
         for r in repos:
             if r.ref.repo_id == repo and r.ref.revision == revision:
-                return str(mountpoint / repo.split("/")[0] / r.ref.mount_name / path)
+                return str(mountpoint / r.ref.mount_path / path)
         return None
     return find

@@ -27,15 +27,13 @@ import trio
 from ..cache import ChunkCache, ChunkStore, Index
 from ..config import MountConfig
 from ..control.server import ControlContext, check_socket_free, serve_control
-from ..errors import CacheCorrupt, RemoteUnavailable
+from ..errors import CacheCorrupt, ConfigError, RemoteUnavailable
 from ..fetch import ChunkReader, OpenPrefetcher, load_snapshot
 from ..fs.operations import Operations
 from ..fs.tree import Tree
 from ..jobs import JobManager
-from ..remote.config import HttpSourceConfig
-from ..remote.hf import HubSource
-from ..remote.http import HttpSource
-from ..types import RepoRef, Source
+from ..remote.sources import Sources
+from ..types import RepoSpec, Source
 from .follow import RevisionFollower, Wake
 from .kernel import sd_notify, tune_kernel
 from .layout import MountedRepo, add_hf_view, add_repo, describe, local_path
@@ -53,32 +51,39 @@ STOP_GRACE = 3.0
 UNMOUNT_POLL = 1.0
 
 
-def _sources(config: MountConfig, hub: HubSource) -> list[tuple[RepoRef, Source]]:
-    pairs: list[tuple[RepoRef, Source]] = [(ref, hub) for ref in config.repos]
-    if config.urls:
-        http = HttpSource(HttpSourceConfig(urls={r.repo_id: u for r, u in config.urls},
-                                           max_file_size=config.hub.max_file_size,
-                                           http=config.hub.http))
-        pairs += [(ref, http) for ref, _ in config.urls]
-    return pairs
-
-
-async def _resolve(config: MountConfig, index: Index, cache: ChunkCache, hub: HubSource,
-                   pairs: list[tuple[RepoRef, Source]]) -> list[MountedRepo]:
+async def _resolve(config: MountConfig, index: Index, cache: ChunkCache,
+                   sources: Sources) -> list[MountedRepo]:
     """Every repo's snapshot, within `START_TIMEOUT` in all."""
     repos: list[MountedRepo] = []
     with trio.move_on_after(START_TIMEOUT) as starting:
-        for ref, source in pairs:
-            snap, resolved_at = await load_snapshot(source, index, ref, force=config.force)
-            repos.append(MountedRepo(ref, source, snap, resolved_at, hub=source is hub))
+        for spec in config.repos:
+            source = sources.for_spec(spec)
+            snap, resolved_at = await load_snapshot(source, index, spec.ref, force=config.force)
+            repos.append(MountedRepo(spec.ref, source, snap, resolved_at, hub=spec.url is None,
+                                     url=spec.url))
             if config.force:
                 for entry in snap.files:
                     await trio.to_thread.run_sync(cache.drop_content, entry.content_id)
     if starting.cancelled_caught:
-        left = [str(ref) for ref, _ in pairs[len(repos):]]
+        left = [str(spec) for spec in config.repos[len(repos):]]
         raise RemoteUnavailable(f"repos {', '.join(left)} not resolved within "
                                 f"{START_TIMEOUT:.0f}s; nothing mounted")
     return repos
+
+
+def _job_sources(sources: Sources, repos: list[MountedRepo]) -> Callable[[str, str | None],
+                                                                       Source]:
+    """The source a job's repo is read from. A `file://` repo is read only when it is
+    mounted: the API must not make the daemon copy any local directory into the cache."""
+    mounted = {(r.ref.repo_id, r.url) for r in repos}
+
+    def get(repo: str, url: str | None) -> Source:
+        if url is not None and RepoSpec.parse(f"x/y={url}").scheme == "file" \
+                and (repo, url) not in mounted:
+            raise ConfigError("a file:// repo is prefetched through the daemon only when it is "
+                              "mounted", setting="repos", subject=f"{repo}={url}")
+        return sources.get(url)
+    return get
 
 
 async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
@@ -92,11 +97,9 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         index = open_index(config)
         stack.callback(index.close)
         cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
-        hub = HubSource(config.hub, config.token)
-        pairs = _sources(config, hub)
-        for source in {id(s): s for s in [hub, *(s for _, s in pairs)]}.values():
-            stack.push_async_callback(source.aclose)
-        repos = await _resolve(config, index, cache, hub, pairs)
+        sources = Sources(config.sources, config.token)
+        stack.push_async_callback(sources.aclose)
+        repos = await _resolve(config, index, cache, sources)
 
         tree = Tree(time.time_ns())
         for r in repos:
@@ -112,8 +115,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         ops = Operations(tree, reader, config.fs, prefetcher)
         follower = RevisionFollower(cache, repos, config.revision_ttl, wake, tree=tree,
                                     replace=ops.replace, invalidate=ops.invalidate_content)
-        by_repo = {r.ref.repo_id: r.source for r in repos}
-        jobs = JobManager(reader, cache, lambda repo: by_repo.get(repo, hub), config.jobs,
+        jobs = JobManager(reader, cache, _job_sources(sources, repos), config.jobs,
                           local_path=local_path(config.mountpoint, repos))
 
         options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}

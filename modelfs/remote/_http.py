@@ -16,10 +16,10 @@ import logging
 import math
 import re
 import socket
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
@@ -28,6 +28,7 @@ import trio
 
 from ..errors import (
     ListingRejected,
+    ModelfsError,
     RemoteAuthError,
     RemoteNotFound,
     RemoteProtocolError,
@@ -58,6 +59,7 @@ class Expect:
     etag: str | None = None
     sha256: str | None = None
     strict_etag: bool = False  # the ETag *is* the version (plain HTTP): any other is stale
+    if_match: bool = False  # ask with If-Match (S3): a 412, never a whole body, when it changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ class HeadResult:
     changed: bool
     size: int | None
     etag: str | None
+    headers: Mapping[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -85,13 +88,34 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-class HttpClient:
-    """An httpx client that only speaks the few request shapes sources need."""
+T = TypeVar("T")
 
-    def __init__(self, config: HttpConfig, *, auth_host: str | None, token: str | None) -> None:
+# Of an error answer, this much body is read for `explain` (S3's XML error document).
+ERROR_BODY = 64 << 10
+
+# Signs a request in place just before it is sent (S3's SigV4: every attempt anew).
+Signer = Callable[[httpx.Request], Awaitable[None]]
+# Turns an error answer (status, headers, the start of its body, what was asked) into
+# the error to raise, or None for the generic one.
+Explainer = Callable[[int, Mapping[str, str], bytes, str], "ModelfsError | None"]
+
+
+class HttpClient:
+    """An httpx client that only speaks the few request shapes sources need.
+
+    `sign` and `explain` let a source (S3) sign each attempt and turn its error
+    documents into messages; with `follow_redirects` False a 3xx is an error
+    (a signed request must not be replayed to another host)."""
+
+    def __init__(self, config: HttpConfig, *, auth_host: str | None, token: str | None,
+                 sign: Signer | None = None, explain: Explainer | None = None,
+                 follow_redirects: bool = True) -> None:
         self._config = config
         self._auth_host = auth_host
         self._token = token
+        self._sign = sign
+        self._explain = explain
+        self._follow = follow_redirects
         self._secret_forms = secret_forms(token) if token else []
         self._client = httpx.AsyncClient(
             follow_redirects=False,
@@ -168,6 +192,30 @@ class HttpClient:
                            allow_private=self._config.allow_private_redirects)
         return nxt
 
+    async def _send(self, method: str, url: str, headers: Mapping[str, str]) -> httpx.Response:
+        """Build, sign (when the source signs) and send one request, streaming the answer."""
+        req = self._client.build_request(method, url, headers=self._headers(url, headers))
+        if self._sign is not None:
+            await self._sign(req)
+        return await self._client.send(req, stream=True)
+
+    def _redirects_to_follow(self, resp: httpx.Response) -> bool:
+        return self._follow and resp.status_code in _REDIRECT_STATUS
+
+    async def _check(self, resp: httpx.Response, what: str, auth_msg: str) -> None:
+        """`_check_status`, after letting the source explain an error answer."""
+        status = resp.status_code
+        if status < 300 or status == 304:
+            return
+        if self._explain is not None:
+            body = b"" if resp.request.method == "HEAD" else await _read_prefix(resp, ERROR_BODY)
+            err = self._explain(status, resp.headers, body, what)
+            if err is not None:
+                raise err
+        if status < 400:
+            raise RemoteProtocolError(f"{what}: unexpected redirect (HTTP {status})")
+        self._check_status(resp, what, auth_msg)
+
     @staticmethod
     def _check_status(resp: httpx.Response, what: str, auth_msg: str) -> None:
         """Turn an unusable status into the matching modelfs error (or `_Retry`)."""
@@ -190,17 +238,31 @@ class HttpClient:
         """GET a JSON document, following redirects on the same host only. The body is
         capped at `max_response_size` and parsed in a worker thread; JSON that does
         not parse (or nests too deep to) is a `RemoteProtocolError`."""
+
+        async def parse(body: bytes, resp: httpx.Response) -> JsonPage:
+            data = await trio.to_thread.run_sync(_parse_json, body)
+            if data is _BAD_JSON:
+                raise RemoteProtocolError(f"{what}: origin sent invalid JSON")
+            return JsonPage(data, next_page_url(resp, what), resp.headers)
+
+        return await self.get_document(url, parse, what=what, auth_msg=auth_msg)
+
+    async def get_document(self, url: str, parse: Callable[[bytes, httpx.Response],
+                                                              Awaitable[T]],
+                              *, what: str, auth_msg: str) -> T:
+        """GET a document (a listing page) and `parse` its body, retried as one
+        operation; redirects on the same host only; the body capped at
+        `max_response_size`."""
         cap = self._config.max_response_size
 
-        async def attempt() -> JsonPage:
+        async def attempt() -> T:
             nxt = url
             try:
                 for _ in range(self._config.max_redirects + 1):
-                    req = self._client.build_request("GET", nxt, headers=self._headers(nxt))
-                    resp = await self._client.send(req, stream=True)
+                    resp = await self._send("GET", nxt, {})
                     try:
-                        if resp.status_code not in _REDIRECT_STATUS:
-                            self._check_status(resp, what, auth_msg)
+                        if not self._redirects_to_follow(resp):
+                            await self._check(resp, what, auth_msg)
                             body = await _read_capped(resp, cap, what)
                             break
                         await resp.aread()
@@ -211,37 +273,39 @@ class HttpClient:
                     raise RemoteProtocolError(f"{what}: too many redirects")
             except httpx.TransportError as exc:
                 raise _Retry(self._describe(exc)) from None
-            data = await trio.to_thread.run_sync(_parse_json, body)
-            if data is _BAD_JSON:
-                raise RemoteProtocolError(f"{what}: origin sent invalid JSON")
-            return JsonPage(data, next_page_url(resp, what), resp.headers)
+            return await parse(body, resp)
 
-        result: JsonPage = await self._with_retries(what, attempt, cap)
+        result: T = await self._with_retries(what, attempt, cap)
         return result
 
     async def head(self, url: str, *, what: str, auth_msg: str,
-                   if_none_match: str | None = None) -> HeadResult:
+                   if_none_match: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> HeadResult:
         """Size and ETag of the resource at `url`; with `if_none_match`, a 304
         (unchanged) costs no body and no listing work."""
 
         async def attempt() -> HeadResult:
-            extra = {"If-None-Match": if_none_match} if if_none_match else {}
+            extra = dict(headers or {})
+            if if_none_match:
+                extra["If-None-Match"] = if_none_match
             try:
-                resp = await self._client.head(url, headers=self._headers(url, extra))
+                resp = await self._send("HEAD", url, extra)
+                await resp.aclose()
                 hops = 0
-                while resp.status_code in _REDIRECT_STATUS and hops < self._config.max_redirects:
+                while self._redirects_to_follow(resp) and hops < self._config.max_redirects:
                     nxt = await self._redirect(resp, what, same_host=False)
-                    resp = await self._client.head(nxt, headers=self._headers(nxt, extra))
+                    resp = await self._send("HEAD", nxt, extra)
+                    await resp.aclose()
                     hops += 1
             except httpx.TransportError as exc:
                 raise _Retry(self._describe(exc)) from None
             if resp.status_code == 304:
                 return HeadResult(False, None, if_none_match)
-            self._check_status(resp, what, auth_msg)
+            await self._check(resp, what, auth_msg)
             clen = resp.headers.get("Content-Length", "")
             if not _DIGITS.fullmatch(clen):
                 raise RemoteProtocolError(f"{what}: origin sent no Content-Length")
-            return HeadResult(True, int(clen), resp.headers.get("ETag"))
+            return HeadResult(True, int(clen), resp.headers.get("ETag"), resp.headers)
 
         result: HeadResult = await self._with_retries(what, attempt)
         return result
@@ -298,12 +362,13 @@ class HttpClient:
                 validator = self._host_etags.get((host, content_id))
                 if expect.strict_etag:
                     validator = expect.etag
-                if validator and not validator.startswith("W/"):
+                if expect.if_match and expect.etag:
+                    extra["If-Match"] = expect.etag
+                elif validator and not validator.startswith("W/"):
                     extra["If-Range"] = validator
-                req = self._client.build_request("GET", url, headers=self._headers(url, extra))
-                resp = await self._client.send(req, stream=True)
+                resp = await self._send("GET", url, extra)
                 try:
-                    if resp.status_code in _REDIRECT_STATUS:
+                    if self._redirects_to_follow(resp):
                         _check_linked(resp.headers, expect, what)
                         hops += 1
                         if hops > self._config.max_redirects:
@@ -318,7 +383,7 @@ class HttpClient:
                         self._redirects.pop(origin_url, None)
                         via_cache, url = False, origin_url
                         continue
-                    self._check_status(resp, what, auth_msg)
+                    await self._check(resp, what, auth_msg)
                     _check_linked(resp.headers, expect, what)
                     if resp.headers.get("Content-Encoding", "identity") != "identity":
                         raise RemoteProtocolError(f"{what}: origin ignored Accept-Encoding")
@@ -475,6 +540,22 @@ def _parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):
         return _BAD_JSON
+
+
+async def _read_prefix(resp: httpx.Response, cap: int) -> bytes:
+    """Up to `cap` bytes of an (error) body; the rest is left unread (the connection
+    is closed with the response). A body that breaks off gives what came."""
+    parts, size = [], 0
+    try:
+        async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_bytes())) as body:
+            async for part in body:
+                parts.append(part)
+                size += len(part)
+                if size >= cap:
+                    break
+    except httpx.HTTPError:
+        pass
+    return b"".join(parts)[:cap]
 
 
 async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:

@@ -77,10 +77,51 @@ class HubConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpSourceConfig:
-    """`urls`: repo id -> URL; `max_listing_entries` caps a directory walk (files
-    and directories), which also goes at most `MAX_DEPTH` directories deep."""
+    """`max_listing_entries` caps a directory walk (files and directories), which
+    also goes at most `MAX_DEPTH` directories deep."""
 
-    urls: dict[str, str] = field(default_factory=dict)
     max_listing_entries: int = 100_000
     max_file_size: int = MAX_FILE_SIZE
     http: HttpConfig = field(default_factory=HttpConfig)
+
+
+S3_ADDRESSING = ("auto", "path", "virtual")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """One S3-compatible store. `endpoint` None is AWS (`https://s3.REGION.amazonaws.com`);
+    `region` None is the profile's, else us-east-1; `addressing` `auto` is
+    virtual-hosted on AWS (bucket names without dots) and path-style on a custom
+    endpoint; `anonymous` sends unsigned requests (public buckets); `profile` names
+    a profile of the shared config files (None: `AWS_PROFILE`, else default)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    addressing: str = "auto"
+    anonymous: bool = False
+    profile: str | None = None
+    max_listing_entries: int = 100_000
+    max_file_size: int = MAX_FILE_SIZE
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class FileSourceConfig:
+    """`max_listing_entries` caps a directory walk, which also goes at most
+    `MAX_DEPTH` directories deep; `threads` bounds the reads in flight (an NFS
+    server that hangs holds at most that many threads)."""
+
+    max_listing_entries: int = 100_000
+    max_file_size: int = MAX_FILE_SIZE
+    threads: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SourcesConfig:
+    """Every origin's settings: what `remote.sources.Sources` builds sources from."""
+
+    hub: HubConfig = field(default_factory=HubConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    http: HttpSourceConfig = field(default_factory=HttpSourceConfig)
+    file: FileSourceConfig = field(default_factory=FileSourceConfig)

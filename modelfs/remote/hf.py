@@ -3,7 +3,9 @@
 Speaks the Hub's HTTP API the way `huggingface_hub` does: revision -> commit
 via `/api/models/{repo}/revision/{rev}`, one recursive, unexpanded tree listing
 per commit (paginated by `Link: rel="next"`), and ranged GETs on
-`/{repo}/resolve/{commit}/{path}` that may redirect to a CDN.
+`/{repo}/resolve/{commit}/{path}` that may redirect to a CDN. A dataset's repo id
+is `datasets/ORG/NAME`, as in the Hub's URLs: its API is `/api/datasets/ORG/NAME`
+and its files `/datasets/ORG/NAME/resolve/...`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 from ..errors import ListingRejected, RemoteNotFound, RemoteProtocolError
-from ..types import COMMIT_RE, FileEntry, RepoRef, Snapshot
+from ..types import COMMIT_RE, DATASETS, FileEntry, RepoRef, Snapshot
 from ._http import Expect, HttpClient
 from .config import HubConfig
 from .listing import clean_listing, hub_entry
@@ -37,13 +39,20 @@ class HubSource:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def _api(self, repo_id: str) -> str:
+        """`/api/models/ORG/NAME`, or `/api/datasets/ORG/NAME` for `datasets/ORG/NAME`."""
+        kind, _, name = repo_id.partition("/")
+        if kind == DATASETS and "/" in name:
+            return f"{self._endpoint}/api/datasets/{name}"
+        return f"{self._endpoint}/api/models/{repo_id}"
+
     @staticmethod
     def _auth_msg(repo_id: str) -> str:
         return f"gated or private repo {repo_id}: set HF_TOKEN or --token-file"
 
     async def resolve(self, ref: RepoRef) -> str:
         """The commit sha `ref.revision` points at now."""
-        url = f"{self._endpoint}/api/models/{ref.repo_id}/revision/{quote(ref.revision, safe='')}"
+        url = f"{self._api(ref.repo_id)}/revision/{quote(ref.revision, safe='')}"
         what = f"repo {ref.repo_id} revision {ref.revision!r}"
         page = await self._http.get_json(url, what=what, auth_msg=self._auth_msg(ref.repo_id))
         sha = page.data.get("sha") if isinstance(page.data, dict) else None
@@ -53,7 +62,7 @@ class HubSource:
 
     async def list_files(self, repo_id: str, commit: str) -> Snapshot:
         """Every file at `commit`, with sizes and content ids, cleaned of unsafe paths."""
-        url: str | None = f"{self._endpoint}/api/models/{repo_id}/tree/{commit}?recursive=true"
+        url: str | None = f"{self._api(repo_id)}/tree/{commit}?recursive=true"
         what = f"repo {repo_id} at {commit[:12]}"
         cap = self._config.max_listing_entries
         files: list[FileEntry | tuple[str, str]] = []

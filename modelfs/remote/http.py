@@ -1,6 +1,6 @@
 """Plain HTTP(S) origins: a file URL, or a directory served with a JSON index.
 
-`--url ORG/NAME=URL` mounts one URL as a repo. A URL ending in `/` is a
+`--repo ORG/NAME=URL` (or `--url`) mounts one URL as a repo. A URL ending in `/` is a
 directory whose listing is nginx's `autoindex_format json` (a JSON list of
 `{"name", "type": "file"|"directory", "size"}`), walked recursively; any other
 URL is a single file. There are no commits: a file's version is its ETag, its
@@ -34,12 +34,16 @@ def content_id(url: str, etag: str) -> str:
 
 
 class HttpSource:
+    """One URL (a file, or a directory tree), mounted as any number of repo ids."""
+
+    # The index names plain HTTP listings by repo id alone (their commits hash the
+    # ETags, so one URL's listing is never taken for another's bytes).
     key = "http"
 
-    def __init__(self, config: HttpSourceConfig) -> None:
-        for repo, url in config.urls.items():
-            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-                raise ConfigError("not an http(s) URL", setting="urls", subject=f"{repo}={url}")
+    def __init__(self, url: str, config: HttpSourceConfig) -> None:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ConfigError("not an http(s) URL", setting="repos", subject=url)
+        self._base = url
         self._config = config
         self._http = HttpClient(config.http, auth_host=None, token=None)
         self._snapshots: dict[tuple[str, str], Snapshot] = {}
@@ -49,7 +53,7 @@ class HttpSource:
         await self._http.aclose()
 
     def _url(self, repo_id: str) -> str:
-        return self._config.urls[repo_id]
+        return self._base
 
     def file_url(self, repo_id: str, commit: str, path: str) -> str:
         """The URL a file is read from (`commit`, an ETag digest here, does not change it)."""

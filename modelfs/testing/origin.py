@@ -8,6 +8,7 @@ branch (change files, `refresh()`) keeps old commits readable.
 Endpoints (like huggingface.co):
 - `GET /api/models/{repo}/revision/{rev}` -> `{"id", "sha", "siblings"}`
 - `GET /api/models/{repo}/tree/{rev}?recursive=true` paginated with `Link: rel="next"`
+- the same under `/api/datasets/` for repos added as `datasets/ORG/NAME`
 - `GET|HEAD /{repo}/resolve/{rev}/{path}`: small files served directly (ETag = git
   blob id); LFS files answer 302 to a second listener acting as CDN, with
   `X-Linked-Etag` (sha256) and `X-Linked-Size`; the CDN serves `/cdn/{sha256}`
@@ -476,6 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(origin.stats())
             elif path.startswith("/api/models/"):
                 self._api(path[len("/api/models/"):], parse_qs(url.query))
+            elif path.startswith("/api/datasets/"):
+                self._api(path[len("/api/datasets/"):], parse_qs(url.query), "datasets/")
             elif "/resolve/" in path:
                 self._resolve(path)
             elif path.startswith("/plain/"):
@@ -502,12 +505,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, code.encode(), error_code=code)
             return None
 
-    def _api(self, rest: str, query: dict[str, list[str]]) -> None:
+    def _api(self, rest: str, query: dict[str, list[str]], kind: str = "") -> None:
+        """`kind` is `datasets/` for the dataset API: its repos are added to the
+        origin as `datasets/ORG/NAME`."""
         parts = rest.split("/")
         if len(parts) < 4 or parts[2] not in ("revision", "tree"):
             self._send(404, b"not found")
             return
-        repo_id = "/".join(parts[:2])
+        repo_id = kind + "/".join(parts[:2])
         rev = parts[3]
         found = self._repo_lookup(repo_id, rev)
         if found is None:
@@ -524,7 +529,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {}
         if cursor + page < len(entries):
             host = self.headers.get("Host", "127.0.0.1")
-            nxt = (f"http://{host}/api/models/{repo_id}/tree/{rev}?recursive=true"
+            api = f"datasets/{repo_id[len(kind):]}" if kind else f"models/{repo_id}"
+            nxt = (f"http://{host}/api/{api}/tree/{rev}?recursive=true"
                    f"&cursor={cursor + page}")
             headers["Link"] = f'<{nxt}>; rel="next"'
         self._json(chunk, headers)

@@ -65,7 +65,8 @@ def test_cache_and_url_options(tmp_path: Path) -> None:
     half = build({}, cache_dir=str(tmp_path / "not" / "yet"), cache_size="50%").cache.limit
     assert half is not None and half > 0  # a share of the file system the dir will be on
     c = build({}, urls=("mirror/m=http://127.0.0.1:8/models/",))
-    assert [(r.repo_id, u) for r, u in c.urls] == [("mirror/m", "http://127.0.0.1:8/models/")]
+    assert [(s.ref.repo_id, s.url) for s in c.repos if s.url] == [
+        ("mirror/m", "http://127.0.0.1:8/models/")]
     with pytest.raises(ConfigError, match="--cache-size"):
         build({}, cache_size="150%")
     with pytest.raises(ConfigError, match="--cache-size"):
@@ -74,7 +75,7 @@ def test_cache_and_url_options(tmp_path: Path) -> None:
         build({}, compression="max")
     with pytest.raises(ConfigError, match="--revision-ttl"):
         build({}, revision_ttl=0)
-    with pytest.raises(ConfigError, match="--url 'mirror/m': expected"):
+    with pytest.raises(ConfigError, match="--url 'mirror/m': expected ORG/NAME=URL"):
         build({}, urls=("mirror/m",))
     with pytest.raises(ConfigError, match="no revisions"):
         build({}, urls=("mirror/m@v1=http://h/x",))
@@ -108,3 +109,70 @@ def test_a_config_error_carries_its_setting_and_each_front_end_names_it(tmp_path
     out = CliRunner().invoke(main, ["cache", "ls", "no-slash", "--cache-dir", str(tmp_path / "c")])
     assert out.exit_code == 2
     assert "REPO 'no-slash': expected ORG/NAME[@REVISION]" in out.output
+
+
+@pytest.mark.parametrize("text, path, url", [
+    ("org/a", "org/a", None),
+    ("org/a@v1.0", "org/a@v1.0", None),
+    ("datasets/org/d", "datasets/org/d", None),
+    ("datasets/org/d@main", "datasets/org/d@main", None),
+    ("org/a=s3://bucket/models/llama", "org/a", "s3://bucket/models/llama/"),
+    ("org/a=s3://my.bucket", "org/a", "s3://my.bucket/"),
+    ("org/a=https://h/x/", "org/a", "https://h/x/"),
+    ("org/a=file:///srv/models/x", "org/a", "file:///srv/models/x/"),
+    ("org/a=file://localhost/srv/m/", "org/a", "file:///srv/m/"),
+])
+def test_one_spec_grammar_for_every_source(text: str, path: str, url: str | None) -> None:
+    from modelfs.types import RepoSpec
+
+    spec = RepoSpec.parse(text)
+    assert (spec.ref.mount_path, spec.url) == (path, url)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("org", "expected ORG/NAME"),
+    ("a/b/c", "expected ORG/NAME"),
+    ("models/a/b", "expected ORG/NAME"),
+    ("org/a=ftp://h/x", "scheme 'ftp'"),
+    ("org/a=s3://Bucket/x", "not an S3 bucket name"),
+    ("org/a=s3://b/x", "not an S3 bucket name"),
+    ("org/a=s3://bucket/a//b/", "empty, '.' or '..'"),
+    ("org/a=s3://bucket/../x", "empty, '.' or '..'"),
+    ("org/a=s3://bucket/x?versionId=1", "query"),
+    ("org/a=file://nfs-host/x", "local path"),
+    ("org/a=file:relative", "absolute path"),
+    ("org/a@v1=s3://bucket/x", "no revisions"),
+    ("datasets/org/d=s3://bucket/", "Hub dataset"),
+    ("org/a=http:///x", r"http\(s\)://host"),
+    ("org/a=http://h/x y", "spaces"),
+])
+def test_a_bad_spec_is_refused_naming_it(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason) as exc:
+        build({}, repos=(text,))
+    assert str(exc.value).startswith(f"--repo {text!r}") or repr(text)[1:-1] in str(exc.value)
+
+
+def test_repos_that_nest_or_repeat_are_refused() -> None:
+    with pytest.raises(ConfigError, match="listed twice"):
+        build({}, repos=("org/a", "org/a=s3://bucket/x/"))
+    with pytest.raises(ConfigError, match="nest"):
+        build({}, repos=("datasets/org", "datasets/org/d"))
+    c = build({}, repos=("org/a", "datasets/org/a", "org/b=s3://bucket/x/"))
+    assert [s.scheme for s in c.repos] == ["hf", "hf", "s3"]
+
+
+def test_s3_settings_and_the_aws_environment() -> None:
+    c = build({"AWS_ENDPOINT_URL": "http://127.0.0.1:8333/", "AWS_REGION": "eu-west-1",
+               "AWS_PROFILE": "ci"}, repos=("org/a=s3://bucket/",))
+    assert (c.sources.s3.endpoint, c.sources.s3.region, c.sources.s3.profile) == (
+        "http://127.0.0.1:8333", "eu-west-1", "ci")
+    c = build({"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "http://b:2"},
+              s3_endpoint=None, s3_anonymous=True)
+    assert (c.sources.s3.endpoint, c.sources.s3.anonymous) == ("http://b:2", True)
+    assert build({"AWS_REGION": "x"}, s3_region="us-east-2").sources.s3.region == "us-east-2"
+    with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL.*not an http"):
+        build({"AWS_ENDPOINT_URL": "s3.local"})
+    with pytest.raises(ConfigError, match="--s3-region"):
+        build({}, s3_region="EU West")
+    with pytest.raises(ConfigError, match="--s3-addressing"):
+        build({}, s3_addressing="dns")

@@ -255,8 +255,7 @@ async def test_a_directory_that_lists_itself_ends(origin: Origin) -> None:
     from modelfs.remote.http import HttpSource
 
     origin.script("/plain/loop/*", [{"name": "a", "type": "directory", "mtime": "-"}])
-    src = HttpSource(HttpSourceConfig(urls={"org/loop": f"{origin.url}/plain/loop/x/"},
-                                      http=FAST))
+    src = HttpSource(f"{origin.url}/plain/loop/x/", HttpSourceConfig(http=FAST))
     with trio.fail_after(20), pytest.raises(ListingRejected, match="nest more than 64 deep"):
         await src.resolve(RepoRef.parse("org/loop"))
     assert len(origin.records) <= 66
@@ -268,8 +267,8 @@ async def test_a_directory_walk_counts_directories_against_the_cap(origin: Origi
     from modelfs.remote.http import HttpSource
 
     origin.script("/plain/wide/*", [{"name": f"d{i}", "type": "directory"} for i in range(50)])
-    src = HttpSource(HttpSourceConfig(urls={"org/wide": f"{origin.url}/plain/wide/x/"},
-                                      max_listing_entries=120, http=FAST))
+    src = HttpSource(f"{origin.url}/plain/wide/x/",
+                     HttpSourceConfig(max_listing_entries=120, http=FAST))
     with pytest.raises(ListingRejected, match="more than 120 entries"):
         await src.resolve(RepoRef.parse("org/wide"))
     assert len(origin.records) <= 4

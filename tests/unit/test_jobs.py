@@ -32,7 +32,7 @@ async def test_a_later_job_is_not_starved_by_an_earlier_one(kit: Kit, origin: Or
         origin.put_file("org/b", "main", f"b{n}.json", rng.randbytes(2 * MiB))
     src = kit.source()
     index, reader = kit.reader()
-    jobs = JobManager(reader, reader.cache, lambda repo: src, JobsConfig(parallel_files=1, per_file=1),
+    jobs = JobManager(reader, reader.cache, lambda repo, url: src, JobsConfig(parallel_files=1, per_file=1),
                       persist=False)
     origin.reset_stats()
     async with trio.open_nursery() as nursery:
@@ -63,7 +63,7 @@ async def test_jobs_persist_and_resume_in_a_new_manager(kit: Kit, origin: Origin
     spec = JobSpec((RepoRequest("org/model", include=("*.json",)),))
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
-        jobs = JobManager(reader, reader.cache, lambda repo: src)
+        jobs = JobManager(reader, reader.cache, lambda repo, url: src)
         await nursery.start(jobs.run)
         job = jobs.submit(spec)
         jobs.pause(job.id)  # before its repos are even listed
@@ -74,7 +74,7 @@ async def test_jobs_persist_and_resume_in_a_new_manager(kit: Kit, origin: Origin
     origin.reset_stats()
     async with trio.open_nursery() as nursery:
         await nursery.start(reader.run)
-        again = JobManager(reader, reader.cache, lambda repo: src)
+        again = JobManager(reader, reader.cache, lambda repo, url: src)
         await nursery.start(again.run)
         restored = again.get(job.id)
         assert restored.state == "paused" and len(restored.items) == len(job.items) == 2

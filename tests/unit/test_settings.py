@@ -44,8 +44,7 @@ def test_the_file_sets_everything_and_env_and_flags_override_it(tmp_path: Path) 
     path = write(tmp_path, CONFIG)
     c, layered = load_mount_config({}, config=path, env={})
     assert str(c.mountpoint) == "/models" and str(c.cache_dir) == "/srv/cache"
-    assert [str(r) for r in c.repos] == ["org/a", "org/b@v1"]
-    assert c.urls[0][1] == "http://files.internal/x/"
+    assert [str(r) for r in c.repos] == ["org/a", "org/b@v1", "web/x=http://files.internal/x/"]
     assert c.fetch.chunk_size == 2 << 20 and c.cache.limit == 10 << 30
     assert c.hub.endpoint == "http://mirror.internal:8080" and c.hub.http.retries == 3
     assert c.fetch.scheduler.max_fetches == 32 and c.jobs.parallel_files == 6

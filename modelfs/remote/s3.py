@@ -1,0 +1,396 @@
+"""S3-compatible object stores (AWS S3, MinIO, Ceph RGW, SeaweedFS, R2, GCS XML).
+
+`--repo ORG/NAME=s3://BUCKET/PREFIX/` mounts the keys under PREFIX as a repo.
+Like plain HTTP there are no commits: a file's version is its ETag (and its
+VersionId in a versioned bucket), its content id a hash of bucket, key and
+version, and the repo's "commit" a hash of the whole listing, so `resolve`
+(ListObjectsV2, paginated) is the re-listing `revision_ttl` drives. Ranged
+GETs carry `If-Match` on the listed ETag: an object overwritten at the origin
+answers 412 (stale), never a blend of two versions; with a VersionId the old
+version stays readable.
+
+Each object seen for the first time is asked for its full-object
+`x-amz-checksum-sha256` (HEAD with `x-amz-checksum-mode: ENABLED`); when the
+store keeps one, the whole file is checked against it like a Hub LFS file.
+
+Signing is botocore's SigV4 (`S3SigV4Auth`) and credentials come from
+botocore's standard chain (environment, profile and shared files, web identity,
+container and instance roles), refreshed before they expire; requests go out
+through the project's `HttpClient`, so retries, deadlines and range checks are
+the same as for every other origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import httpx
+import trio
+
+from ..errors import (
+    ListingRejected,
+    ModelfsError,
+    RemoteAuthError,
+    RemoteNotFound,
+    RemoteProtocolError,
+    RemoteStale,
+)
+from ..types import FileEntry, RepoRef, Snapshot, printable
+from ._http import Expect, HttpClient
+from ._thread import run_abandonable
+from .config import S3Config
+from .listing import bad_size_reason, clean_listing
+
+log = logging.getLogger(__name__)
+# botocore logs each canonical request and signature at debug level.
+logging.getLogger("botocore").setLevel(logging.WARNING)
+
+# Keys a ListObjectsV2 page holds at most (the S3 maximum).
+PAGE_KEYS = 1000
+# HEADs for checksums and version ids in flight at once, and at most per listing
+# (beyond that, objects are checked by chunk checksums only).
+HEAD_PARALLEL = 16
+MAX_HEADS = 10_000
+# How long finding credentials may take (an instance role asks the metadata service).
+CREDENTIALS_TIMEOUT = 30.0
+# Headers that are part of the signature; the rest (User-Agent, Accept, ...) may be
+# changed by a proxy without breaking it.
+_SIGNED = frozenset({"host", "range", "if-match", "if-none-match", "x-amz-checksum-mode"})
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def content_id(endpoint: str, bucket: str, key: str, etag: str, version: str | None) -> str:
+    return "s3-" + hashlib.sha256(
+        f"{endpoint}\n{bucket}\n{key}\n{etag}\n{version or ''}".encode()).hexdigest()
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix/` -> (bucket, prefix); the URL was checked by `RepoSpec`."""
+    parts = urlsplit(url)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+class S3Auth:
+    """Credentials from botocore's chain, found once (in a thread: it may ask a metadata
+    service or STS) and refreshed before they expire; signs requests in place."""
+
+    def __init__(self, config: S3Config) -> None:
+        self._config = config
+        self._credentials: Any = None
+        self._lock = trio.Lock()
+        self.region = config.region or "us-east-1"
+
+    async def _frozen(self) -> Any:
+        async with self._lock:
+            if self._credentials is None:
+                with trio.move_on_after(CREDENTIALS_TIMEOUT) as scope:
+                    self._credentials, region = await run_abandonable(self._find)
+                if scope.cancelled_caught:
+                    raise RemoteAuthError(f"no AWS credentials within {CREDENTIALS_TIMEOUT:.0f}s "
+                                          "(an instance metadata service that does not answer?)")
+                self.region = self._config.region or region or "us-east-1"
+            creds = self._credentials
+            if getattr(creds, "refresh_needed", lambda: False)():
+                try:
+                    return await trio.to_thread.run_sync(creds.get_frozen_credentials)
+                except Exception as exc:
+                    raise RemoteAuthError(f"could not refresh AWS credentials "
+                                          f"({type(exc).__name__})") from None
+            return creds.get_frozen_credentials()
+
+    def _find(self) -> tuple[Any, str | None]:
+        import botocore.exceptions
+        import botocore.session
+
+        try:
+            session = botocore.session.Session(profile=self._config.profile)
+            region = session.get_config_variable("region")
+            creds = session.get_credentials()
+        except botocore.exceptions.ProfileNotFound:
+            raise RemoteAuthError(f"AWS profile {self._config.profile!r} is not in the shared "
+                                  "config or credentials files") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise RemoteAuthError(f"AWS credentials: {type(exc).__name__}: "
+                                  f"{printable(str(exc), 160)}") from None
+        if creds is None:
+            raise RemoteAuthError(
+                "no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                "~/.aws/credentials, a web identity token or an instance role); "
+                "for a public bucket set s3_anonymous")
+        return creds, region
+
+    async def sign(self, req: httpx.Request) -> None:
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        frozen = await self._frozen()
+        aws = AWSRequest(method=req.method, url=str(req.url),
+                         headers={k: v for k, v in req.headers.items() if k.lower() in _SIGNED})
+        S3SigV4Auth(frozen, "s3", self.region).add_auth(aws)
+        for name in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256",
+                     "X-Amz-Security-Token"):
+            if name in aws.headers:
+                req.headers[name] = aws.headers[name]
+
+
+def explain(status: int, headers: Mapping[str, str], body: bytes, what: str) -> ModelfsError | None:
+    """S3's error document (or, for a HEAD, its status) as one line naming the fix."""
+    code, message, region = _error_fields(body)
+    region = headers.get("x-amz-bucket-region") or region
+    detail = f"HTTP {status}" + (f" {code}" if code else "")
+    if code in ("PermanentRedirect", "AuthorizationHeaderMalformed",
+                "IllegalLocationConstraintException") or (300 <= status < 400 and region):
+        where = f"region {region}" if region else "another region or endpoint"
+        return RemoteProtocolError(f"{what}: the bucket is in {where} ({detail}); set s3_region"
+                                   + (f" = {region!r}" if region else " or s3_endpoint"))
+    if code == "NoSuchBucket":
+        return RemoteNotFound(f"{what}: no such bucket ({detail})")
+    if code in ("NoSuchKey", "NoSuchVersion"):
+        return RemoteNotFound(f"{what}: not found ({detail})")
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                "InvalidSecurity", "AuthorizationQueryParametersError"):
+        return RemoteAuthError(f"{what}: bad credentials ({detail})")
+    if code in ("ExpiredToken", "TokenRefreshRequired"):
+        return RemoteAuthError(f"{what}: the credentials have expired ({detail})")
+    if code == "RequestTimeTooSkewed":
+        return RemoteAuthError(f"{what}: this machine's clock is off ({detail})")
+    if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem") or status == 403:
+        return RemoteAuthError(f"{what}: access denied ({detail})")
+    if status == 404:
+        return RemoteNotFound(f"{what}: not found ({detail})")
+    if code == "PreconditionFailed" or status == 412:
+        return RemoteStale(f"{what}: the object changed at the origin ({detail})")
+    if code and status == 400:
+        shown = f": {printable(message, 120)}" if message else ""
+        return RemoteProtocolError(f"{what}: refused ({detail}{shown})")
+    return None  # the generic handling (retries for 5xx, 429)
+
+
+def _xml(body: bytes) -> ET.Element | None:
+    """Parse an answer's XML; None for anything that is not plain XML (a DTD or
+    entities are refused outright rather than trusted to the parser)."""
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+        return None
+    try:
+        return ET.fromstring(body)
+    except ET.ParseError:
+        return None
+
+
+def _text(elem: ET.Element | None, name: str) -> str | None:
+    if elem is None:
+        return None
+    found = elem.find(_NS + name)
+    if found is None:
+        found = elem.find(name)
+    return found.text if found is not None and found.text is not None else None
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    root = _xml(body) if body else None
+    if root is None or root.tag.removeprefix(_NS) != "Error":
+        return None, None, None
+    code = _text(root, "Code")
+    return (printable(code, 60).strip("'\"") if code else None, _text(root, "Message"),
+            _text(root, "Region"))
+
+
+class S3Source:
+    """One bucket and prefix, mounted as any number of repo ids."""
+
+    def __init__(self, url: str, config: S3Config, auth: S3Auth | None) -> None:
+        self._bucket, self._prefix = split_url(url)
+        self._config = config
+        self._auth = auth
+        self._url = url
+        endpoint = config.endpoint or f"https://s3.{config.region or 'us-east-1'}.amazonaws.com"
+        self._endpoint = endpoint.rstrip("/")
+        ep = urlsplit(self._endpoint)
+        virtual = config.addressing == "virtual" or (
+            config.addressing == "auto" and config.endpoint is None and "." not in self._bucket)
+        self._base = (f"{ep.scheme}://{self._bucket}.{ep.netloc}" if virtual
+                      else f"{self._endpoint}/{self._bucket}")
+        self.key = f"s3:{self._endpoint}/{self._bucket}/{self._prefix}"
+        self._http = HttpClient(config.http, auth_host=None, token=None,
+                                sign=auth.sign if auth is not None else None,
+                                explain=explain, follow_redirects=False)
+        self._snapshots: dict[tuple[str, str], Snapshot] = {}
+        # What the last listing found per key: (etag, size) -> entry, so an unchanged
+        # object costs no HEAD at the next one.
+        self._known: dict[str, FileEntry] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def _where(self) -> str:
+        return f"s3://{self._bucket}/{self._prefix}"
+
+    def _auth_msg(self, repo_id: str) -> str:
+        return f"{repo_id}: {self._where}: access denied"
+
+    def _object_url(self, key: str, version: str | None = None) -> str:
+        url = f"{self._base}/{quote(key, safe='/')}"
+        return f"{url}?versionId={quote(version, safe='')}" if version else url
+
+    def file_url(self, repo_id: str, commit: str, path: str) -> str:
+        return f"s3://{self._bucket}/{self._prefix}{path}"
+
+    async def resolve(self, ref: RepoRef) -> str:
+        """List the prefix; the 'commit' is a hash of (path, size, ETag, VersionId)
+        over all files, so it changes exactly when one does."""
+        what = f"{ref.repo_id}: {self._where}"
+        objects, dirs = await self._list(what)
+        fresh = [(path, key, size, etag) for path, key, size, etag in objects
+                 if not self._same(key, size, etag)]
+        if len(fresh) > MAX_HEADS:
+            log.warning("%s: %d new objects; asking the first %d for checksums, the rest are "
+                        "checked by chunk checksums only", what, len(fresh), MAX_HEADS)
+        heads = await self._heads(ref.repo_id, [f[1] for f in fresh[:MAX_HEADS]])
+        files: list[FileEntry | tuple[str, str]] = []
+        for path, key, size, etag in objects:
+            if (bad := bad_size_reason(size, self._config.max_file_size)) is not None:
+                files.append((path, bad))
+                continue
+            known = self._known.get(key)
+            if known is not None and self._same(key, size, etag):
+                files.append(FileEntry(path, known.size, known.content_id, known.sha256,
+                                       known.etag, known.version))
+                continue
+            sha256, version = heads.get(key, (None, None))
+            files.append(FileEntry(path, size, content_id(self._endpoint, self._bucket, key, etag,
+                                                          version),
+                                   sha256=sha256, etag=etag, version=version))
+        kept, directories = clean_listing(ref.repo_id, files, dirs)
+        self._known = {self._prefix + f.path: f for f in kept}
+        commit = hashlib.sha1("\n".join(f"{f.path}\0{f.size}\0{f.etag}\0{f.version or ''}"
+                                        for f in kept).encode()).hexdigest()
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
+        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, directories)
+        return commit
+
+    def _same(self, key: str, size: int, etag: str) -> bool:
+        known = self._known.get(key)
+        return known is not None and known.size == size and known.etag == etag
+
+    async def _list(self, what: str) -> tuple[list[tuple[str, str, int, str]], list[str]]:
+        """Every object under the prefix: (path below it, key, size, ETag), and the
+        "directories" that zero-byte `dir/` marker objects stand for."""
+        cap = self._config.max_listing_entries
+        objects: list[tuple[str, str, int, str]] = []
+        dirs: list[str] = []
+        token: str | None = None
+        seen: set[str] = set()
+        while True:
+            query = (f"list-type=2&encoding-type=url&max-keys={PAGE_KEYS}"
+                     f"&prefix={quote(self._prefix, safe='')}")
+            if token is not None:
+                query += f"&continuation-token={quote(token, safe='')}"
+            page = await self._http.get_document(
+                f"{self._base}/?{query}", self._parse_page, what=f"{what}: listing",
+                auth_msg=self._auth_msg(what))
+            for key, size, etag in page[0]:
+                path = key[len(self._prefix):] if key.startswith(self._prefix) else None
+                if path is None:
+                    log.warning("%s: skipping listing key %s: outside the prefix", what,
+                                printable(key))
+                elif path.endswith("/") and size == 0:
+                    if path.rstrip("/"):
+                        dirs.append(path.rstrip("/"))
+                else:
+                    objects.append((path, key, size, etag))
+            if len(objects) + len(dirs) > cap:
+                raise ListingRejected(f"{what}: more than {cap} keys under the prefix; raise "
+                                      "max_listing_entries if it really is that large")
+            token = page[1]
+            if token is None:
+                return objects, dirs
+            if token in seen:
+                raise ListingRejected(f"{what}: listing pages repeat (continuation token seen "
+                                      "before)")
+            seen.add(token)
+
+    @staticmethod
+    async def _parse_page(body: bytes, resp: httpx.Response) -> tuple[
+            list[tuple[str, int, str]], str | None]:
+        root = await trio.to_thread.run_sync(_xml, body)
+        if root is None or root.tag.removeprefix(_NS) != "ListBucketResult":
+            raise RemoteProtocolError("the store's answer is not a ListObjectsV2 result")
+        encoded = _text(root, "EncodingType") == "url"
+        out = []
+        for item in list(root.findall(_NS + "Contents")) + list(root.findall("Contents")):
+            key, size, etag = _text(item, "Key"), _text(item, "Size"), _text(item, "ETag")
+            if key is None or size is None or not size.isascii() or not size.isdigit():
+                continue
+            if encoded:
+                key = unquote(key)
+            out.append((key, int(size), _quoted(etag or "")))
+        truncated = _text(root, "IsTruncated") == "true"
+        token = _text(root, "NextContinuationToken") if truncated else None
+        if truncated and not token:
+            raise RemoteProtocolError("a truncated listing page without a continuation token")
+        return out, token
+
+    async def _heads(self, repo_id: str, keys: list[str]) -> dict[str, tuple[str | None,
+                                                                           str | None]]:
+        """key -> (full-object sha256 in hex, VersionId) for the keys that have them."""
+        out: dict[str, tuple[str | None, str | None]] = {}
+        limiter = trio.CapacityLimiter(HEAD_PARALLEL)
+
+        async def one(key: str) -> None:
+            async with limiter:
+                head = await self._http.head(
+                    self._object_url(key), what=f"{repo_id}: s3://{self._bucket}/{key}",
+                    auth_msg=self._auth_msg(repo_id), headers={"x-amz-checksum-mode": "ENABLED"})
+            h = head.headers or {}
+            version = h.get("x-amz-version-id")
+            out[key] = (_full_sha256(h), version if version and version != "null" else None)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+        return out
+
+    async def list_files(self, repo_id: str, commit: str) -> Snapshot:
+        snap = self._snapshots.get((repo_id, commit))
+        if snap is None:
+            raise RemoteProtocolError(f"{repo_id}: listing {commit[:12]} is no longer known")
+        return snap
+
+    async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
+                   *, into: bytearray | memoryview | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
+        key = self._prefix + entry.path
+        if start < 0 or start + length > entry.size:
+            raise RemoteNotFound(f"{repo_id}: {entry.path}: range beyond end of file")
+        expect = Expect(size=entry.size, etag=entry.etag, strict_etag=True, if_match=True)
+        return await self._http.get_range(
+            self._object_url(key, entry.version), start, length, expect,
+            what=f"{repo_id}: s3://{self._bucket}/{key}", auth_msg=self._auth_msg(repo_id),
+            content_id=entry.content_id, into=into, progress=progress)
+
+
+def _quoted(etag: str) -> str:
+    etag = etag.strip()
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+def _full_sha256(headers: Mapping[str, str]) -> str | None:
+    """The object's sha256 in hex when the store vouches for the whole object's (not a
+    multipart upload's checksum of part checksums, which ends in `-N`)."""
+    value = headers.get("x-amz-checksum-sha256")
+    kind = headers.get("x-amz-checksum-type", "FULL_OBJECT")
+    if not value or "-" in value or kind.upper() != "FULL_OBJECT":
+        return None
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest.hex() if len(digest) == 32 else None
