@@ -4,7 +4,7 @@ The tree is served read-only through the chunk cache: on NFS the cache is the
 point (a node keeps its own copy of what it read, and cached files stay
 readable when the share goes away, as with the Hub offline). A file's version
 is (size, mtime in ns, inode number), its content id a hash of that and its
-path; the repo's "commit" a hash of the whole walk, so `resolve` is the
+real path; the repo's "commit" a hash of the whole walk, so `resolve` is the
 re-listing that `revision_ttl` drives. A read checks the open file is still
 that version before and after it reads, so a file changed under it gives
 ESTALE, never a blend. Reads are `preadv` in worker threads (bounded, and
@@ -69,8 +69,10 @@ def version_of(st: os.stat_result) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}"
 
 
-def content_id(root: str, path: str, version: str) -> str:
-    return "file-" + hashlib.sha256(f"{root}\n{path}\n{version}".encode()).hexdigest()
+def content_id(real_path: str, version: str) -> str:
+    """Named by the file's real path and version, not the repo's: two repos over one
+    tree (or a symlink inside it) share the file's chunks."""
+    return "file-" + hashlib.sha256(f"{real_path}\n{version}".encode()).hexdigest()
 
 
 def _error(exc: OSError, what: str) -> ModelfsError:
@@ -187,8 +189,8 @@ class FileSource:
                         files.append((path, bad))
                         continue
                     version = version_of(st)
-                    inner = os.path.relpath(target, root_real)
-                    files.append(FileEntry(path, st.st_size, content_id(root_real, inner, version),
+                    files.append(FileEntry(path, st.st_size,
+                                           content_id(os.path.realpath(target), version),
                                            etag=version))
                     real[path] = target
                 else:

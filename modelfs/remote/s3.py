@@ -126,6 +126,13 @@ class S3Auth:
                 "for a public bucket set s3_anonymous")
         return creds, region
 
+    async def ready(self, what: str) -> None:
+        """Find the credentials now, so that a mount without any fails naming `what`."""
+        try:
+            await self._frozen()
+        except RemoteAuthError as exc:
+            raise RemoteAuthError(f"{what}: {exc}") from None
+
     async def sign(self, req: httpx.Request) -> None:
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
@@ -247,6 +254,8 @@ class S3Source:
         """List the prefix; the 'commit' is a hash of (path, size, ETag, VersionId)
         over all files, so it changes exactly when one does."""
         what = f"{ref.repo_id}: {self._where}"
+        if self._auth is not None:
+            await self._auth.ready(what)
         objects, dirs = await self._list(what)
         fresh = [(path, key, size, etag) for path, key, size, etag in objects
                  if not self._same(key, size, etag)]

@@ -185,9 +185,13 @@ class Origin:
         """Re-scan ROOT: refs move to the commit of their current content."""
         repos: dict[str, _Repo] = {}
         orgs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        # ROOT/datasets/ORG/NAME/REF holds the dataset `datasets/ORG/NAME`.
+        datasets = self.root / "datasets"
+        orgs = [o for o in orgs if o != datasets] + (
+            sorted(p for p in datasets.iterdir() if p.is_dir()) if datasets.is_dir() else [])
         for org in orgs:
             for name in sorted(p for p in org.iterdir() if p.is_dir()):
-                repo_id = f"{org.name}/{name.name}"
+                repo_id = str(name.relative_to(self.root))
                 repo = self._repos.get(repo_id) or _Repo()
                 repo.refs = {}
                 for ref in sorted(p for p in name.iterdir() if p.is_dir()):

@@ -111,7 +111,7 @@ def test_a_config_error_carries_its_setting_and_each_front_end_names_it(tmp_path
     assert "REPO 'no-slash': expected ORG/NAME[@REVISION]" in out.output
 
 
-@pytest.mark.parametrize("text, path, url", [
+@pytest.mark.parametrize(("text", "path", "url"), [
     ("org/a", "org/a", None),
     ("org/a@v1.0", "org/a@v1.0", None),
     ("datasets/org/d", "datasets/org/d", None),
@@ -129,7 +129,7 @@ def test_one_spec_grammar_for_every_source(text: str, path: str, url: str | None
     assert (spec.ref.mount_path, spec.url) == (path, url)
 
 
-@pytest.mark.parametrize("text, reason", [
+@pytest.mark.parametrize(("text", "reason"), [
     ("org", "expected ORG/NAME"),
     ("a/b/c", "expected ORG/NAME"),
     ("models/a/b", "expected ORG/NAME"),
