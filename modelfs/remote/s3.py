@@ -257,32 +257,37 @@ class S3Source:
         if self._auth is not None:
             await self._auth.ready(what)
         objects, dirs = await self._list(what)
-        fresh = [(path, key, size, etag) for path, key, size, etag in objects
-                 if not self._same(key, size, etag)]
-        if len(fresh) > MAX_HEADS:
-            log.warning("%s: %d new objects; asking the first %d for checksums, the rest are "
-                        "checked by chunk checksums only", what, len(fresh), MAX_HEADS)
-        heads = await self._heads(ref.repo_id, [f[1] for f in fresh[:MAX_HEADS]])
         files: list[FileEntry | tuple[str, str]] = []
         for path, key, size, etag in objects:
             if (bad := bad_size_reason(size, self._config.max_file_size)) is not None:
                 files.append((path, bad))
-                continue
-            known = self._known.get(key)
-            if known is not None and self._same(key, size, etag):
-                files.append(FileEntry(path, known.size, known.content_id, known.sha256,
-                                       known.etag, known.version))
-                continue
-            sha256, version = heads.get(key, (None, None))
-            files.append(FileEntry(path, size, content_id(self._endpoint, self._bucket, key, etag,
-                                                          version),
-                                   sha256=sha256, etag=etag, version=version))
-        kept, directories = clean_listing(ref.repo_id, files, dirs)
+            elif self._same(key, size, etag):
+                files.append(self._known[key])
+            else:
+                files.append(FileEntry(path, size, "", etag=etag))
+        listed, directories = clean_listing(ref.repo_id, files, dirs)
+        # Only what is kept is asked about: a hostile key is never requested.
+        fresh = [f for f in listed if not f.content_id]
+        if len(fresh) > MAX_HEADS:
+            log.warning("%s: %d new objects; asking the first %d for checksums, the rest are "
+                        "checked by chunk checksums only", what, len(fresh), MAX_HEADS)
+        heads = await self._heads(ref.repo_id, [self._prefix + f.path for f in fresh[:MAX_HEADS]])
+        kept = []
+        for f in listed:
+            if not f.content_id:
+                key = self._prefix + f.path
+                assert f.etag is not None
+                sha256, version = heads.get(key, (None, None))
+                f = FileEntry(f.path, f.size, content_id(self._endpoint, self._bucket, key,
+                                                         f.etag, version),
+                              sha256=sha256, etag=f.etag, version=version)
+            kept.append(f)
         self._known = {self._prefix + f.path: f for f in kept}
         commit = hashlib.sha1("\n".join(f"{f.path}\0{f.size}\0{f.etag}\0{f.version or ''}"
                                         for f in kept).encode()).hexdigest()
         self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
-        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, directories)
+        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, tuple(kept),
+                                                          directories)
         return commit
 
     def _same(self, key: str, size: int, etag: str) -> bool:

@@ -1,0 +1,142 @@
+"""The S3 source's parsing of what a store sends: error documents, listing pages,
+checksum headers. (Its requests run against a real S3 server in
+tests/integration/test_sources.py.)"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import httpx
+import pytest
+
+from modelfs.errors import (
+    ListingRejected,
+    RemoteAuthError,
+    RemoteNotFound,
+    RemoteProtocolError,
+    RemoteStale,
+)
+from modelfs.remote.config import HttpConfig
+from modelfs.remote.s3 import S3Source, _full_sha256, explain
+from modelfs.testing.origin import Origin
+
+WHAT = "org/m: s3://bucket/models/"
+
+
+def error(code: str, message: str = "m", extra: str = "") -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message>{extra}</Error>").encode()
+
+
+@pytest.mark.parametrize(("status", "body", "headers", "kind", "text"), [
+    (404, error("NoSuchBucket"), {}, RemoteNotFound, "no such bucket"),
+    (404, error("NoSuchKey"), {}, RemoteNotFound, "not found (HTTP 404 NoSuchKey)"),
+    (403, error("InvalidAccessKeyId"), {}, RemoteAuthError, "bad credentials"),
+    (403, error("SignatureDoesNotMatch"), {}, RemoteAuthError, "bad credentials"),
+    (400, error("ExpiredToken"), {}, RemoteAuthError, "credentials have expired"),
+    (403, error("RequestTimeTooSkewed"), {}, RemoteAuthError, "clock is off"),
+    (403, error("AccessDenied"), {}, RemoteAuthError, "access denied"),
+    (403, b"", {}, RemoteAuthError, "access denied"),  # a HEAD has no body
+    (301, error("PermanentRedirect"), {"x-amz-bucket-region": "eu-west-1"},
+     RemoteProtocolError, "in region eu-west-1 (HTTP 301 PermanentRedirect); set s3_region = "
+                          "'eu-west-1'"),
+    (400, error("AuthorizationHeaderMalformed", extra="<Region>ap-south-1</Region>"), {},
+     RemoteProtocolError, "region ap-south-1"),
+    (301, b"", {}, RemoteProtocolError, None),  # no region given: the generic redirect error
+    (412, error("PreconditionFailed"), {}, RemoteStale, "changed at the origin"),
+    (400, error("InvalidArgument", "Invalid version id"), {}, RemoteProtocolError,
+     "Invalid version id"),
+])
+def test_error_documents_become_one_line_naming_the_fix(status, body, headers, kind, text) -> None:
+    err = explain(status, httpx.Headers(headers), body, WHAT)
+    if text is None:
+        assert err is None
+        return
+    assert isinstance(err, kind)
+    assert str(err).startswith(WHAT) and text in str(err)
+    assert "\n" not in str(err)
+
+
+def test_5xx_and_throttling_are_left_to_the_retries() -> None:
+    assert explain(503, httpx.Headers(), error("SlowDown"), WHAT) is None
+    assert explain(500, httpx.Headers(), b"<html>oops</html>", WHAT) is None
+
+
+def test_an_error_document_with_entities_is_not_parsed() -> None:
+    bomb = (b'<?xml version="1.0"?><!DOCTYPE e [<!ENTITY a "aaaaaaaaaa">'
+            b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><Error><Code>&b;</Code></Error>')
+    err = explain(403, httpx.Headers(), bomb, WHAT)
+    assert isinstance(err, RemoteAuthError) and "aaaa" not in str(err)
+
+
+def page(keys: list[tuple[str, int, str]], *, token: str | None = None,
+         encoded: bool = True) -> bytes:
+    items = "".join(f"<Contents><Key>{k}</Key><Size>{s}</Size><ETag>&quot;{e}&quot;</ETag>"
+                    "</Contents>" for k, s, e in keys)
+    more = (f"<IsTruncated>true</IsTruncated><NextContinuationToken>{token}"
+            "</NextContinuationToken>") if token else "<IsTruncated>false</IsTruncated>"
+    enc = "<EncodingType>url</EncodingType>" if encoded else ""
+    return (f'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{enc}{items}'
+            f"{more}</ListBucketResult>").encode()
+
+
+async def test_listing_pages_are_parsed_with_url_encoded_keys() -> None:
+    resp = httpx.Response(200)
+    got, token = await S3Source._parse_page(page([("models/a%20b.bin", 5, "e1"),
+                                                  ("models/x", 7, "e2")], token="t/1=="), resp)
+    assert got == [("models/a b.bin", 5, '"e1"'), ("models/x", 7, '"e2"')]
+    assert token == "t/1=="
+    got, token = await S3Source._parse_page(page([("k", -1, "e"), ("j", 1, "e")]), resp)
+    assert got == [("j", 1, '"e"')] and token is None  # a negative size is skipped
+
+
+async def test_unusable_listing_pages_are_refused() -> None:
+    resp = httpx.Response(200)
+    with pytest.raises(RemoteProtocolError, match="not a ListObjectsV2"):
+        await S3Source._parse_page(b"<html>login</html>", resp)
+    with pytest.raises(RemoteProtocolError, match="without a continuation token"):
+        await S3Source._parse_page(page([]).replace(b"false", b"true"), resp)
+
+
+async def test_hostile_listings_from_a_store_are_refused_or_cleaned(origin: Origin) -> None:
+    """The fixture origin plays a store (path-style, unsigned) whose pages misbehave."""
+    from modelfs.remote.config import S3Config
+    from modelfs.types import RepoRef
+
+    cfg = S3Config(endpoint=origin.url, anonymous=True,
+                   http=HttpConfig(retries=0, backoff=0.01))
+    src = S3Source("s3://bucket/models/", cfg, None)
+    origin.script("/bucket/", page([("models/a", 1, "e")], token="again"))
+    with pytest.raises(ListingRejected, match="pages repeat"):
+        await src.resolve(RepoRef("org/m"))
+    keys = [("models/ok.bin", 3, "e1"), ("models/..%2Fescape", 1, "e2"), ("other/x", 1, "e3"),
+            ("models/dir/", 0, "e4"), ("models/dir", 2, "e5"), ("models/%00nul", 1, "e6")]
+    origin.script("/bucket/", page(keys))
+    origin.script("/bucket/models/*", b"", headers={"ETag": '"e1"'})
+    commit = await src.resolve(RepoRef("org/m"))
+    snap = await src.list_files("org/m", commit)
+    # `..%2F`, NUL and keys outside the prefix are skipped; the `dir/` marker collides
+    # with the object `dir` and loses.
+    assert [f.path for f in snap.files] == ["dir", "ok.bin"]
+    assert snap.directories == ()
+    many = [(f"models/k{i}", 1, "e") for i in range(60)]
+    small = S3Source("s3://bucket/models/", S3Config(endpoint=origin.url, anonymous=True,
+                                                     max_listing_entries=50), None)
+    origin.script("/bucket/", page(many))
+    with pytest.raises(ListingRejected, match="more than 50 keys"):
+        await small.resolve(RepoRef("org/m"))
+    await src.aclose()
+    await small.aclose()
+
+
+def test_only_a_full_object_sha256_is_believed() -> None:
+    digest = hashlib.sha256(b"x").digest()
+    value = base64.b64encode(digest).decode()
+    assert _full_sha256({"x-amz-checksum-sha256": value}) == digest.hex()
+    assert _full_sha256({"x-amz-checksum-sha256": value,
+                         "x-amz-checksum-type": "COMPOSITE"}) is None
+    assert _full_sha256({"x-amz-checksum-sha256": value + "-3"}) is None
+    assert _full_sha256({"x-amz-checksum-sha256": "not base64!"}) is None
+    assert _full_sha256({"x-amz-checksum-sha256": base64.b64encode(b"short").decode()}) is None
+    assert _full_sha256({}) is None
