@@ -356,3 +356,24 @@ def test_hub_datasets_mount_under_datasets(mount_factory, origin: Origin, repo_d
     view = m.p(f".hf-cache/hub/datasets--org--corpus/snapshots/{commit}/train.jsonl")
     assert view.read_bytes() == b'{"text": "a"}\n' * 1000
     assert m.p(f"org/model/{WEIGHTS}").stat().st_size == len(repo_data[MAIN][WEIGHTS])
+
+
+def test_s3_versioned_bucket_keeps_an_open_handle_on_its_version(
+        s3_server: S3Server, mount_factory: Any) -> None:
+    bucket = f"versioned-{os.getpid()}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old = random.Random(1).randbytes(4 * MiB + 5)
+    new = random.Random(2).randbytes(len(old))
+    client.put_object(Bucket=bucket, Key="m/w.bin", Body=old)
+    m = mount_factory([], "--repo", f"org/v=s3://{bucket}/m/", "--revision-ttl", "0.3",
+                      env=s3_server.env(READER))
+    path = m.p("org/v/w.bin")
+    with open(path, "rb", buffering=0) as fh:
+        assert fh.read(MiB) == old[:MiB]
+        client.put_object(Bucket=bucket, Key="m/w.bin", Body=new)
+        wait_for(lambda: path.read_bytes() == new, timeout=20, what="the new version")
+        drop_page_cache()
+        # Not cached, not ESTALE: the old version is read by its VersionId.
+        assert fh.read() == old[MiB:]
