@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import mmap
 import os
 import random
@@ -377,3 +378,49 @@ def test_s3_versioned_bucket_keeps_an_open_handle_on_its_version(
         drop_page_cache()
         # Not cached, not ESTALE: the old version is read by its VersionId.
         assert fh.read() == old[MiB:]
+
+
+def test_s3_credentials_from_a_profile_are_refreshed_and_never_logged(
+        s3_server: S3Server, mount_factory: Any, tmp_path: Path,
+        repo_data: dict[str, dict[str, bytes]]) -> None:
+    """AWS_PROFILE and the shared config file, with a `credential_process` whose
+    credentials expire within botocore's refresh window: every use refreshes them."""
+    bucket = f"profile-{os.getpid()}"
+    s3_server.upload_tree(bucket, "m/", {WEIGHTS: repo_data[MAIN][WEIGHTS]})
+    calls = tmp_path / "calls"
+    helper = tmp_path / "creds.py"
+    helper.write_text(
+        "import datetime, json, sys\n"
+        f"open({str(calls)!r}, 'a').write('x')\n"
+        "exp = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"
+        f"print(json.dumps({{'Version': 1, 'AccessKeyId': {READER[0]!r}, "
+        f"'SecretAccessKey': {READER[1]!r}, 'Expiration': exp.strftime('%Y-%m-%dT%H:%M:%SZ')}}))\n")
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile models]\ncredential_process = {sys.executable} {helper}\n"
+                      "region = us-east-1\n")
+    env = s3_server.env(None) | {"AWS_PROFILE": "models", "AWS_CONFIG_FILE": str(config)}
+    m = mount_factory([], "--repo", f"org/m=s3://{bucket}/m/", env=env)
+    assert m.p(f"org/m/{WEIGHTS}").read_bytes() == repo_data[MAIN][WEIGHTS]
+    assert len(calls.read_text()) >= 2  # found once, then refreshed before use
+    assert READER[1] not in m.log_text()
+    with m.client() as c:
+        assert READER[1] not in str(c.status())
+
+
+def test_prefetch_without_a_daemon_warms_the_cache(backend: Backend, tmp_path: Path,
+                                                   mount_factory: Any) -> None:
+    cache = tmp_path / "cache"
+    extra = ["--endpoint", backend.origin.url] if backend.kind == "hf" else []
+    res = subprocess.run([sys.executable, "-m", "modelfs", "prefetch", backend.spec(), "--json",
+                          "--cache-dir", str(cache), "--chunk-size", "1MiB",
+                          "--control-socket", str(tmp_path / "no-daemon.sock"), *extra],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **backend.env})
+    assert res.returncode == 0, res.stderr
+    job = json.loads(res.stdout.splitlines()[-1])
+    assert (job["type"], job["state"], job["files_done"]) == ("job", "done", len(backend.files))
+    # The mount finds every byte in the cache: nothing is fetched again.
+    m = backend.mount(mount_factory, backend.spec())
+    for path, blob in backend.files.items():
+        assert m.p(f"org/model/{path}").read_bytes() == blob
+    assert fetched(m) == 0
