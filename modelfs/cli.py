@@ -436,8 +436,8 @@ def status(config_file: str | None, control_socket: str | None, cache_dir: str |
         return
     click.echo(f"mount      {st['mountpoint']} (pid {st['pid']})")
     for r in st["repos"]:
-        click.echo(f"repo       {r['id']}@{r['revision']} -> {r['commit'][:12]} "
-                   f"({r['files']} files, {r['source']})")
+        name = f"{r['id']}={r['url']}" if r.get("url") else f"{r['id']}@{r['revision']}"
+        click.echo(f"repo       {name} -> {r['commit'][:12]} ({r['files']} files)")
     c, rd, f = st["cache"], st["reads"], st["fetch"]
     limit = human_size(c["limit_bytes"]) if c["limit_bytes"] is not None else "unlimited"
     click.echo(f"cache      {human_size(c['usage_bytes'])} of {limit} ({st['cache_dir']})")

@@ -115,10 +115,7 @@ class RepoSpec:
     @property
     def scheme(self) -> str:
         """`hf`, `s3`, `http` or `file`."""
-        if self.url is None:
-            return "hf"
-        scheme = self.url.split(":", 1)[0]
-        return "http" if scheme == "https" else scheme
+        return source_kind(self.url)
 
     @classmethod
     def parse(cls, text: str, *, setting: str = "repos") -> RepoSpec:
@@ -140,6 +137,14 @@ class RepoSpec:
 
     def __str__(self) -> str:
         return f"{self.ref}={self.url}" if self.url else str(self.ref)
+
+
+def source_kind(url: str | None) -> str:
+    """Which source reads a (checked) repo URL: `hf` for None, `s3`, `http` or `file`."""
+    if url is None:
+        return "hf"
+    scheme = url.split(":", 1)[0]
+    return "http" if scheme == "https" else scheme
 
 
 def normalise_url(url: str, *, setting: str, subject: str) -> str:

@@ -33,7 +33,7 @@ from ..fs.operations import Operations
 from ..fs.tree import Tree
 from ..jobs import JobManager
 from ..remote.sources import Sources
-from ..types import RepoSpec, Source
+from ..types import Source, source_kind
 from .follow import RevisionFollower, Wake
 from .kernel import sd_notify, tune_kernel
 from .layout import MountedRepo, add_hf_view, add_repo, describe, local_path
@@ -78,8 +78,7 @@ def _job_sources(sources: Sources, repos: list[MountedRepo]) -> Callable[[str, s
     mounted = {(r.ref.repo_id, r.url) for r in repos}
 
     def get(repo: str, url: str | None) -> Source:
-        if url is not None and RepoSpec.parse(f"x/y={url}").scheme == "file" \
-                and (repo, url) not in mounted:
+        if source_kind(url) == "file" and (repo, url) not in mounted:
             raise ConfigError("a file:// repo is prefetched through the daemon only when it is "
                               "mounted", setting="repos", subject=f"{repo}={url}")
         return sources.get(url)

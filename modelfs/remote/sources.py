@@ -7,7 +7,7 @@ one set of credentials (found once, refreshed by botocore).
 
 from __future__ import annotations
 
-from ..types import RepoSpec, Source
+from ..types import RepoSpec, Source, source_kind
 from .config import SourcesConfig
 from .file import FileSource
 from .hf import HubSource
@@ -39,7 +39,7 @@ class Sources:
         return self.get(spec.url)
 
     def _make(self, url: str) -> Source:
-        scheme = RepoSpec.parse(f"x/y={url}").scheme
+        scheme = source_kind(url)
         if scheme == "s3":
             auth = None
             if not self.config.s3.anonymous:
