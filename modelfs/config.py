@@ -210,7 +210,7 @@ def build_sources_config(v: Values, env: Mapping[str, str]) -> SourcesConfig:
         http=HttpSourceConfig(max_listing_entries=hub.max_listing_entries,
                               max_file_size=hub.max_file_size, http=hub.http),
         file=FileSourceConfig(max_listing_entries=hub.max_listing_entries,
-                              max_file_size=hub.max_file_size))
+                              max_file_size=hub.max_file_size, http=hub.http))
 
 
 def build_fetch_config(v: Values, *, demand_reserve: bool = True) -> FetchConfig:

@@ -115,6 +115,9 @@ class FileSourceConfig:
     max_listing_entries: int = 100_000
     max_file_size: int = MAX_FILE_SIZE
     threads: int = 16
+    # A read or a walk that takes longer (a hung share) fails as unavailable.
+    http: HttpConfig = field(default_factory=HttpConfig)
+    listing_deadline: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,23 +105,18 @@ class FileSource:
 
     async def resolve(self, ref: RepoRef) -> str:
         what = f"{ref.repo_id}: {self._url}"
-        with trio.fail_after(self._config_deadline()):
-            try:
-                found, dirs, real = await run_abandonable(
-                    self._walk, what, limiter=self._threads)
-            except trio.TooSlowError:
-                raise RemoteUnavailable(f"{what}: listing did not finish within "
-                                        f"{self._config_deadline():.0f}s (a hung share?)") from None
+        deadline = self._config.listing_deadline
+        with trio.move_on_after(deadline) as scope:
+            found, dirs, real = await run_abandonable(self._walk, what, limiter=self._threads)
+        if scope.cancelled_caught:
+            raise RemoteUnavailable(f"{what}: listing did not finish within {deadline:.0f}s "
+                                    "(a hung share?)")
         kept, directories = clean_listing(ref.repo_id, found, dirs)
         self._real.update({f.path: real[f.path] for f in kept})
         commit = hashlib.sha1("\n".join(f"{f.path}\0{f.etag}" for f in kept).encode()).hexdigest()
         self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
         self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, directories)
         return commit
-
-    @staticmethod
-    def _config_deadline() -> float:
-        return 300.0
 
     def _walk(self, what: str) -> tuple[list[FileEntry | tuple[str, str]], list[str],
                                         dict[str, str]]:
@@ -216,13 +211,21 @@ class FileSource:
             raise ValueError("buffer size does not match the range")
         path = self._real.get(entry.path) or os.path.join(self._root, entry.path)
         lease = _Lease()
+        # The same bound as an HTTP attempt: timeout + bytes / min_rate.
+        deadline = self._config.http.attempt_time(length)
         try:
-            await run_abandonable(self._pread, path, entry, start, buf, what, lease,
-                                  limiter=self._threads)
+            with trio.move_on_after(deadline) as scope:
+                await run_abandonable(self._pread, path, entry, start, buf, what, lease,
+                                      limiter=self._threads)
         except BaseException:
             with lease.lock:  # from here on the thread no longer writes into `buf`
                 lease.valid = False
             raise
+        if scope.cancelled_caught:
+            with lease.lock:
+                lease.valid = False
+            raise RemoteUnavailable(f"{what}: no answer from the file system within "
+                                    f"{deadline:.0f}s (a hung share?)")
         if progress is not None:
             progress(length)
         return buf
