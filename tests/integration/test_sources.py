@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -424,3 +425,28 @@ def test_prefetch_without_a_daemon_warms_the_cache(backend: Backend, tmp_path: P
     for path, blob in backend.files.items():
         assert m.p(f"org/model/{path}").read_bytes() == blob
     assert fetched(m) == 0
+
+
+def test_a_hung_share_costs_a_read_eio_not_the_mount(mount_factory, origin: Origin, repo_data,
+                                                     tmp_path: Path) -> None:
+    """The "share" is a modelfs mount whose origin stalls: a read through the file://
+    mount above it fails within its bound, the mount answers meanwhile, and once the
+    share answers again the file reads right."""
+    share = mount_factory(["org/model"])
+    nfs = mount_factory([], "--repo", f"org/nfs=file://{share.path}/org/model/",
+                        "--timeout", "1", "--min-rate", "1GiB/s")
+    data = repo_data[MAIN][WEIGHTS]
+    origin.misbehave("stall_headers", 1, match=WEIGHTS, seconds=6)
+    start = time.monotonic()
+    fd = os.open(nfs.p(f"org/nfs/{WEIGHTS}"), os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as exc:
+            os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    assert exc.value.errno == errno.EIO
+    assert time.monotonic() - start < 5
+    assert sorted(os.listdir(nfs.p("org/nfs")))  # the mount still answers
+    assert "hung share" in nfs.log_text()
+    wait_for(lambda: time.monotonic() - start > 7, timeout=10, what="the stall to end")
+    assert nfs.p(f"org/nfs/{WEIGHTS}").read_bytes() == data
