@@ -153,17 +153,22 @@ class Bench:
 
         cache = self.fresh("rclone-cache")
         mnt = self.fresh("mnt-rclone")
-        rclone = subprocess.Popen(
-            ["rclone", "mount", f":s3:{BUCKET}", str(mnt), "--s3-provider", "Other",
-             "--s3-endpoint", endpoint, "--s3-access-key-id", ADMIN[0],
-             "--s3-secret-access-key", ADMIN[1], "--vfs-cache-mode", "full", "--cache-dir",
-             str(cache), "--read-only", "--config", "/dev/null"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.work / "rclone.log", "ab") as rclone_log:
+            rclone = subprocess.Popen(
+                ["rclone", "mount", f":s3:{BUCKET}", str(mnt), "--s3-provider", "Other",
+                 "--s3-endpoint", endpoint, "--s3-access-key-id", ADMIN[0],
+                 "--s3-secret-access-key", ADMIN[1], "--vfs-cache-mode", "full", "--cache-dir",
+                 str(cache), "--read-only", "--config", "/dev/null"],
+                # rclone's AWS SDK refuses a custom CA bundle on its transport.
+                env={k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"},
+                stdout=subprocess.DEVNULL, stderr=rclone_log)
         try:
             for _ in range(200):
                 if is_mounted(mnt):
                     break
                 time.sleep(0.05)
+            else:
+                raise RuntimeError(f"rclone did not mount; see {self.work / 'rclone.log'}")
             drop_caches()
             self.add("object: rclone mount, cat", self.object_bytes, timed(lambda: sh(
                 "cat", str(mnt / OBJECT), stdout=subprocess.DEVNULL)))
@@ -204,7 +209,7 @@ class Bench:
         else:
             self.notes["runai"] = (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
 
-        mount, _pid = self.modelfs_mount(self.fresh("modelfs-cache"))
+        mount = self.modelfs_mount(self.fresh("modelfs-cache"))
         try:
             drop_caches()
             paths = [str(mount / "bench/repo" / s) for s in self.shards]

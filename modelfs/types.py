@@ -215,6 +215,13 @@ class FileEntry:
         return None
 
     @property
+    def versioned(self) -> bool:
+        """Whether the content id names one immutable version of the bytes: the sha256
+        the origin vouches for, or a hash of an ETag (S3, plain HTTP) or of (size,
+        mtime, inode) (`file://`). Chunks of such a file are named by position."""
+        return self.sha256 is not None or self.etag is not None
+
+    @property
     def checkable(self) -> bool:
         """Whether the origin vouches for a whole-file hash (`whole_hash`)."""
         return bool(self.sha256) or self.git_oid is not None

@@ -401,11 +401,11 @@ class ChunkReader:
             if flight.keep or flight.ticket.priority != Priority.PREFETCH:
                 self._recent.add(key, block)  # a reader will want it soon
             try:
-                # A file with a known sha256 is checked whole (`FileChecks`): its chunks
-                # are named by position, which saves hashing each one.
+                # A file with a known sha256 is checked whole (`FileChecks`), and a content
+                # id of S3, plain HTTP and file:// names one immutable version: their
+                # chunks are named by position, which saves hashing each one.
                 await trio.to_thread.run_sync(self.cache.put, key[0], cs, idx, data,
-                                              f.entry.sha256 is not None, True,
-                                              limiter=self._io)
+                                              f.entry.versioned, True, limiter=self._io)
                 if single:
                     await trio.to_thread.run_sync(self.cache.index.set_checked, key[0])
             except (OSError, ModelfsError) as exc:
