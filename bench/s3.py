@@ -126,10 +126,11 @@ class Bench:
         return path
 
     def modelfs_mount(self, cache: Path) -> Path:
+        """A mount with the defaults an operator gets (weights fetched whole on open)."""
         mnt = self.fresh("mnt-modelfs")
         sh("modelfs", "mount", str(mnt), "--repo", f"bench/big=s3://{BUCKET}/big/",
                  "--repo", f"bench/repo=s3://{BUCKET}/{REPO}", "--cache-dir", str(cache),
-                 "--cache-size", "unlimited", "--prefetch-on-open=", env=self.env,
+                 "--cache-size", "unlimited", env=self.env,
                  capture_output=True, text=True)
         return mnt
 
