@@ -26,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,8 +53,12 @@ log = logging.getLogger(__name__)
 # botocore logs each canonical request and signature at debug level.
 logging.getLogger("botocore").setLevel(logging.WARNING)
 
-# Keys a ListObjectsV2 page holds at most (the S3 maximum).
+# Keys a ListObjectsV2 page holds at most (the S3 maximum); a listing whose pages
+# average fewer than MIN_PAGE_KEYS (beyond a few) is paging for ever, not listing.
 PAGE_KEYS = 1000
+MIN_PAGE_KEYS = 10
+# An ETag or VersionId goes into a header or a query: printable ASCII, bounded.
+_HEADER_VALUE = re.compile(r'[\x21-\x7e]{1,1024}')
 # HEADs for checksums and version ids in flight at once, and at most per listing
 # (beyond that, objects are checked by chunk checksums only).
 HEAD_PARALLEL = 16
@@ -302,6 +307,7 @@ class S3Source:
         dirs: list[str] = []
         token: str | None = None
         seen: set[str] = set()
+        pages = 0
         while True:
             query = (f"list-type=2&encoding-type=url&max-keys={PAGE_KEYS}"
                      f"&prefix={quote(self._prefix, safe='')}")
@@ -310,11 +316,18 @@ class S3Source:
             page = await self._http.get_document(
                 f"{self._base}/?{query}", self._parse_page, what=f"{what}: listing",
                 auth_msg=self._auth_msg(what))
+            pages += 1
+            if pages > 10 + cap // MIN_PAGE_KEYS:
+                raise ListingRejected(f"{what}: listing pages never end (after {pages} pages, "
+                                      f"{len(objects)} keys)")
             for key, size, etag in page[0]:
                 path = key[len(self._prefix):] if key.startswith(self._prefix) else None
                 if path is None:
                     log.warning("%s: skipping listing key %s: outside the prefix", what,
                                 printable(key))
+                elif not _HEADER_VALUE.fullmatch(etag):
+                    log.warning("%s: skipping listing key %s: unusable ETag %s", what,
+                                printable(key), printable(etag, 80))
                 elif path.endswith("/") and size == 0:
                     if path.rstrip("/"):
                         dirs.append(path.rstrip("/"))
@@ -365,7 +378,9 @@ class S3Source:
                     auth_msg=self._auth_msg(repo_id), headers={"x-amz-checksum-mode": "ENABLED"})
             h = head.headers or {}
             version = h.get("x-amz-version-id")
-            out[key] = (_full_sha256(h), version if version and version != "null" else None)
+            if not version or version == "null" or not _HEADER_VALUE.fullmatch(version):
+                version = None
+            out[key] = (_full_sha256(h), version)
 
         async with trio.open_nursery() as nursery:
             for key in keys:
