@@ -450,3 +450,18 @@ def test_a_hung_share_costs_a_read_eio_not_the_mount(mount_factory, origin: Orig
     assert "hung share" in nfs.log_text()
     wait_for(lambda: time.monotonic() - start > 7, timeout=10, what="the stall to end")
     assert nfs.p(f"org/nfs/{WEIGHTS}").read_bytes() == data
+
+
+def test_the_api_reads_a_file_url_only_when_it_is_mounted(mount_factory, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "w.bin").write_bytes(b"mounted")
+    m = mount_factory([], "--repo", f"org/t=file://{tree}/")
+    with m.client() as c:
+        ok = c.prefetch({"repos": [f"org/t=file://{tree}/"]})
+        bad = c.prefetch({"repos": [{"id": "org/etc", "url": "file:///etc/"}]})
+        wait_for(lambda: all(c.job(j["id"])["finished"] for j in (ok, bad)), what="the jobs")
+        ok, bad = c.job(ok["id"]), c.job(bad["id"])
+    assert ok["state"] == "done"
+    assert bad["state"] == "failed" and bad["items"] == []
+    assert "prefetched through the daemon only when it is mounted" in bad["errors"][0]
