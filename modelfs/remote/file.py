@@ -41,7 +41,7 @@ from ..errors import (
 from ..types import FileEntry, RepoRef, Snapshot, printable
 from ._thread import run_abandonable
 from .config import FileSourceConfig
-from .listing import LOGGED_SKIPS, bad_size_reason, clean_listing
+from .listing import LOGGED_SKIPS, Listings, bad_size_reason, clean_listing
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class FileSource:
         self._config = config
         self._threads = trio.CapacityLimiter(config.threads)
         self.key = f"file:{self._root}"
-        self._snapshots: dict[tuple[str, str], Snapshot] = {}
+        self._listings = Listings()
         # Where each listed path is read from (the target of a symlink inside the tree).
         self._real: dict[str, str] = {}
 
@@ -113,10 +113,7 @@ class FileSource:
                                     "(a hung share?)")
         kept, directories = clean_listing(ref.repo_id, found, dirs)
         self._real.update({f.path: real[f.path] for f in kept})
-        commit = hashlib.sha1("\n".join(f"{f.path}\0{f.etag}" for f in kept).encode()).hexdigest()
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
-        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, directories)
-        return commit
+        return self._listings.add(ref.repo_id, kept, directories)
 
     def _walk(self, what: str) -> tuple[list[FileEntry | tuple[str, str]], list[str],
                                         dict[str, str]]:
@@ -195,10 +192,7 @@ class FileSource:
         return files, dirs, real
 
     async def list_files(self, repo_id: str, commit: str) -> Snapshot:
-        snap = self._snapshots.get((repo_id, commit))
-        if snap is None:
-            raise RemoteProtocolError(f"{repo_id}: listing {commit[:12]} is no longer known")
-        return snap
+        return self._listings.get(repo_id, commit)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
                    *, into: bytearray | memoryview | None = None,

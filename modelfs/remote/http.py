@@ -21,7 +21,7 @@ from ..errors import ConfigError, ListingRejected, RemoteProtocolError
 from ..types import FileEntry, RepoRef, Snapshot
 from ._http import Expect, HttpClient
 from .config import HttpSourceConfig
-from .listing import bad_size_reason, clean_listing
+from .listing import Listings, bad_size_reason, clean_listing
 
 # Directory levels a walk descends (a directory that lists itself recurses for ever).
 MAX_DEPTH = 64
@@ -46,7 +46,7 @@ class HttpSource:
         self._base = url
         self._config = config
         self._http = HttpClient(config.http, auth_host=None, token=None)
-        self._snapshots: dict[tuple[str, str], Snapshot] = {}
+        self._listings = Listings()
         self._last: dict[str, dict[str, FileEntry]] = {}  # repo -> path -> entry last seen
 
     async def aclose(self) -> None:
@@ -86,13 +86,7 @@ class HttpSource:
             files.append(FileEntry(path, head.size, content_id(url, head.etag), etag=head.etag))
         kept, dirs = clean_listing(ref.repo_id, files)
         self._last[ref.repo_id] = {f.path: f for f in kept}
-        commit = hashlib.sha1("\n".join(f"{f.path}\0{f.size}\0{f.etag}" for f in kept)
-                              .encode()).hexdigest()
-        # Only the newest listing per repo is kept: a URL that changes for months
-        # must not grow this without bound (older ones live in the index).
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
-        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, kept, dirs)
-        return commit
+        return self._listings.add(ref.repo_id, kept, dirs)
 
     async def _walk(self, repo_id: str, base: str) -> list[str]:
         out: list[str] = []
@@ -125,10 +119,7 @@ class HttpSource:
         return sorted(out)
 
     async def list_files(self, repo_id: str, commit: str) -> Snapshot:
-        snap = self._snapshots.get((repo_id, commit))
-        if snap is None:
-            raise RemoteProtocolError(f"{repo_id}: listing {commit[:12]} is no longer known")
-        return snap
+        return self._listings.get(repo_id, commit)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
                    *, into: bytearray | memoryview | None = None,

@@ -6,12 +6,14 @@ shadow another entry is skipped with a warning, never followed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..types import FileEntry, printable
+from ..errors import RemoteProtocolError
+from ..types import FileEntry, Snapshot, printable
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +127,27 @@ def clean_listing(
 def _parents(path: str) -> list[str]:
     parts = path.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+class Listings:
+    """The newest listing per repo of a source without commits (S3, plain HTTP,
+    `file://`), whose "commit" is a hash of every file's version: it changes exactly
+    when a file does. Only the newest is kept per repo, so a URL that changes for
+    months does not grow this (older listings live in the index)."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+
+    def add(self, repo_id: str, files: tuple[FileEntry, ...], directories: tuple[str, ...]) -> str:
+        """Remember a cleaned listing; return its commit."""
+        commit = hashlib.sha1("\n".join(
+            f"{f.path}\0{f.size}\0{f.etag}" + (f"\0{f.version}" if f.version else "")
+            for f in files).encode()).hexdigest()
+        self._snapshots[repo_id] = Snapshot(repo_id, commit, files, directories)
+        return commit
+
+    def get(self, repo_id: str, commit: str) -> Snapshot:
+        snap = self._snapshots.get(repo_id)
+        if snap is None or snap.commit != commit:
+            raise RemoteProtocolError(f"{repo_id}: listing {commit[:12]} is no longer known")
+        return snap

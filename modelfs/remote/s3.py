@@ -47,7 +47,7 @@ from ..types import FileEntry, RepoRef, Snapshot, printable
 from ._http import Expect, HttpClient
 from ._thread import run_abandonable
 from .config import S3Config
-from .listing import bad_size_reason, clean_listing
+from .listing import Listings, bad_size_reason, clean_listing
 
 log = logging.getLogger(__name__)
 # botocore logs each canonical request and signature at debug level.
@@ -233,7 +233,7 @@ class S3Source:
         self._http = HttpClient(config.http, auth_host=None, token=None,
                                 sign=auth.sign if auth is not None else None,
                                 explain=explain, follow_redirects=False)
-        self._snapshots: dict[tuple[str, str], Snapshot] = {}
+        self._listings = Listings()
         # What the last listing found per key: (etag, size) -> entry, so an unchanged
         # object costs no HEAD at the next one.
         self._known: dict[str, FileEntry] = {}
@@ -288,12 +288,7 @@ class S3Source:
                               sha256=sha256, etag=f.etag, version=version)
             kept.append(f)
         self._known = {self._prefix + f.path: f for f in kept}
-        commit = hashlib.sha1("\n".join(f"{f.path}\0{f.size}\0{f.etag}\0{f.version or ''}"
-                                        for f in kept).encode()).hexdigest()
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != ref.repo_id}
-        self._snapshots[(ref.repo_id, commit)] = Snapshot(ref.repo_id, commit, tuple(kept),
-                                                          directories)
-        return commit
+        return self._listings.add(ref.repo_id, tuple(kept), directories)
 
     def _same(self, key: str, size: int, etag: str) -> bool:
         known = self._known.get(key)
@@ -388,10 +383,7 @@ class S3Source:
         return out
 
     async def list_files(self, repo_id: str, commit: str) -> Snapshot:
-        snap = self._snapshots.get((repo_id, commit))
-        if snap is None:
-            raise RemoteProtocolError(f"{repo_id}: listing {commit[:12]} is no longer known")
-        return snap
+        return self._listings.get(repo_id, commit)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
                    *, into: bytearray | memoryview | None = None,
