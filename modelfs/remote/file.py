@@ -112,7 +112,7 @@ class FileSource:
             raise RemoteUnavailable(f"{what}: listing did not finish within {deadline:.0f}s "
                                     "(a hung share?)")
         kept, directories = clean_listing(ref.repo_id, found, dirs)
-        self._real.update({f.path: real[f.path] for f in kept})
+        self._real = {f.path: real[f.path] for f in kept}  # the newest walk only
         return self._listings.add(ref.repo_id, kept, directories)
 
     def _walk(self, what: str) -> tuple[list[FileEntry | tuple[str, str]], list[str],

@@ -71,9 +71,9 @@ _SIGNED = frozenset({"host", "range", "if-match", "if-none-match", "x-amz-checks
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
-def content_id(endpoint: str, bucket: str, key: str, etag: str, version: str | None) -> str:
+def content_id(store: str, bucket: str, key: str, etag: str, version: str | None) -> str:
     return "s3-" + hashlib.sha256(
-        f"{endpoint}\n{bucket}\n{key}\n{etag}\n{version or ''}".encode()).hexdigest()
+        f"{store}\n{bucket}\n{key}\n{etag}\n{version or ''}".encode()).hexdigest()
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -221,15 +221,12 @@ class S3Source:
         self._bucket, self._prefix = split_url(url)
         self._config = config
         self._auth = auth
-        self._url = url
-        endpoint = config.endpoint or f"https://s3.{config.region or 'us-east-1'}.amazonaws.com"
-        self._endpoint = endpoint.rstrip("/")
-        ep = urlsplit(self._endpoint)
-        virtual = config.addressing == "virtual" or (
-            config.addressing == "auto" and config.endpoint is None and "." not in self._bucket)
-        self._base = (f"{ep.scheme}://{self._bucket}.{ep.netloc}" if virtual
-                      else f"{self._endpoint}/{self._bucket}")
-        self.key = f"s3:{self._endpoint}/{self._bucket}/{self._prefix}"
+        # The store as the index and content ids name it: its endpoint, or `aws`, whose
+        # regional endpoint is known only once the region is (it may come from the
+        # profile, read with the credentials).
+        self._store = config.endpoint or "aws"
+        self.key = f"s3:{self._store}/{self._bucket}/{self._prefix}"
+        self._base = self._bucket_url(config.region or "us-east-1")
         self._http = HttpClient(config.http, auth_host=None, token=None,
                                 sign=auth.sign if auth is not None else None,
                                 explain=explain, follow_redirects=False)
@@ -240,6 +237,15 @@ class S3Source:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def _bucket_url(self, region: str) -> str:
+        cfg = self._config
+        endpoint = (cfg.endpoint or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        ep = urlsplit(endpoint)
+        virtual = cfg.addressing == "virtual" or (
+            cfg.addressing == "auto" and cfg.endpoint is None and "." not in self._bucket)
+        return (f"{ep.scheme}://{self._bucket}.{ep.netloc}" if virtual
+                else f"{endpoint}/{self._bucket}")
 
     @property
     def _where(self) -> str:
@@ -261,6 +267,7 @@ class S3Source:
         what = f"{ref.repo_id}: {self._where}"
         if self._auth is not None:
             await self._auth.ready(what)
+            self._base = self._bucket_url(self._auth.region)
         objects, dirs = await self._list(what)
         files: list[FileEntry | tuple[str, str]] = []
         for path, key, size, etag in objects:
@@ -283,7 +290,7 @@ class S3Source:
                 key = self._prefix + f.path
                 assert f.etag is not None
                 sha256, version = heads.get(key, (None, None))
-                f = FileEntry(f.path, f.size, content_id(self._endpoint, self._bucket, key,
+                f = FileEntry(f.path, f.size, content_id(self._store, self._bucket, key,
                                                          f.etag, version),
                               sha256=sha256, etag=f.etag, version=version)
             kept.append(f)
