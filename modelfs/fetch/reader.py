@@ -78,6 +78,8 @@ MIN_MEMORY_CHUNKS = 8
 # Cached chunks loaded into memory ahead of a sequential reader (32 MiB at 4 MiB
 # chunks): enough to keep the disk busy, well within the memory budget.
 LOAD_AHEAD = 8
+# A fetched chunk waits at most this long for a thread to store it in.
+STORE_WAIT = 10.0
 
 
 class ChunkReader:
@@ -374,6 +376,12 @@ class ChunkReader:
             # A file of one chunk with a known hash (a small Hub file: its git blob id)
             # is checked before any byte of it is served or stored.
             single = length == f.entry.size and f.entry.checkable
+
+            def received(n: int) -> None:
+                if n == length and flight.scope is not None:
+                    flight.scope.shield = True  # received whole: it is stored (`_store`)
+                flight.advance(n)
+
             async with self.scheduler.slot(flight.ticket):
                 # The HTTP client's reads of the body are buffers too.
                 # Into a reused page-aligned buffer, written to disk from it as it
@@ -387,7 +395,7 @@ class ChunkReader:
                 self._stats.in_flight += 1
                 try:
                     await f.source.read(f.repo_id, f.commit, f.entry, start, length, into=data,
-                                        progress=None if single else flight.advance)
+                                        progress=None if single else received)
                 finally:
                     self._stats.in_flight -= 1
                     self.budget.unreserve(RECEIVE_HELD)
@@ -400,22 +408,8 @@ class ChunkReader:
                 flight.filled = length
             if flight.keep or flight.ticket.priority != Priority.PREFETCH:
                 self._recent.add(key, block)  # a reader will want it soon
-            try:
-                # A file with a known sha256 is checked whole (`FileChecks`), and a content
-                # id of S3, plain HTTP and file:// names one immutable version: their
-                # chunks are named by position, which saves hashing each one.
-                await trio.to_thread.run_sync(self.cache.put, key[0], cs, idx, data,
-                                              f.entry.versioned, True, limiter=self._io)
-                if single:
-                    await trio.to_thread.run_sync(self.cache.index.set_checked, key[0])
-            except (OSError, ModelfsError) as exc:
-                # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
-                self._stats.count_error(getattr(exc, "kind", "cache"))
-                log.error("could not store chunk %d of %s (%s); serving it uncached",
-                          idx, f.name, exc)
-            else:
-                if not single:
-                    self._checks.stored(f, idx, block)
+            if await self._store(f, idx, data, single) and not single:
+                self._checks.stored(f, idx, block)
         except Exception as exc:
             self._stats.fetch_errors += 1
             self._stats.count_error(exc.kind if isinstance(exc, ModelfsError) else "internal")
@@ -429,6 +423,40 @@ class ChunkReader:
             self._fetches.end(key, flight)
             if block is not None:
                 block.release()  # the flight's hold
+
+    async def _store(self, f: RemoteFile, idx: int, data: bytearray | memoryview,
+                     single: bool) -> bool:
+        """Write a fetched chunk to the cache; False if it stays uncached.
+
+        Shielded, as is the fetch once its last byte is in (`received`): a daemon
+        that stops (an unmount cancels everything) still keeps the chunks it has
+        fetched, and often already served, so a file read whole before a restart
+        is whole in the cache after it. The wait for a store
+        thread is bounded by `STORE_WAIT`; the store itself is one file write and
+        one index commit."""
+        content_id = f.entry.content_id
+        try:
+            with trio.CancelScope(shield=True) as storing:
+                storing.deadline = trio.current_time() + STORE_WAIT
+                # A file with a known sha256 is checked whole (`FileChecks`), and a content
+                # id of S3, plain HTTP and file:// names one immutable version: their
+                # chunks are named by position, which saves hashing each one.
+                await trio.to_thread.run_sync(self.cache.put, content_id,
+                                              self.config.chunk_size, idx, data,
+                                              f.entry.versioned, True, limiter=self._io)
+                if single:
+                    await trio.to_thread.run_sync(self.cache.index.set_checked, content_id)
+        except (OSError, ModelfsError) as exc:
+            # The bytes are good; only caching them failed (e.g. ENOSPC): serve them.
+            self._stats.count_error(getattr(exc, "kind", "cache"))
+            log.error("could not store chunk %d of %s (%s); serving it uncached",
+                      idx, f.name, exc)
+            return False
+        if storing.cancelled_caught:
+            log.error("could not store chunk %d of %s (no store thread free within %gs); "
+                      "serving it uncached", idx, f.name, STORE_WAIT)
+            return False
+        return True
 
     async def _refetch(self, f: RemoteFile) -> None:
         for idx in range(chunk_count(f.entry.size, self.config.chunk_size)):

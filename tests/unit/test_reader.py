@@ -183,3 +183,23 @@ async def test_a_chunk_that_cannot_be_stored_is_still_served(kit: Kit, origin: O
     assert "could not store chunk 0 of org/model/model.safetensors" in caplog.text
     index.close()
     await src.aclose()
+
+
+
+async def test_a_chunk_read_whole_is_stored_even_when_the_reader_stops_at_once(kit: Kit,
+        origin: Origin, repo_data, tmp_path: Path) -> None:
+    """An unmount right after the last read cancels everything: the chunk that
+    read had fetched is still stored, so a file read whole is cached whole."""
+    src = kit.source()
+    f = await kit.remote_file(src)
+    w = repo_data["org/model@main"]["model.safetensors"]
+    index, reader = kit.reader(FetchConfig(chunk_size=MiB,
+                                           readahead=ReadAheadConfig(trigger=1 << 40)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        # The chunk's last bytes: the read returns as they arrive, before the store.
+        assert bytes(await reader.read(f, 3 * MiB - 100, 100)) == w[3 * MiB - 100:3 * MiB]
+        nursery.cancel_scope.cancel()
+    assert reader.cache.lookup(f.entry.content_id, MiB, 2) is not None
+    index.close()
+    await src.aclose()
