@@ -120,7 +120,8 @@ _SHARED_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     *(setting_option(n) for n in (
         "endpoint", "cache_dir", "token_file", "chunk_size", "retries", "retry_backoff",
         "timeout", "request_deadline", "min_rate", "max_response_size", "max_file_size",
-        "allow_private_redirects", "max_connections", "per_file_connections", "memory_limit",
+        "allow_private_redirects", "max_connections", "per_file_connections", "request_size",
+        "memory_limit",
         "bandwidth_limit", "cache_size", "s3_endpoint", "s3_region", "s3_anonymous",
         "s3_profile")),
     setting_option("s3_addressing", type=click.Choice(["auto", "path", "virtual"])),

@@ -225,6 +225,11 @@ def build_fetch_config(v: Values, *, demand_reserve: bool = True) -> FetchConfig
             raise ConfigError("must be a power of two between 64KiB and 256MiB",
                               setting="chunk_size")
         fetch = replace(fetch, chunk_size=cs)
+    if v.get("request_size"):
+        rs = parse_size(v["request_size"], setting="request_size")
+        if rs < 64 << 10 or rs > 1 << 30:
+            raise ConfigError("must be between 64KiB and 1GiB", setting="request_size")
+        fetch = replace(fetch, request_size=rs)
     sched = fetch.scheduler
     if (conns := _number(v, "max_connections", 2, "2 or more")) is not None:
         sched = replace(sched, max_fetches=conns,

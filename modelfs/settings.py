@@ -141,6 +141,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("per_file_connections", "limits", "per_file_connections", "int",
             lambda: PrefetchConfig().per_file,
             "Concurrent ranged GETs of one file's prefetch."),
+    Setting("request_size", "limits", "request_size", "str",
+            lambda: size_text(FetchConfig().request_size),
+            "Largest prefetch request: consecutive missing chunks in one ranged GET "
+            "(whole chunks, at least one)."),
     Setting("parallel_files", "limits", "parallel_files", "int",
             lambda: JobsConfig().parallel_files,
             "Files prefetched at once, over all jobs."),

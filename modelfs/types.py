@@ -247,6 +247,19 @@ class Snapshot:
     directories: tuple[str, ...] = ()
 
 
+class Segments(Protocol):
+    """Where a ranged read puts its bytes when one request fills several chunk
+    buffers: `next()` is the buffer for the bytes that come next (awaited, so the
+    memory of a chunk is taken only when its bytes arrive); their lengths add up
+    to the range's."""
+
+    async def next(self) -> memoryview: ...
+
+
+# A read's destination: one buffer of the range's length, or `Segments`.
+ReadInto = bytearray | memoryview | Segments
+
+
 class Source(Protocol):
     """What every origin answers: resolve a repo+revision to an immutable commit,
     list its files, read a byte range of one version of a file. `key` names the
@@ -258,8 +271,11 @@ class Source(Protocol):
     async def list_files(self, repo_id: str, commit: str) -> Snapshot: ...
     def file_url(self, repo_id: str, commit: str, path: str) -> str: ...
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | memoryview | None = None,
-                   progress: Callable[[int], None] | None = None) -> bytearray | memoryview: ...
+                   *, into: ReadInto | None = None,
+                   progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
+        """The bytes, in `into` when given (with `Segments`, in them: the result is
+        then empty); `progress(n)`: the first n bytes are in place."""
+        ...
     async def aclose(self) -> None: ...
 
 

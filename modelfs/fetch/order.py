@@ -125,5 +125,16 @@ class Frontier:
         self._his[i:i + 1] = [y for _, y in pieces]
         return r
 
+    def take_exact(self, r: int) -> bool:
+        """Hand out rank `r` if it was not yet; False if it was."""
+        i = bisect_right(self._his, r)
+        if i == len(self._los) or self._los[i] > r:
+            return False
+        lo, hi = self._los[i], self._his[i]
+        pieces = [(x, y) for x, y in ((lo, r), (r + 1, hi)) if x < y]
+        self._los[i:i + 1] = [x for x, _ in pieces]
+        self._his[i:i + 1] = [y for _, y in pieces]
+        return True
+
 
 __all__ = ["ChunkOrder", "Frontier"]

@@ -1,7 +1,9 @@
 """Whole-file prefetch: in the background on open, or for `modelfs prefetch`.
 
-Chunks are fetched `per_file` at a time at PREFETCH priority (demand reads and
-read-ahead go first), in an order that follows the file's reader: the next
+Chunks are fetched `per_file` requests at a time at PREFETCH priority (demand
+reads and read-ahead go first), each request for a run of consecutive missing
+chunks of up to `FetchConfig.request_size` (`ChunkReader.ensure_run`), in an
+order that follows the file's reader: the next
 missing chunk at or after where it reads now, then the rest. On open of a
 safetensors file "after" means in the order loaders consume it: tensors by name
 (`tensors.py`), so a loader calling `get_tensor` over sorted keys finds the next
@@ -114,6 +116,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
         for idx in cached:
             progress(min(cs, f.entry.size - idx * cs), False)
     todo = Frontier(total)
+    run_chunks = max(1, reader.config.request_size // cs)
     missing = total - len(cached)
 
     def rank_of(pos: int | None) -> int:
@@ -136,13 +139,27 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             if idle.cancelled_caught:
                 return
 
+    def run_from(idx: int) -> int:
+        """How many chunks from `idx` on one request takes: the next ones in offset
+        order while they are missing, not handed out and next in `order` too."""
+        n = 1
+        while n < run_chunks and idx + n < total and idx + n not in cached \
+                and not (stopped is not None and stopped()) \
+                and order.rank(idx + n) == order.rank(idx) + n \
+                and todo.take_exact(order.rank(idx + n)):
+            n += 1
+        return n
+
+    def done(idx: int, fetched: int) -> None:
+        if progress:
+            progress(min(cs, f.entry.size - idx * cs), fetched > 0)
+
     async def worker() -> None:
         while (idx := next_index()) is not None:
             if keep:
                 await near_reader(idx)
-            fetched = await reader.ensure(f, idx, priority, keep=keep)
-            if progress:
-                progress(min(cs, f.entry.size - idx * cs), fetched > 0)
+            count = run_from(idx)
+            await reader.ensure_run(f, idx, count, priority, done, keep=keep, stopped=stopped)
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(parallel, missing)):

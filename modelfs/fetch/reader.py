@@ -54,11 +54,16 @@ from .stats import ReaderStats
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_LIMIT = 192 << 20
+# Per byte, a 16 MiB ranged GET costs the HTTP client about 0.6x the CPU of four
+# 4 MiB ones (httpx on trio, one local S3 server; docs/benchmarks.md).
+DEFAULT_REQUEST_SIZE = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class FetchConfig:
-    """`chunk_size` is the unit of caching and of one origin request;
+    """`chunk_size` is the unit of caching and of a demand read's origin request;
+    `request_size` is the most one prefetch request asks for (consecutive missing
+    chunks in one ranged GET);
     `memory_limit` bounds every chunk buffer the daemon holds (fetches in flight,
     chunks kept for readers or for a whole-file hash, load buffers);
     `io_threads` bounds the threads that hash, store and load chunks;
@@ -66,6 +71,7 @@ class FetchConfig:
     with EIO (the origin's own deadlines are the HTTP client's)."""
 
     chunk_size: int = 4 << 20
+    request_size: int = DEFAULT_REQUEST_SIZE
     io_threads: int = 8
     read_deadline: float = 60.0
     memory_limit: int = DEFAULT_MEMORY_LIMIT
@@ -80,6 +86,12 @@ MIN_MEMORY_CHUNKS = 8
 LOAD_AHEAD = 8
 # A fetched chunk waits at most this long for a thread to store it in.
 STORE_WAIT = 10.0
+# What a run's list of flights holds for a chunk handed to `_finish`.
+_DONE = Flight()
+
+
+class _RunCut(Exception):
+    """A run's request ends early: its prefetch was paused or cancelled."""
 
 
 class ChunkReader:
@@ -260,6 +272,158 @@ class ChunkReader:
         joined = (f.entry.content_id, idx) in self._fetches
         data = await self._wait(f, idx, priority, keep=keep)
         return 0 if joined else len(data)
+
+    async def ensure_run(self, f: RemoteFile, first: int, count: int, priority: Priority,
+                         done: Callable[[int, int], None], *, keep: bool = False,
+                         stopped: Callable[[], bool] | None = None) -> None:
+        """`ensure` for chunks [first, first + count), with one origin request for
+        them when none is cached or under way: per byte, one large request costs
+        the HTTP client far less CPU than several small ones. `done(idx, n)` is
+        called for each chunk, in order, as soon as it is cached, with the bytes
+        fetched for it as `ensure` returns them. A chunk not begun when `stopped()`
+        turned true (a pause or a cancel) is left out: the request ends at the
+        chunk under way, as separate requests would."""
+        key0 = f.entry.content_id
+        idxs = range(first, first + count)
+        ours = count > 1 and self._nursery is not None and all(
+            not self.is_cached(f, i) and (key0, i) not in self._fetches
+            and (key0, i) not in self._loads for i in idxs)
+        if not ours:
+            for i in idxs:
+                done(i, await self.ensure(f, i, priority, keep=keep))
+            return
+        flights = self._start_run(f, first, count, priority, keep, stopped)
+        flights.reverse()
+        for i in idxs:
+            # Popped: a flight kept alive keeps its chunk's buffer from being reused.
+            data = await Flights.wait(flights.pop())
+            if data is not None:
+                done(i, len(data))
+            elif stopped is None or not stopped():
+                # The run was cut (a shutdown) before this chunk: on its own.
+                done(i, await self.ensure(f, i, priority, keep=keep))
+            del data
+
+    def _start_run(self, f: RemoteFile, first: int, count: int, priority: Priority,
+                   keep: bool, stopped: Callable[[], bool] | None) -> list[Flight]:
+        assert self._nursery is not None
+        cs, size = self.config.chunk_size, f.entry.size
+        length = min(size, (first + count) * cs) - first * cs
+        ticket = self.scheduler.ticket(priority, length)
+        flights = [self._fetches.add((f.entry.content_id, i),
+                                     Flight(ticket, ahead=priority != Priority.DEMAND, keep=keep,
+                                            on_progress=self.scheduler.progress))
+                   for i in range(first, first + count)]
+        self._nursery.start_soon(self._run_task, f, first, list(flights), stopped)
+        return flights
+
+    async def _run_task(self, f: RemoteFile, first: int, flights: list[Flight],
+                        stopped: Callable[[], bool] | None) -> None:
+        with trio.CancelScope() as scope:
+            for flight in flights:
+                flight.scope = scope
+            await self._fetch_run(f, first, flights, stopped)
+
+    async def _fetch_run(self, f: RemoteFile, first: int, flights: list[Flight],
+                         stopped: Callable[[], bool] | None) -> None:
+        """Fetch consecutive chunks with one ranged read. Each chunk's buffer is taken
+        when its bytes arrive (`Segments`), and each chunk is stored as soon as it is
+        complete, while the rest arrive: the memory held stays about one chunk per
+        request in flight. Once `stopped()`, the request ends where the next chunk
+        would begin: the chunks not begun end with nothing, not an error."""
+        cs, size = self.config.chunk_size, f.entry.size
+        start = first * cs
+        length = min(size, (first + len(flights)) * cs) - start
+        ticket = flights[0].ticket
+        assert ticket is not None
+        # The chunks between their buffer and their hand-off to `_finish`, by position
+        # in the run; then dropped here: a view kept alive keeps a buffer from reuse.
+        blocks: dict[int, Block] = {}
+        taken = 0  # buffers taken
+        complete = 0  # chunks received whole, handed to `_finish`
+        reserved = 0
+        reader = self
+
+        class Buffers:
+            async def next(self) -> memoryview:
+                nonlocal reserved, taken
+                if taken and stopped is not None and stopped():
+                    raise _RunCut
+                extra = 0 if taken else RECEIVE_HELD
+                buf = await reader._buffers.take(extra)
+                reserved += extra
+                block = reader._buffers.block(buf, chunk_extent(first + taken, size, cs)[1])
+                blocks[taken] = block
+                flights[taken].buf = block.data
+                taken += 1
+                return memoryview(block.data)
+
+        # Stores run in their own nursery; the request's errors are handled inside it, so
+        # they reach the flights as they are (never wrapped in an exception group).
+        async with trio.open_nursery() as stores:
+            def received(n: int) -> None:
+                nonlocal complete
+                while complete < taken:
+                    got = n - complete * cs
+                    whole = len(blocks[complete].data)
+                    flight = flights[complete]
+                    flight.advance(min(got, whole))
+                    if got < whole:
+                        return
+                    stores.start_soon(self._finish, f, first + complete, flight,
+                                      blocks.pop(complete))
+                    flights[complete] = _DONE
+                    complete += 1
+
+            try:
+                async with self.scheduler.slot(ticket):
+                    t0 = trio.current_time()
+                    self._stats.in_flight += 1
+                    try:
+                        await f.source.read(f.repo_id, f.commit, f.entry, start, length,
+                                            into=Buffers(), progress=received)
+                    finally:
+                        self._stats.in_flight -= 1
+                        self.budget.unreserve(reserved)
+                    self._stats.observe(trio.current_time() - t0)
+            except _RunCut:
+                # Nothing of the rest is served: a chunk's part in its buffer is no chunk.
+                for j in range(complete, len(flights)):
+                    flights[j].buf = None
+                    self._fetches.end((f.entry.content_id, first + j), flights[j])
+                for block in blocks.values():
+                    block.release()
+            except BaseException as exc:
+                if complete < len(flights):
+                    self._stats.fetch_errors += 1
+                    if isinstance(exc, Exception):
+                        self._stats.count_error(exc.kind if isinstance(exc, ModelfsError)
+                                                else "internal")
+                        if not isinstance(exc, ModelfsError):
+                            log.exception("fetching chunks %d-%d of %s failed", first,
+                                          first + len(flights) - 1, f.name)
+                for j in range(complete, len(flights)):
+                    flights[j].error = exc
+                    self._fetches.end((f.entry.content_id, first + j), flights[j])
+                for block in blocks.values():
+                    block.release()
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _finish(self, f: RemoteFile, idx: int, flight: Flight, block: Block) -> None:
+        """A chunk of a run received whole: keep it for readers, store it, end its flight."""
+        key = (f.entry.content_id, idx)
+        try:
+            self._stats.fetches += 1
+            self._stats.bytes_fetched += len(block.data)
+            assert flight.ticket is not None
+            if flight.keep or flight.ticket.priority != Priority.PREFETCH:
+                self._recent.add(key, block)
+            if await self._store(f, idx, block.data, False):
+                self._checks.stored(f, idx, block)
+        finally:
+            self._fetches.end(key, flight)
+            block.release()
 
     def load_ahead(self, f: RemoteFile, idx: int) -> None:
         """Start loading chunk `idx` of `f` into memory for a reader that will want it

@@ -36,7 +36,7 @@ from ..errors import (
     RemoteUnavailable,
 )
 from ..redaction import redact, secret_forms
-from ..types import printable
+from ..types import ReadInto, printable
 from .config import RECEIVE_BYTES, HttpConfig
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ class HttpClient:
 
     async def get_range(
         self, url: str, start: int, length: int, expect: Expect, *, what: str, auth_msg: str,
-        content_id: str, into: bytearray | memoryview | None = None,
+        content_id: str, into: ReadInto | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> bytearray | memoryview:
         """Return exactly `length` bytes of the file at `url` from `start`.
@@ -321,25 +321,24 @@ class HttpClient:
         so the rest comes from the same version. Any answer that could be another
         version (416, 412, a 200 to a conditional request, a wrong total size or
         `X-Linked-Etag`) raises `RemoteStale`. Bytes are written into `into` (or a
-        new buffer) as they arrive; `progress(n)` says the first `n` are in place,
-        and it is only called once the response carrying them was validated.
+        new buffer; with `Segments`, into them, and the result is empty) as they
+        arrive; `progress(n)` says the first `n` are in place, and it is only
+        called once the response carrying them was validated.
         """
         if length <= 0:
             return bytearray()
         # One buffer, allocated once and filled in place (also across resumed attempts):
         # fresh multi-MiB allocations cost page faults, copies cost CPU.
-        if into is not None and len(into) != length:
+        if isinstance(into, bytearray | memoryview) and len(into) != length:
             raise ValueError("buffer size does not match the range")
-        buf = _Buffer(into if into is not None else bytearray(length), progress=progress)
+        buf = _Buffer(length, bytearray(length) if into is None else into, progress=progress)
 
-        async def attempt() -> bytearray | memoryview:
+        async def attempt() -> None:
             if buf.filled < length:  # else a validated body broke off after our last byte
                 await self._fetch_into(url, start, length, expect, buf, what, auth_msg, content_id)
-            return buf.data
 
-        data: bytearray | memoryview = await self._with_retries(f"{what} at offset {start}",
-                                                                attempt, length)
-        return data
+        await self._with_retries(f"{what} at offset {start}", attempt, length)
+        return buf.data if isinstance(buf.data, bytearray | memoryview) else bytearray()
 
     async def _fetch_into(
         self, url: str, start: int, length: int, expect: Expect, buf: _Buffer, what: str,
@@ -444,13 +443,29 @@ class HttpClient:
         raise RemoteProtocolError(f"{what}: unexpected HTTP {resp.status_code} to a range request")
 
 
-@dataclass(slots=True)
 class _Buffer:
-    """A preallocated body buffer and how much of it is filled."""
+    """Where a body goes: one preallocated buffer or `Segments`, and how much of
+    it is filled (across resumed attempts)."""
 
-    data: bytearray | memoryview
-    filled: int = 0
-    progress: Callable[[int], None] | None = None
+    __slots__ = ("_at", "_room", "data", "filled", "length", "progress")
+
+    def __init__(self, length: int, data: ReadInto,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.length = length
+        self.data = data
+        self.filled = 0
+        self.progress = progress
+        self._room = memoryview(data) if isinstance(data, bytearray | memoryview) else None
+        self._at = 0  # where `_room` starts in the range
+
+    async def room(self) -> memoryview:
+        """Where the byte at `filled` goes, and the room after it in that buffer."""
+        if self._room is None or self.filled >= self._at + len(self._room):
+            assert not isinstance(self.data, bytearray | memoryview)
+            if self._room is not None:
+                self._at += len(self._room)
+            self._room = await self.data.next()
+        return self._room[self.filled - self._at:]
 
 
 async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
@@ -460,17 +475,21 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
     async generators half-consumed makes trio warn when they are collected. Only
     a whole-file 200 is cut short once we have what we need.
     """
-    view = memoryview(buf.data)
-    size = len(buf.data)
+    size = buf.length
     async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as body:
         async for part in body:
             if skip:
                 cut = min(skip, len(part))
                 part, skip = part[cut:], skip - cut
-            n = min(len(part), size - buf.filled)
-            view[buf.filled:buf.filled + n] = part[:n] if n < len(part) else part
-            buf.filled += n
-            if buf.progress is not None and n:
+            piece = memoryview(part)[:size - buf.filled]
+            placed = len(piece)
+            while piece:
+                room = await buf.room()
+                n = min(len(piece), len(room))
+                room[:n] = piece[:n]
+                piece = piece[n:]
+                buf.filled += n
+            if buf.progress is not None and placed:
                 buf.progress(buf.filled)
             if buf.filled >= size and resp.status_code == 200:
                 break

@@ -38,7 +38,7 @@ from ..errors import (
     RemoteStale,
     RemoteUnavailable,
 )
-from ..types import FileEntry, RepoRef, Snapshot, printable
+from ..types import FileEntry, ReadInto, RepoRef, Snapshot, printable
 from ._thread import run_abandonable
 from .config import FileSourceConfig
 from .listing import LOGGED_SKIPS, Listings, bad_size_reason, clean_listing
@@ -195,14 +195,32 @@ class FileSource:
         return self._listings.get(repo_id, commit)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | memoryview | None = None,
+                   *, into: ReadInto | None = None,
                    progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
         what = f"{repo_id}: {entry.path}"
         if start < 0 or start + length > entry.size:
             raise RemoteNotFound(f"{what}: range beyond end of file")
+        if into is not None and not isinstance(into, bytearray | memoryview):
+            # Buffer after buffer: a local read gains nothing from one large request.
+            done = 0
+            while done < length:
+                part = await into.next()
+                await self._read_one(what, entry, start + done, part)
+                done += len(part)
+                if progress is not None:
+                    progress(done)
+            return bytearray()
         buf = into if into is not None else bytearray(length)
         if len(buf) != length:
             raise ValueError("buffer size does not match the range")
+        await self._read_one(what, entry, start, buf)
+        if progress is not None:
+            progress(length)
+        return buf
+
+    async def _read_one(self, what: str, entry: FileEntry, start: int,
+                        buf: bytearray | memoryview) -> None:
+        length = len(buf)
         path = self._real.get(entry.path) or os.path.join(self._root, entry.path)
         lease = _Lease()
         # The same bound as an HTTP attempt: timeout + bytes / min_rate.
@@ -220,9 +238,6 @@ class FileSource:
                 lease.valid = False
             raise RemoteUnavailable(f"{what}: no answer from the file system within "
                                     f"{deadline:.0f}s (a hung share?)")
-        if progress is not None:
-            progress(length)
-        return buf
 
     @staticmethod
     def _pread(path: str, entry: FileEntry, start: int, buf: bytearray | memoryview,

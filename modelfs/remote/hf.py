@@ -15,7 +15,7 @@ from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 from ..errors import ListingRejected, RemoteNotFound, RemoteProtocolError
-from ..types import COMMIT_RE, DATASETS, FileEntry, RepoRef, Snapshot
+from ..types import COMMIT_RE, DATASETS, FileEntry, ReadInto, RepoRef, Snapshot
 from ._http import Expect, HttpClient
 from .config import HubConfig
 from .listing import clean_listing, hub_entry
@@ -101,7 +101,7 @@ class HubSource:
         return f"{self._endpoint}/{repo_id}/resolve/{commit}/{quote(path)}"
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | memoryview | None = None,
+                   *, into: ReadInto | None = None,
                    progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
         """Exactly `length` bytes of `entry` at `commit` from offset `start`, written
         into `into` when given; `progress(n)`: the first n bytes have arrived."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ConfigError, ListingRejected, RemoteProtocolError
-from ..types import FileEntry, RepoRef, Snapshot
+from ..types import FileEntry, ReadInto, RepoRef, Snapshot
 from ._http import Expect, HttpClient
 from .config import HttpSourceConfig
 from .listing import Listings, bad_size_reason, clean_listing
@@ -122,7 +122,7 @@ class HttpSource:
         return self._listings.get(repo_id, commit)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | memoryview | None = None,
+                   *, into: ReadInto | None = None,
                    progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
         url = self.file_url(repo_id, commit, entry.path)
         expect = Expect(size=entry.size, etag=entry.etag, strict_etag=True)

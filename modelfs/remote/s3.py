@@ -43,7 +43,7 @@ from ..errors import (
     RemoteProtocolError,
     RemoteStale,
 )
-from ..types import FileEntry, RepoRef, Snapshot, printable
+from ..types import FileEntry, ReadInto, RepoRef, Snapshot, printable
 from ._http import Expect, HttpClient
 from ._thread import run_abandonable
 from .config import S3Config
@@ -393,7 +393,7 @@ class S3Source:
         return self._listings.get(repo_id, commit)
 
     async def read(self, repo_id: str, commit: str, entry: FileEntry, start: int, length: int,
-                   *, into: bytearray | memoryview | None = None,
+                   *, into: ReadInto | None = None,
                    progress: Callable[[int], None] | None = None) -> bytearray | memoryview:
         key = self._prefix + entry.path
         if start < 0 or start + length > entry.size:

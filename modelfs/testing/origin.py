@@ -429,6 +429,7 @@ class _Handler(BaseHTTPRequestHandler):
     # keep-alive request then waits ~40 ms on the client's delayed ACK.
     disable_nagle_algorithm = True
     server: _Server
+    _sent = 0  # body bytes of the current `_sendfile`, as they go
 
     def log_message(self, format: str, *args: Any) -> None:
         return
@@ -697,7 +698,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 rec.bytes_sent = self._sendfile(f.disk, start, min(length, limit))
         except OSError:
-            rec.bytes_sent = 0  # the client went away; what it got is unknown
+            # The client went away: count what was handed to the socket (egress).
+            rec.bytes_sent = self._sent
             raise
         if fault:
             # Abort with a TCP reset mid-body.
@@ -722,7 +724,9 @@ class _Handler(BaseHTTPRequestHandler):
         return sent
 
     def _sendfile(self, disk: Path, offset: int, count: int) -> int:
-        sent = 0
+        """Send `count` bytes of `disk` from `offset`; `_sent` counts them as they go
+        (a body the client broke off still counts what left)."""
+        sent = self._sent = 0
         sock = self.connection.fileno()
         rate = self.server.origin.throttle
         step = 64 << 10 if rate else 8 << 20
@@ -732,6 +736,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if n == 0:
                     break
                 sent += n
+                self._sent = sent
                 if rate:
                     time.sleep(n / rate)
         return sent

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 
+from modelfs.fetch import FetchConfig
 from modelfs.jobs import JobManager, JobsConfig, JobSpec, RepoRequest
 from modelfs.testing.origin import Origin
 
@@ -31,7 +32,8 @@ async def test_a_later_job_is_not_starved_by_an_earlier_one(kit: Kit, origin: Or
     for n in range(2):
         origin.put_file("org/b", "main", f"b{n}.json", rng.randbytes(2 * MiB))
     src = kit.source()
-    index, reader = kit.reader()
+    # One request per chunk, so each of a's files takes two round trips of the origin.
+    index, reader = kit.reader(FetchConfig(chunk_size=MiB, request_size=MiB))
     jobs = JobManager(reader, reader.cache, lambda repo, url: src, JobsConfig(parallel_files=1, per_file=1),
                       persist=False)
     origin.reset_stats()

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, prefetch_file
+from modelfs.remote.config import RECEIVE_HELD
 from modelfs.testing.origin import Origin
 
 from .conftest import Kit, MiB
@@ -136,10 +137,13 @@ async def test_prefetch_follows_the_reader(kit: Kit, origin: Origin, repo_data, 
         await reader.ensure(f, 6, Priority.DEMAND)  # (and its chunk is complete)
         origin.reset_stats()
         await prefetch_file(reader, f, parallel=1)
-        starts = [int(r.range.removeprefix("bytes=").split("-")[0]) // MiB
-                  for r in origin.records if r.server == "cdn"]
-        # From where the reader is to the end, then the beginning; each chunk once.
-        assert starts == [*range(7, 11), *range(0, 6)]
+        spans = [[int(x) for x in r.range.removeprefix("bytes=").split("-")]
+                 for r in origin.records if r.server == "cdn"]
+        chunks = [c for a, b in spans for c in range(a // MiB, b // MiB + 1)]
+        # From where the reader is to the end, then the beginning; each chunk once,
+        # consecutive missing chunks in one request.
+        assert chunks == [*range(7, 11), *range(0, 6)]
+        assert len(spans) == 2
         nursery.cancel_scope.cancel()
     index.close()
     await src.aclose()
@@ -201,5 +205,43 @@ async def test_a_chunk_read_whole_is_stored_even_when_the_reader_stops_at_once(k
         assert bytes(await reader.read(f, 3 * MiB - 100, 100)) == w[3 * MiB - 100:3 * MiB]
         nursery.cancel_scope.cancel()
     assert reader.cache.lookup(f.entry.content_id, MiB, 2) is not None
+    index.close()
+    await src.aclose()
+
+
+async def test_a_prefetch_run_is_one_request_resumed_where_it_broke_within_memory_for_three_chunks(
+        kit: Kit, origin: Origin, repo_data, tmp_path: Path) -> None:
+    """Consecutive missing chunks go in one ranged GET; each chunk's buffer is taken
+    as its bytes arrive and stored when complete, so a request of 8 chunks gets by
+    with memory for 3; a body cut mid-way resumes where it broke."""
+    src = kit.source()
+    f = await kit.remote_file(src)
+    w = repo_data["org/model@main"]["model.safetensors"]
+    # Memory for three chunks (and a request's receive buffers): the run must make do.
+    index, reader = kit.reader(FetchConfig(chunk_size=MiB, request_size=8 * MiB,
+                                           memory_limit=3 * (MiB + 4096) + RECEIVE_HELD))
+    origin.reset_stats()
+    origin.reset_next(1, after_bytes=5 * MiB // 2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        with trio.fail_after(20):
+            await prefetch_file(reader, f, parallel=1)
+        nursery.cancel_scope.cancel()
+    ranges = [r.range for r in origin.records if r.server == "cdn"]
+    # (The resume starts at what arrived before the reset, which drops what was in transit.)
+    assert len(ranges) == 3
+    assert ranges[0] == f"bytes=0-{8 * MiB - 1}" and ranges[2] == f"bytes={8 * MiB}-{len(w) - 1}"
+    resumed = int(ranges[1].removeprefix("bytes=").split("-")[0])
+    assert 0 < resumed <= 5 * MiB // 2 and ranges[1].endswith(f"-{8 * MiB - 1}")
+    assert reader.budget.peak <= reader.budget.limit
+    # Every chunk is stored whole and right: a new reader serves it without the origin.
+    index.close()
+    origin.reset_stats()
+    index, reader = kit.reader(FetchConfig(chunk_size=MiB))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        assert bytes(await reader.read(f, 0, len(w))) == w
+        nursery.cancel_scope.cancel()
+    assert origin.data_requests() == []
     index.close()
     await src.aclose()
