@@ -2,14 +2,21 @@
 """modelfs against its peers, on the same local nginx origin, in one run.
 
     python bench/run.py [--size-mib 1024] [--runs 3] [--write-docs]
+    python bench/run.py --profile wan [--delay 0.03] [--rate 32m] --size-mib 256 ...
 
-Installs what it needs (apt-get: nginx aria2 rclone fio curl; pip: huggingface_hub),
+Installs what it needs (apt-get: nginx aria2 rclone fio curl, and for the wan
+profile libnginx-mod-http-lua; pip: huggingface_hub, hf_transfer),
 generates a Hub-style repo (two incompressible shards plus config and tokenizer),
 serves it with nginx on 127.0.0.1 through the Hub endpoints (static JSON for
 revision and tree; the resolve path with Range, ETag and X-Repo-Commit; an
 autoindex for rclone's http backend), then runs every case `--runs` times,
 interleaved (A B C A B C ...), and prints one table of medians and ratios.
 Machines here are noisy: compare ratios within one run, not absolute numbers.
+
+`--profile wan` makes the origin CDN-like: every response waits `--delay`
+seconds before its first byte (`access_by_lua_block { ngx.sleep(...) }`) and
+each connection is capped at `--rate` bytes/s (nginx's `limit_rate`). fio's
+random reads are left out there (thousands of delayed requests say nothing new).
 """
 
 from __future__ import annotations
@@ -37,18 +44,24 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, **kw)
 
 
-def ensure_tools() -> None:
+LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
+
+
+def ensure_tools(wan: bool = False) -> None:
     need = [t for t in ("nginx", "aria2c", "rclone", "fio", "curl", "fusermount3")
             if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if wan and not LUA_MODULE.exists():
+        need.append("libnginx-mod-http-lua")
     if need:
         pkgs = {"aria2c": "aria2", "fusermount3": "fuse3"}
         sh("apt-get", "update", "-qq")
         sh("apt-get", "install", "-y", "-qq", *[pkgs.get(t, t) for t in need],
            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL)
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        sh(sys.executable, "-m", "pip", "install", "-q", "huggingface_hub")
+    for module, pkg in (("huggingface_hub", "huggingface_hub"), ("hf_transfer", "hf_transfer")):
+        try:
+            __import__(module)
+        except ImportError:
+            sh(sys.executable, "-m", "pip", "install", "-q", pkg)
 
 
 def drop_caches() -> None:
@@ -62,6 +75,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# hf_transfer as huggingface_hub calls it (HF_TRANSFER_CONCURRENCY 100, 10 MiB chunks),
+# file after file: argv is the directory, then the URLs.
+HF_TRANSFER = """
+import os, sys
+from hf_transfer import download
+for i, url in enumerate(sys.argv[2:]):
+    download(url, os.path.join(sys.argv[1], f"f{i}"), max_files=100, chunk_size=10 << 20)
+"""
+
+
 # The origin ----------------------------------------------------------------------------
 
 
@@ -72,6 +95,8 @@ class Origin:
     commit: str = ""
     files: dict[str, Path] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    delay: float = 0.0  # seconds before each response (wan profile)
+    rate: str = ""  # nginx limit_rate per connection, e.g. "32m" (wan profile)
 
     @property
     def url(self) -> str:
@@ -119,7 +144,13 @@ class Origin:
     def start(self) -> None:
         self.port = free_port()
         conf = self.work / "nginx.conf"
+        # Debian's lua module needs its NDK module loaded first.
+        modules = (f"load_module {LUA_MODULE.parent}/ndk_http_module.so;\n"
+                   f"load_module {LUA_MODULE};" if self.delay else "")
+        wan = (f"access_by_lua_block {{ ngx.sleep({self.delay}) }}" if self.delay else "") + \
+              (f" limit_rate {self.rate};" if self.rate else "")
         conf.write_text(f"""
+{modules}
 worker_processes 2;
 pid {self.work}/nginx.pid;
 error_log {self.work}/nginx-error.log;
@@ -134,6 +165,7 @@ http {{
     fastcgi_temp_path {self.work}/tmp; uwsgi_temp_path {self.work}/tmp; scgi_temp_path {self.work}/tmp;
     server {{
         listen 127.0.0.1:{self.port};
+        {wan}
         location /api/ {{ root {self.work}/www; default_type application/json; }}
         location ~ ^/{REPO}/resolve/[^/]+/(.+)$ {{
             alias {self.work}/files/{REPO}/$1;
@@ -276,6 +308,8 @@ class Bench:
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.origin = Origin(self.work)
+        if args.profile == "wan":
+            self.origin.delay, self.origin.rate = args.delay, args.rate
         self.results: dict[str, Result] = {}
         self.extra: dict[str, str] = {}
 
@@ -312,6 +346,12 @@ class Bench:
         self.add("aria2c -x16 → file", size, timed(lambda: sh(
             "aria2c", "-q", "-x16", "-s16", "-k1M", "--file-allocation=none", "-d", str(dl),
             "-o", "f", o.resolve_url(shard))))
+        # hf_transfer to a file, as huggingface_hub calls it (100 files, 10 MiB chunks)
+        shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir()
+        drop_caches()
+        self.add("hf_transfer → file", size, timed(lambda: sh(
+            sys.executable, "-c", HF_TRANSFER, str(dl), o.resolve_url(shard))))
         shutil.rmtree(dl, ignore_errors=True)
         # one curl range request of the first MiB
         drop_caches()
@@ -332,12 +372,13 @@ class Bench:
                      timed(lambda: cat(rc.file(shard))))
         finally:
             rc.close()
-        rc = RcloneMount(o, work)
-        try:
-            drop_caches()
-            self.add("rclone mount fio randread", 256 * MiB, fio_randread(rc.file(shard)))
-        finally:
-            rc.close()
+        if self.args.profile == "loopback":
+            rc = RcloneMount(o, work)
+            try:
+                drop_caches()
+                self.add("rclone mount fio randread", 256 * MiB, fio_randread(rc.file(shard)))
+            finally:
+                rc.close()
 
         # modelfs: cold cat, then warm (remount, page cache dropped), then hot
         m = ModelfsMount(o, work, self.fresh_cache())
@@ -369,7 +410,8 @@ class Bench:
             m.close()
         # modelfs fio randread cold, with origin bytes: with the default on-open prefetch
         # of weight files, and without it (only what the reads touch)
-        for label, extra in (("", ()), (" (no prefetch-on-open)", ("--prefetch-on-open=",))):
+        for label, extra in (("", ()), (" (no prefetch-on-open)", ("--prefetch-on-open=",))) \
+                if self.args.profile == "loopback" else ():
             m = ModelfsMount(o, work, self.fresh_cache(), *extra)
             try:
                 drop_caches()
@@ -403,11 +445,22 @@ class Bench:
             "aria2c", "-q", "-x16", "-s16", "-j4", "-k1M", "--file-allocation=none", "-d", str(dl),
             "-i", str(urls))))
         shutil.rmtree(dl, ignore_errors=True)
+        dl.mkdir()
+        drop_caches()
+        self.add("hf_transfer file by file (repo)", repo_bytes, timed(lambda: sh(
+            sys.executable, "-c", HF_TRANSFER, str(dl), *[o.resolve_url(n) for n in o.files])))
+        shutil.rmtree(dl, ignore_errors=True)
         cache = self.fresh_cache()
         drop_caches()
         self.add("modelfs prefetch (repo)", repo_bytes, timed(lambda: sh(
             "modelfs", "prefetch", REPO, "--endpoint", o.url, "--cache-dir", str(cache),
             stderr=subprocess.DEVNULL)))
+        # One request per chunk, as before runs of chunks were asked for at once.
+        cache = self.fresh_cache()
+        drop_caches()
+        self.add("modelfs prefetch (repo, --request-size 4MiB)", repo_bytes, timed(lambda: sh(
+            "modelfs", "prefetch", REPO, "--endpoint", o.url, "--cache-dir", str(cache),
+            "--request-size", "4MiB", stderr=subprocess.DEVNULL)))
 
         # local disk references
         drop_caches()
@@ -419,14 +472,17 @@ class Bench:
     def table(self) -> str:
         rows = ["| case | median s | min s | max s | MB/s | ratio |", "|---|---:|---:|---:|---:|---|"]
         ref = {
-            "modelfs cold cat": ("curl → file", "rclone mount cold cat"),
+            "modelfs cold cat": ("curl → file", "aria2c -x16 → file", "hf_transfer → file",
+                                 "rclone mount cold cat"),
             "modelfs fio randread": ("rclone mount fio randread",),
             "modelfs fio randread (no prefetch-on-open)": ("rclone mount fio randread",),
             "modelfs first MiB (uncached)": ("curl range 1 MiB",),
             "modelfs warm cat (remount, page cache dropped)": (
                 "local disk cold (dd)", "rclone mount warm cat (remount, its cache)"),
             "modelfs hot cat (page cache)": ("local page cache (cat)",),
-            "modelfs prefetch (repo)": ("snapshot_download (repo)", "aria2c -x16 -j4 (repo)"),
+            "modelfs prefetch (repo)": ("snapshot_download (repo)", "aria2c -x16 -j4 (repo)",
+                                        "hf_transfer file by file (repo)",
+                                        "modelfs prefetch (repo, --request-size 4MiB)"),
         }
         for r in self.results.values():
             ratios = []
@@ -446,10 +502,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/modelfs-bench")
     ap.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
+    ap.add_argument("--profile", choices=("loopback", "wan"), default="loopback",
+                    help="wan: a CDN-like origin (a delay before each response, a rate cap "
+                         "per connection)")
+    ap.add_argument("--delay", type=float, default=0.03, help="wan: seconds before each response")
+    ap.add_argument("--rate", default="32m", help="wan: nginx limit_rate per connection")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark drops the page cache between cases")
-    ensure_tools()
+    ensure_tools(wan=args.profile == "wan")
     b = Bench(args)
     b.origin.generate(args.size_mib)
     b.origin.write_api()
@@ -465,7 +526,13 @@ def main() -> None:
     if args.write_docs:
         head = (f"{machine_line('bench/run.py')}; {args.runs} runs each, interleaved; "
                 f"shards of {args.size_mib} MiB.\n")
-        write_docs_block("<!-- bench:table -->", f"{head}\n{table}")
+        if args.profile == "wan":
+            head += (f"Origin: nginx waiting {args.delay * 1000:.0f} ms before each response, "
+                     f"each connection capped by `limit_rate {args.rate}`.\n")
+            write_docs_block("<!-- bench:wan -->", f"{head}\n{table}",
+                             "## A CDN-like origin (`bench/run.py --profile wan`)\n\n")
+        else:
+            write_docs_block("<!-- bench:table -->", f"{head}\n{table}")
 
 
 def machine_line(script: str) -> str:

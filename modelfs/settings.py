@@ -143,8 +143,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Concurrent ranged GETs of one file's prefetch."),
     Setting("request_size", "limits", "request_size", "str",
             lambda: size_text(FetchConfig().request_size),
-            "Largest prefetch request: consecutive missing chunks in one ranged GET "
-            "(whole chunks, at least one)."),
+            "Largest request of a prefetch job or `modelfs prefetch`: consecutive missing "
+            "chunks in one ranged GET (whole chunks, at least one)."),
     Setting("parallel_files", "limits", "parallel_files", "int",
             lambda: JobsConfig().parallel_files,
             "Files prefetched at once, over all jobs."),

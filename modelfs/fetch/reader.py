@@ -54,8 +54,8 @@ from .stats import ReaderStats
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_LIMIT = 192 << 20
-# Per byte, a 16 MiB ranged GET costs the HTTP client about 0.6x the CPU of four
-# 4 MiB ones (httpx on trio, one local S3 server; docs/benchmarks.md).
+# Per byte, a 16 MiB ranged GET costs the HTTP client about 0.7x the CPU of four
+# 4 MiB ones (httpx on trio, one local S3 server: bench/request_size.py).
 DEFAULT_REQUEST_SIZE = 16 << 20
 
 
