@@ -45,6 +45,8 @@ READY = b"READY\n"
 # How long `mount` waits for its daemon: the daemon's own bound on resolving its repos
 # (daemon.START_TIMEOUT), and some.
 START_TIMEOUT = 330.0
+# A prefetch in this process waits at most this long for its writes to the shared tier.
+TIER_DRAIN = 60.0
 
 
 class _Redact(logging.Filter):
@@ -121,6 +123,7 @@ _SHARED_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "endpoint", "cache_dir", "token_file", "chunk_size", "retries", "retry_backoff",
         "timeout", "request_deadline", "min_rate", "max_response_size", "max_file_size",
         "allow_private_redirects", "max_connections", "per_file_connections", "request_size",
+        "shared_cache", "shared_cache_required", "proxy",
         "memory_limit",
         "bandwidth_limit", "cache_size", "s3_endpoint", "s3_region", "s3_anonymous",
         "s3_profile")),
@@ -351,7 +354,7 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> JobD
     cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
     sources = Sources(config.sources, config.token)
     try:
-        reader = ChunkReader(cache, config.fetch)
+        reader = ChunkReader(cache, config.fetch, tier=await sources.tier())
         jobs = JobManager(reader, cache, lambda repo, url: sources.get(url), config.jobs,
                           persist=False)
         with JobProgress(sys.stderr if not as_json else sys.stdout,
@@ -369,6 +372,8 @@ async def _prefetch_in_process(config: PrefetchJobConfig, as_json: bool) -> JobD
 
                     nursery.start_soon(show)
                     await jobs.wait(job.id)
+                with trio.move_on_after(TIER_DRAIN):
+                    await reader.shared_written()
                 nursery.cancel_scope.cancel()
             progress.finish(job.public())
         return job.public()

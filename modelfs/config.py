@@ -34,7 +34,7 @@ from .remote.config import (
     SourcesConfig,
 )
 from .settings import DEFAULT_CACHE_SIZE, DEFAULT_REVISION_TTL, Layered, layer, relabel
-from .types import RepoSpec
+from .types import RepoSpec, normalise_url, source_kind
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SIZE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
@@ -157,6 +157,15 @@ def build_hub_config(v: Values, env: Mapping[str, str]) -> HubConfig:
             changes[field_] = value
     if v.get("min_rate"):
         changes["min_rate"] = parse_rate(v["min_rate"], setting="min_rate")
+    if proxy := v.get("proxy"):
+        # No credentials: the setting is shown by `config show` and in errors.
+        if "@" in proxy:
+            raise ConfigError("credentials in the proxy URL are not supported",
+                              setting="proxy")
+        if not re.fullmatch(r"https?://[^/\s?#]+/?", proxy):
+            raise ConfigError("expected http://HOST:PORT", setting="proxy",
+                              subject=repr(proxy[:80]))
+        changes["proxy"] = proxy
     if v.get("max_response_size"):
         cap = parse_size(v["max_response_size"], setting="max_response_size")
         if cap < 64 << 10:
@@ -205,7 +214,14 @@ def build_s3_config(v: Values, env: Mapping[str, str], hub: HubConfig) -> S3Conf
 def build_sources_config(v: Values, env: Mapping[str, str]) -> SourcesConfig:
     """The settings of every origin; listing caps and HTTP deadlines are shared."""
     hub = build_hub_config(v, env)
+    shared = v.get("shared_cache") or None
+    if shared is not None:
+        text, shared = shared, normalise_url(shared, setting="shared_cache", subject=repr(shared))
+        if source_kind(shared) != "s3":
+            raise ConfigError("the shared cache is an s3://BUCKET/PREFIX/ URL",
+                              setting="shared_cache", subject=repr(text))
     return SourcesConfig(
+        shared_cache=shared, shared_cache_required=bool(v.get("shared_cache_required")),
         hub=hub, s3=build_s3_config(v, env, hub),
         http=HttpSourceConfig(max_listing_entries=hub.max_listing_entries,
                               max_file_size=hub.max_file_size, http=hub.http),

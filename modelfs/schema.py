@@ -116,6 +116,19 @@ STATUS = _obj({
         "errors": ("object", "errors by kind"),
         "throughput_bytes_per_s": ("integer", "origin bytes per second over the last 5 s")}),
         "the origin side"),
+    "shared_cache": (_obj({
+        "url": (["string", "null"], "--shared-cache (null: none)"),
+        "hits": ("integer", "chunks read from the shared tier"),
+        "misses": ("integer", "chunks the tier did not have"),
+        "damaged": ("integer", "tier objects of the wrong size or digest (not served)"),
+        "errors": ("integer", "tier requests that failed (down, slow, refused)"),
+        "bytes_read": ("integer", "bytes read from the tier"),
+        "bytes_written": ("integer", "bytes written to the tier"),
+        "writes_skipped": ("integer", "chunks not written (too many in flight, or the tier "
+                                      "backing off)"),
+        "lease_waits": ("integer", "misses another node had claimed: waited for its write"),
+        "lease_wait_hits": ("integer", "... and found it written in time")}),
+        "the fleet's shared chunk tier"),
     "memory": (_obj({
         "limit": ("integer", "--memory-limit"),
         "used": ("integer", "bytes of chunk buffers charged now"),

@@ -88,6 +88,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Disk the cache may use: a size, a share of its file system, or unlimited."),
     Setting("compression", "cache", "compression", "str", lambda: CacheConfig().compression,
             "auto, always or never."),
+    Setting("shared_cache", "cache", "shared", "str", "none",
+            "s3://BUCKET/PREFIX/ shared by a fleet: chunks missing here are read from it "
+            "before the origin, and chunks fetched from the origin are written to it."),
+    Setting("shared_cache_required", "cache", "shared_required", "bool", "false",
+            "Refuse to start when the shared cache cannot be used (else a warning)."),
     Setting("chunk_size", "cache", "chunk_size", "str",
             lambda: size_text(FetchConfig().chunk_size),
             "Chunk size, a power of two (mount and prefetch share chunks only at one size)."),
@@ -117,6 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_file_size", "hub", "max_file_size", "str",
             lambda: size_text(HubConfig().max_file_size),
             "Skip listing entries that declare a larger file (hostile)."),
+    Setting("proxy", "hub", "proxy", "str", "$HTTPS_PROXY/$HTTP_PROXY (and $NO_PROXY)",
+            "Forward proxy for origin requests (a P2P or caching proxy such as Dragonfly's "
+            "dfdaemon); never used for the shared cache or the local API."),
     Setting("allow_private_redirects", "hub", "allow_private_redirects", "bool",
             lambda: HttpConfig().allow_private_redirects,
             "Follow redirects to private addresses from a public endpoint (in-cluster mirrors)."),

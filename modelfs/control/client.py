@@ -14,8 +14,9 @@ from ..errors import ControlError, DaemonNotRunning
 class ControlClient:
     def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
         self.socket_path = socket_path
+        # trust_env off: an HTTP(S)_PROXY meant for origins must not take the local API.
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)),
-                                  base_url="http://modelfs", timeout=timeout)
+                                  base_url="http://modelfs", timeout=timeout, trust_env=False)
 
     def __enter__(self) -> ControlClient:
         return self

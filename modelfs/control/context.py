@@ -47,6 +47,14 @@ class ControlContext:
     started: float = field(default_factory=time.time)
     throughput: Throughput | None = None
 
+    def _tier(self) -> dict[str, Any]:
+        tier = self.reader.tier
+        fields = ("hits", "misses", "damaged", "errors", "bytes_read", "bytes_written",
+                  "writes_skipped", "lease_waits", "lease_wait_hits")
+        if tier is None:
+            return {"url": None, **dict.fromkeys(fields, 0)}
+        return {"url": tier.url, **{k: getattr(tier.stats, k) for k in fields}}
+
     def status(self) -> dict[str, Any]:
         """`/v1/status` (`schema.STATUS`)."""
         s = self.reader.statistics()
@@ -64,6 +72,7 @@ class ControlContext:
                       "in_flight": s.in_flight, "errors": s.errors,
                       "throughput_bytes_per_s": round(self.throughput.rate()
                                                       if self.throughput else 0.0)},
+            "shared_cache": self._tier(),
             "memory": self.reader.memory(),
             "jobs": {state: states.count(state) for state in sorted(set(states))},
         }

@@ -54,6 +54,21 @@ class _Collector(Collector):
         yield HistogramMetricFamily("modelfs_fetch_duration_seconds",
                                     "Chunk fetch latency, request to last byte.",
                                     buckets=cumulative, sum_value=s.latency_sum)
+        if (tier := ctx.reader.tier) is not None:
+            t = tier.stats
+            yield CounterMetricFamily("modelfs_shared_cache_hits",
+                                      "Chunks read from the shared tier.", value=t.hits)
+            yield CounterMetricFamily("modelfs_shared_cache_misses",
+                                      "Chunks the shared tier did not have.", value=t.misses)
+            yield CounterMetricFamily("modelfs_shared_cache_read_bytes",
+                                      "Bytes read from the shared tier.", value=t.bytes_read)
+            yield CounterMetricFamily("modelfs_shared_cache_written_bytes",
+                                      "Bytes written to the shared tier.", value=t.bytes_written)
+            yield CounterMetricFamily("modelfs_shared_cache_errors",
+                                      "Shared tier requests that failed.", value=t.errors)
+            yield CounterMetricFamily("modelfs_shared_cache_lease_waits",
+                                      "Misses another node had claimed: waits for its write.",
+                                      value=t.lease_waits)
         errors = CounterMetricFamily("modelfs_errors", "Errors by kind.", labels=["kind"])
         for kind, n in sorted(s.errors.items()):
             errors.add_metric([kind], n)

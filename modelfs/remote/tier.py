@@ -1,0 +1,258 @@
+"""The fleet's shared chunk tier: chunks kept on an S3-compatible store, so that
+the nodes of a fleet read from it what one of them fetched from the origin.
+
+- Key: `PREFIX` + `chunks/` + sha256(content id, chunk size, index). A content id
+  names one immutable version of one file (an LFS sha256, a git blob id, an S3
+  ETag and VersionId, an HTTP ETag, a file's size-mtime-inode), so a key names
+  the same bytes on every node.
+- Body: the chunk's bytes and then their sha256 (32 bytes). A body whose size or
+  digest does not match is never served: the chunk comes from the origin and its
+  object is written again. Other bytes under a key with a right digest (only a
+  broken writer makes them) are caught where the file has a whole-file sha256,
+  as origin bytes are.
+- Single flight across nodes: a node that misses a chunk claims it with a lease
+  object (`PREFIX` + `leases/` + the same name), written with `If-None-Match: *`
+  so that one claim wins. The winner fetches the chunk from the origin; the
+  others poll the tier for it, and fetch it themselves once the lease is older
+  than `LEASE_TTL` (its node died) or `LEASE_WAIT` has passed. Ages come from
+  the store's own clock (`Last-Modified` against `Date`). A store that ignores
+  the condition is found at start (a probe claimed twice) and said once; the
+  tier then works without leases (a chunk may be fetched by two nodes).
+- The tier is an optimisation, never a dependency: its requests have short
+  deadlines and no retries, and after a failure it is left alone for
+  `BACKOFF` seconds (logged once per outage), so a tier that is down or slow
+  costs readers one short wait, not an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote
+
+import trio
+
+from ..errors import ModelfsError, RemoteNotFound, RemoteStale
+from ._http import Expect, HttpClient
+from .config import S3Config
+from .s3 import S3Auth, bucket_url, explain, split_url
+
+log = logging.getLogger(__name__)
+
+DIGEST = 32
+# A failed tier request leaves the tier alone for this long.
+BACKOFF = 30.0
+# Tier requests: one attempt each, this quick (a LAN store answers in milliseconds).
+TIMEOUT = 5.0
+# A lease older than this is its dead node's; a node waits at most LEASE_WAIT for a
+# chunk another node claimed, looking every LEASE_POLL seconds.
+LEASE_TTL = 20.0
+LEASE_WAIT = 30.0
+LEASE_POLL = 0.1
+
+
+@dataclass(slots=True)
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    damaged: int = 0  # objects whose size or digest did not match
+    errors: int = 0  # requests that failed (down, slow, refused)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    writes: int = 0
+    writes_skipped: int = 0  # not written: too many in flight, or the tier backing off
+    lease_waits: int = 0  # misses another node had claimed: waited for its write
+    lease_wait_hits: int = 0  # ... and found it written in time
+
+
+def object_name(content_id: str, chunk_size: int, idx: int) -> str:
+    return hashlib.sha256(f"{content_id}\0{chunk_size}\0{idx}".encode()).hexdigest()
+
+
+class SharedTier:
+    """One bucket and prefix of chunks shared by a fleet."""
+
+    def __init__(self, url: str, config: S3Config, auth: S3Auth | None) -> None:
+        self._bucket, self._prefix = split_url(url)
+        self.url = url
+        self._config = config
+        self._auth = auth
+        # Never through the origin's proxy: the tier is the fleet's own store.
+        http = replace(config.http, retries=0, timeout=TIMEOUT, request_deadline=TIMEOUT * 2,
+                       proxy=None, trust_env=False)
+        self._http = HttpClient(http, auth_host=None, token=None,
+                                sign=auth.sign if auth is not None else None,
+                                explain=explain, follow_redirects=False)
+        self._base = bucket_url(config, self._bucket, config.region or "us-east-1")
+        self._skip_until = 0.0
+        self.leases = False  # the store refuses a second `If-None-Match: *` write
+        self.stats = TierStats()
+
+    async def ready(self) -> None:
+        """Find credentials now (a mount names the tier if there are none); then address
+        the bucket in the region they name, and find whether leases work there."""
+        if self._auth is not None:
+            await self._auth.ready(f"shared cache {self.url}")
+            self._base = bucket_url(self._config, self._bucket, self._auth.region)
+        probe = f"probe-{os.getpid()}-{time.time_ns()}"
+        first, second = await self._claim(probe), await self._claim(probe)
+        self.leases = first is True and second is False
+        if first is not None and not self.leases:
+            log.warning("shared cache %s: the store does not refuse a second conditional "
+                        "write (If-None-Match: *): nodes that miss a chunk at once may each "
+                        "fetch it from the origin", self.url)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def available(self) -> bool:
+        return trio.current_time() >= self._skip_until
+
+    def _url(self, content_id: str, chunk_size: int, idx: int, kind: str = "chunks") -> str:
+        return self._key_url(f"{kind}/{object_name(content_id, chunk_size, idx)}")
+
+    def _key_url(self, name: str) -> str:
+        return f"{self._base}/{quote(self._prefix + name, safe='/')}"
+
+    async def _claim(self, name: str) -> bool | None:
+        """Write lease `name` unless it exists: True when this node's write made it,
+        False when it was there, None when the tier could not be asked."""
+        what = f"shared cache {self.url}: lease {name[:16]}"
+        try:
+            with trio.move_on_after(TIMEOUT * 2) as scope:
+                await self._http.put(self._key_url(f"leases/{name}"), b"", what=what,
+                                     auth_msg=f"shared cache {self.url}: access denied",
+                                     headers={"If-None-Match": "*"})
+        except RemoteStale:
+            return False
+        except ModelfsError as exc:
+            self._failed(exc, "a lease")
+            return None
+        if scope.cancelled_caught:
+            self._failed(ModelfsError(f"no answer within {TIMEOUT * 2:.0f}s"), "a lease")
+            return None
+        return True
+
+    async def _lease_age(self, name: str) -> float | None:
+        """Seconds since lease `name` was written, by the store's clock; None if unknown."""
+        try:
+            with trio.move_on_after(TIMEOUT):
+                head = await self._http.head(self._key_url(f"leases/{name}"),
+                                             what=f"shared cache {self.url}: lease",
+                                             auth_msg=f"shared cache {self.url}: access denied")
+                h = head.headers or {}
+                written = parsedate_to_datetime(h.get("Last-Modified", ""))
+                now = parsedate_to_datetime(h.get("Date", ""))
+                return (now - written).total_seconds()
+        except (ModelfsError, ValueError, TypeError):
+            return None
+        return None
+
+    async def claim_or_wait(self, content_id: str, chunk_size: int, idx: int,
+                            length: int) -> bytearray | None:
+        """After a miss: claim the chunk (None: fetch it from the origin, and the
+        tier will have it from this node), or, when another node holds a live claim,
+        wait for its write and return the chunk; None once the claim is stale or
+        the wait is over (fetch it here)."""
+        if not self.leases or not self.available:
+            return None
+        name = object_name(content_id, chunk_size, idx)
+        if await self._claim(name) is not False:
+            return None
+        self.stats.lease_waits += 1
+        with trio.move_on_after(LEASE_WAIT):
+            while True:
+                await trio.sleep(LEASE_POLL)
+                data, missing = await self.get(content_id, chunk_size, idx, length, count=False)
+                if data is not None:
+                    self.stats.lease_wait_hits += 1
+                    return data
+                if not missing:  # damaged, or the tier failing: fetch it here
+                    return None
+                age = await self._lease_age(name)
+                if age is None or age > LEASE_TTL:
+                    return None
+        return None
+
+    def _failed(self, exc: ModelfsError, doing: str) -> None:
+        self.stats.errors += 1
+        if self.available:
+            log.warning("shared cache %s: %s failed (%s); reading from the origin for %.0fs",
+                        self.url, doing, exc, BACKOFF)
+        self._skip_until = trio.current_time() + BACKOFF
+
+    async def read(self, content_id: str, chunk_size: int, idx: int,
+                   length: int) -> bytearray | None:
+        """The fleet's copy of chunk `idx` of `content_id`, checked; on a miss, claim
+        it or wait for the node that did (`claim_or_wait`). None: fetch it from the
+        origin (a claim of this node's, a damaged object, a tier that fails)."""
+        data, missing = await self.get(content_id, chunk_size, idx, length)
+        if data is not None or not missing:
+            return data
+        return await self.claim_or_wait(content_id, chunk_size, idx, length)
+
+    async def get(self, content_id: str, chunk_size: int, idx: int,
+                  length: int, *, count: bool = True) -> tuple[bytearray | None, bool]:
+        """Chunk `idx` of `content_id` (`length` bytes), checked, and whether the tier
+        lacks it: (None, True) for a miss, (None, False) for an object found damaged
+        or a tier that cannot be asked now. `count`: a miss counts (not while waiting
+        for another node's write)."""
+        if not self.available:
+            return None, False
+        what = f"shared cache {self.url}: chunk {idx} of {content_id[:16]}"
+        try:
+            with trio.move_on_after(TIMEOUT * 2) as scope:
+                body = await self._http.get_range(
+                    self._url(content_id, chunk_size, idx), 0, length + DIGEST,
+                    Expect(size=length + DIGEST), what=what,
+                    auth_msg=f"shared cache {self.url}: access denied",
+                    content_id=f"tier:{object_name(content_id, chunk_size, idx)}")
+        except RemoteNotFound:
+            self.stats.misses += count
+            return None, True
+        except RemoteStale:  # another size than a chunk of this length has
+            self.stats.damaged += 1
+            log.warning("%s: damaged object (wrong size); fetching it from the origin", what)
+            return None, False
+        except ModelfsError as exc:
+            self._failed(exc, "a read")
+            return None, False
+        if scope.cancelled_caught:
+            self._failed(ModelfsError(f"no answer within {TIMEOUT * 2:.0f}s"), "a read")
+            return None, False
+        data = bytearray(body)
+        good = await trio.to_thread.run_sync(
+            lambda: hashlib.sha256(memoryview(data)[:length]).digest() == data[length:])
+        if not good:
+            self.stats.damaged += 1
+            log.warning("%s: damaged object (digest); fetching it from the origin", what)
+            return None, False
+        self.stats.hits += 1
+        self.stats.bytes_read += length
+        del data[length:]
+        return data, False
+
+    async def put(self, content_id: str, chunk_size: int, idx: int, data: bytes) -> None:
+        """Write a chunk fetched from the origin; a failure is counted and logged once."""
+        if not self.available:
+            self.stats.writes_skipped += 1
+            return
+        body = await trio.to_thread.run_sync(lambda: data + hashlib.sha256(data).digest())
+        what = f"shared cache {self.url}: chunk {idx} of {content_id[:16]}"
+        try:
+            with trio.move_on_after(TIMEOUT * 2) as scope:
+                await self._http.put(self._url(content_id, chunk_size, idx), body, what=what,
+                                     auth_msg=f"shared cache {self.url}: access denied")
+        except ModelfsError as exc:
+            self._failed(exc, "a write")
+            return
+        if scope.cancelled_caught:
+            self._failed(ModelfsError(f"no answer within {TIMEOUT * 2:.0f}s"), "a write")
+            return
+        self.stats.writes += 1
+        self.stats.bytes_written += len(data)
