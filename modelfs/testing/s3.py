@@ -78,7 +78,9 @@ class S3Server:
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3", f"-s3.port={s3}", f"-s3.config={self.root / 's3.json'}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-               "-master.volumeSizeLimitMB=256", "-volume.max=0"]
+               # Volume slots, not disk: each bucket takes volumes of its own, and a
+               # count derived from free disk runs out after a few dozen buckets.
+               "-master.volumeSizeLimitMB=256", "-volume.max=1000"]
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=self.root)

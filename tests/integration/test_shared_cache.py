@@ -27,13 +27,16 @@ from ..conftest import CHUNK, MiB, is_mounted, wait_for
 from .test_control import wait_job
 
 WEIGHTS = "model.safetensors"
-_buckets = itertools.count()
+_tiers = itertools.count()
+TIER_BUCKET = f"tier-{os.getpid()}"
 
 
 def tier_bucket(s3: S3Server) -> str:
-    bucket = f"tier-{os.getpid()}-{next(_buckets)}"
-    s3.client().create_bucket(Bucket=bucket)
-    return bucket
+    """BUCKET/PREFIX of a tier of the test's own: one bucket for every test (each
+    bucket costs SeaweedFS volumes of its own), a prefix each."""
+    if not any(b["Name"] == TIER_BUCKET for b in s3.client().list_buckets()["Buckets"]):
+        s3.client().create_bucket(Bucket=TIER_BUCKET)
+    return f"{TIER_BUCKET}/t{next(_tiers)}"
 
 
 def shared(m: Any) -> dict[str, Any]:
@@ -42,8 +45,9 @@ def shared(m: Any) -> dict[str, Any]:
     return doc
 
 
-def tier_objects(s3: S3Server, bucket: str) -> list[str]:
-    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix="fleet/chunks/")
+def tier_objects(s3: S3Server, where: str) -> list[str]:
+    prefix = where.partition("/")[2]
+    listing = s3.client().list_objects_v2(Bucket=TIER_BUCKET, Prefix=f"{prefix}/fleet/chunks/")
     return [o["Key"] for o in listing.get("Contents", [])]
 
 
@@ -74,9 +78,9 @@ def test_a_node_reads_from_the_tier_what_another_fetched_and_never_a_damaged_obj
     # A damaged object (one byte flipped) is not served: that chunk comes from the
     # origin, and its object is written again.
     key = sorted(tier_objects(s3_server, bucket))[0]
-    body = bytearray(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    body = bytearray(s3_server.client().get_object(Bucket=TIER_BUCKET, Key=key)["Body"].read())
     body[0] ^= 0xFF
-    s3_server.client().put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    s3_server.client().put_object(Bucket=TIER_BUCKET, Key=key, Body=bytes(body))
     origin.reset_stats()
     c = mount_factory(["org/model"], *tier, cache="cache-c", env=env)
     assert c.p(f"org/model/{WEIGHTS}").read_bytes() == w
@@ -84,7 +88,7 @@ def test_a_node_reads_from_the_tier_what_another_fetched_and_never_a_damaged_obj
     assert shared(c)["damaged"] == 1 and shared(c)["hits"] == chunks - 1
 
     def repaired() -> bool:
-        fixed = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        fixed = s3_server.client().get_object(Bucket=TIER_BUCKET, Key=key)["Body"].read()
         return hashlib.sha256(fixed[:-32]).digest() == fixed[-32:]
     wait_for(repaired, what="the damaged object rewritten")
     for m in (a, b, c):
