@@ -40,15 +40,18 @@ from modelfs.testing.s3 import ADMIN, S3Server
 BUCKET = "fleet-bench"
 
 
-def run_all(cmds: list[list[str]], env: dict[str, str]) -> float:
-    """Start every command at once; the seconds until the last one exits."""
+def run_all(cmds: list[list[str]], env: dict[str, str], log: Path) -> float:
+    """Start every command at once; the seconds until the last one exits. Their
+    stderr goes to `log` (warnings such as a tier backing off)."""
     t0 = time.perf_counter()
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for c in cmds]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"{' '.join(cmds[0][:3])} failed: {err.decode()[-500:]}")
+    with open(log, "ab") as out:
+        for p in procs:
+            _, err = p.communicate()
+            out.write(err)
+            if p.returncode:
+                raise RuntimeError(f"{' '.join(cmds[0][:3])} failed: {err.decode()[-500:]}")
     return time.perf_counter() - t0
 
 
@@ -104,7 +107,7 @@ def main() -> None:
                         d.mkdir(parents=True)
                     drop_caches()
                     before = origin.bytes_sent()
-                    seconds = run_all(cmds, env)
+                    seconds = run_all(cmds, env, work / "fleet.log")
                     time.sleep(0.5)  # the access log's last lines
                     egress = origin.bytes_sent() - before
                     rows.append(f"| {name} | {n} | {seconds:.2f} | {egress / 2**30:.2f} | "

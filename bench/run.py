@@ -115,6 +115,10 @@ class Origin:
                 with open(p, "wb") as f:
                     for _ in range(size_mib):
                         f.write(os.urandom(MiB))
+        # nginx's ETag is mtime-size: two shards of one size written in one second would
+        # share it, and huggingface_hub, which keeps blobs by ETag, would fetch one of them.
+        for i in (1, 2):
+            os.utime(root / f"model-0000{i}-of-00002.safetensors", (1_700_000_000 + i,) * 2)
         (root / "config.json").write_text(json.dumps({"architectures": ["Bench"], "hidden": 4096}))
         (root / "tokenizer.json").write_text(json.dumps({"vocab": {f"t{i}": i for i in range(30000)}}))
         self.files = {p.name: p for p in sorted(root.iterdir())}
