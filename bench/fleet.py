@@ -11,7 +11,10 @@ of its own:
 
 - `snapshot_download` x N (huggingface_hub, its defaults);
 - `modelfs prefetch` x N without a tier;
-- `modelfs prefetch --shared-cache` x N, on a fresh tier prefix.
+- `modelfs prefetch --shared-cache` x N, on a fresh tier prefix;
+
+and then a cold `cat` of one shard on a fresh mount, from the origin and from the
+tier the last run filled (the last column then holds the runs).
 
 It prints the time until the last node is done and the origin's egress (bytes
 nginx sent, from its access log) against the repo's size. All N nodes share this
@@ -33,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import REPO, Origin, drop_caches, ensure_tools, machine_line, write_docs_block
+from run import REPO, ModelfsMount, Origin, drop_caches, ensure_tools, machine_line, timed, write_docs_block
+from run import cat as cat_file
 
 from modelfs.testing.s3 import ADMIN, S3Server
 
@@ -115,6 +119,26 @@ def main() -> None:
                     print(rows[-1], flush=True)
                 for d in nodes:
                     shutil.rmtree(d, ignore_errors=True)
+            # A cold `cat` of one shard on a fresh node: from the origin, and from a tier
+            # that holds every chunk (the last run's prefix), A B A B.
+            os.environ.update(s3.env(ADMIN))
+            shard = next(name for name in origin.files if name.endswith(".safetensors"))
+            cat: dict[str, list[float]] = {"origin": [], "tier": []}
+            for _ in range(3):
+                for where, extra in (("origin", ()),
+                                     ("tier", ("--shared-cache", f"s3://{BUCKET}/run{run}/"))):
+                    cache = work / "cat-cache"
+                    shutil.rmtree(cache, ignore_errors=True)
+                    m = ModelfsMount(origin, work, cache, *extra)
+                    try:
+                        drop_caches()
+                        cat[where].append(timed(lambda m=m: cat_file(m.file(shard))))
+                    finally:
+                        m.close()
+            for where, times in cat.items():
+                rows.append(f"| cold cat of one shard, from the {where} | 1 | "
+                            f"{sorted(times)[1]:.2f} | | {', '.join(f'{t:.2f}' for t in times)} |")
+                print(rows[-1], flush=True)
     finally:
         origin.stop()
     table = "\n".join(["| case | nodes | s to warm all | origin GiB | egress / repo |",
