@@ -9,6 +9,7 @@ the daemon's, one for its lifetime).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 # (content id of a file version, chunk index)
@@ -22,6 +23,12 @@ class Piece:
     index: int
     start: int
     end: int
+
+
+def position_name(content_id: str, chunk_size: int, index: int) -> str:
+    """A chunk's name from its position (content id, chunk size, index): what the
+    cache names chunks of versioned files by, and the shared tier's object keys."""
+    return hashlib.sha256(f"{content_id}\0{chunk_size}\0{index}".encode()).hexdigest()
 
 
 def chunk_count(file_size: int, chunk_size: int) -> int:

@@ -22,7 +22,6 @@ Synchronous: callers run `put`, `load` and `evict` in worker threads.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import mmap
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..chunks import chunk_count
+from ..chunks import chunk_count, position_name
 from ..errors import CacheFull
 from ..types import FileEntry
 from .index import POSITIONAL, XXH3, Index
@@ -220,8 +219,7 @@ class ChunkCache:
 
     def _put(self, content_id: str, chunk_size: int, idx: int,
              data: bytes | bytearray | memoryview, positional: bool, aligned: bool) -> str:
-        name = hashlib.sha256(f"{content_id}\0{chunk_size}\0{idx}".encode()).hexdigest() \
-            if positional else None
+        name = position_name(content_id, chunk_size, idx) if positional else None
         stored = self.store.put(data, self.config.compression, name, aligned=aligned)
         codec_id = stored.codec | XXH3 | (POSITIONAL if positional else 0)
         orphans = self.index.put_chunk(content_id, chunk_size, idx, stored.digest,

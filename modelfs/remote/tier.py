@@ -36,6 +36,7 @@ from urllib.parse import quote
 
 import trio
 
+from ..chunks import position_name
 from ..errors import ModelfsError, RemoteNotFound, RemoteStale
 from ._http import Expect, HttpClient
 from .config import S3Config
@@ -69,10 +70,6 @@ class TierStats:
     lease_wait_hits: int = 0  # ... and found it written in time
 
 
-def object_name(content_id: str, chunk_size: int, idx: int) -> str:
-    return hashlib.sha256(f"{content_id}\0{chunk_size}\0{idx}".encode()).hexdigest()
-
-
 class SharedTier:
     """One bucket and prefix of chunks shared by a fleet."""
 
@@ -81,7 +78,8 @@ class SharedTier:
         self.url = url
         self._config = config
         self._auth = auth
-        # Never through the origin's proxy: the tier is the fleet's own store.
+        # Never through the origin's proxy: the tier is the fleet's own store. One attempt,
+        # bounded by request_deadline (the client raises RemoteUnavailable past it).
         http = replace(config.http, retries=0, timeout=TIMEOUT, request_deadline=TIMEOUT * 2,
                        proxy=None, trust_env=False)
         self._http = HttpClient(http, auth_host=None, token=None,
@@ -113,8 +111,8 @@ class SharedTier:
     def available(self) -> bool:
         return trio.current_time() >= self._skip_until
 
-    def _url(self, content_id: str, chunk_size: int, idx: int, kind: str = "chunks") -> str:
-        return self._key_url(f"{kind}/{object_name(content_id, chunk_size, idx)}")
+    def _url(self, content_id: str, chunk_size: int, idx: int) -> str:
+        return self._key_url(f"chunks/{position_name(content_id, chunk_size, idx)}")
 
     def _key_url(self, name: str) -> str:
         return f"{self._base}/{quote(self._prefix + name, safe='/')}"
@@ -124,34 +122,27 @@ class SharedTier:
         False when it was there, None when the tier could not be asked."""
         what = f"shared cache {self.url}: lease {name[:16]}"
         try:
-            with trio.move_on_after(TIMEOUT * 2) as scope:
-                await self._http.put(self._key_url(f"leases/{name}"), b"", what=what,
-                                     auth_msg=f"shared cache {self.url}: access denied",
-                                     headers={"If-None-Match": "*"})
+            await self._http.put(self._key_url(f"leases/{name}"), b"", what=what,
+                                 auth_msg=f"shared cache {self.url}: access denied",
+                                 headers={"If-None-Match": "*"})
         except RemoteStale:
             return False
         except ModelfsError as exc:
             self._failed(exc, "a lease")
-            return None
-        if scope.cancelled_caught:
-            self._failed(ModelfsError(f"no answer within {TIMEOUT * 2:.0f}s"), "a lease")
             return None
         return True
 
     async def _lease_age(self, name: str) -> float | None:
         """Seconds since lease `name` was written, by the store's clock; None if unknown."""
         try:
-            with trio.move_on_after(TIMEOUT):
-                head = await self._http.head(self._key_url(f"leases/{name}"),
-                                             what=f"shared cache {self.url}: lease",
-                                             auth_msg=f"shared cache {self.url}: access denied")
-                h = head.headers or {}
-                written = parsedate_to_datetime(h.get("Last-Modified", ""))
-                now = parsedate_to_datetime(h.get("Date", ""))
-                return (now - written).total_seconds()
+            head = await self._http.head(self._key_url(f"leases/{name}"),
+                                         what=f"shared cache {self.url}: lease",
+                                         auth_msg=f"shared cache {self.url}: access denied")
+            h = head.headers or {}
+            written = parsedate_to_datetime(h.get("Last-Modified", ""))
+            return (parsedate_to_datetime(h.get("Date", "")) - written).total_seconds()
         except (ModelfsError, ValueError, TypeError):
             return None
-        return None
 
     async def claim_or_wait(self, content_id: str, chunk_size: int, idx: int,
                             length: int) -> bytearray | None:
@@ -161,7 +152,7 @@ class SharedTier:
         the wait is over (fetch it here)."""
         if not self.leases or not self.available:
             return None
-        name = object_name(content_id, chunk_size, idx)
+        name = position_name(content_id, chunk_size, idx)
         if await self._claim(name) is not False:
             return None
         self.stats.lease_waits += 1
@@ -206,12 +197,11 @@ class SharedTier:
             return None, False
         what = f"shared cache {self.url}: chunk {idx} of {content_id[:16]}"
         try:
-            with trio.move_on_after(TIMEOUT * 2) as scope:
-                body = await self._http.get_range(
-                    self._url(content_id, chunk_size, idx), 0, length + DIGEST,
-                    Expect(size=length + DIGEST), what=what,
-                    auth_msg=f"shared cache {self.url}: access denied",
-                    content_id=f"tier:{object_name(content_id, chunk_size, idx)}")
+            body = await self._http.get_range(
+                self._url(content_id, chunk_size, idx), 0, length + DIGEST,
+                Expect(size=length + DIGEST), what=what,
+                auth_msg=f"shared cache {self.url}: access denied",
+                content_id=f"tier:{position_name(content_id, chunk_size, idx)}")
         except RemoteNotFound:
             self.stats.misses += count
             return None, True
@@ -221,9 +211,6 @@ class SharedTier:
             return None, False
         except ModelfsError as exc:
             self._failed(exc, "a read")
-            return None, False
-        if scope.cancelled_caught:
-            self._failed(ModelfsError(f"no answer within {TIMEOUT * 2:.0f}s"), "a read")
             return None, False
         data = bytearray(body)
         good = await trio.to_thread.run_sync(
@@ -245,14 +232,10 @@ class SharedTier:
         body = await trio.to_thread.run_sync(lambda: data + hashlib.sha256(data).digest())
         what = f"shared cache {self.url}: chunk {idx} of {content_id[:16]}"
         try:
-            with trio.move_on_after(TIMEOUT * 2) as scope:
-                await self._http.put(self._url(content_id, chunk_size, idx), body, what=what,
-                                     auth_msg=f"shared cache {self.url}: access denied")
+            await self._http.put(self._url(content_id, chunk_size, idx), body, what=what,
+                                 auth_msg=f"shared cache {self.url}: access denied")
         except ModelfsError as exc:
             self._failed(exc, "a write")
-            return
-        if scope.cancelled_caught:
-            self._failed(ModelfsError(f"no answer within {TIMEOUT * 2:.0f}s"), "a write")
             return
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
