@@ -7,6 +7,7 @@ reason (exit 1) with nothing left mounted. The child reports over a pipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import trio
@@ -24,6 +25,7 @@ import trio
 from .cache import check_cache_dir
 from .cli_cache import cache_group, human_size
 from .config import (
+    MountConfig,
     PrefetchJobConfig,
     cache_dir_path,
     control_socket_path,
@@ -160,7 +162,7 @@ def _log_level(layered: Layered, default: str) -> str:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
+@click.argument("mountpoint", type=str, required=False)
 @click.option("--repo", "repos", multiple=True, metavar="SPEC",
               help="Repo to mount (repeatable): ORG/NAME[@REV] from the Hub (@REV pins a branch, "
                    "tag or commit), datasets/ORG/NAME[@REV] a Hub dataset, or ORG/NAME=URL with "
@@ -208,23 +210,54 @@ def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
         sys.exit(_spawn_daemon(sys.argv[2:], Path(log_file) if log_file else default_log))
 
     setup_logging(log_level, Path(log_file) if log_file else None, config.token)
+    from .daemon.connection import Connection  # pyfuse3 is only needed by the daemon itself
+
+    try:
+        conn = Connection.from_env(os.environ)
+        if conn is None:
+            sys.exit(_supervise(config, ready_fd))
+    except ModelfsError as exc:
+        _start_failed(exc, config, ready_fd)
 
     def ready() -> None:
         if ready_fd is not None:
             os.write(ready_fd, READY)
             os.close(ready_fd)
 
-    from .daemon.serve import serve  # pyfuse3 is only needed by the daemon itself
+    from .daemon.serve import serve
+    from .daemon.supervisor import HANDED_OVER
 
     try:
-        trio.run(serve, config, ready)
+        handed_over = trio.run(serve, config, ready, conn)
     except ModelfsError as exc:
-        log.error("%s", exc)
-        reason = redact(str(exc), secret_forms(config.token)) if config.token else str(exc)
-        if ready_fd is not None:
+        _start_failed(exc, config, ready_fd)
+    sys.exit(HANDED_OVER if handed_over else 0)
+
+
+def _supervise(config: MountConfig, ready_fd: int | None) -> int:
+    """The process that owns the mount (`daemon.supervisor`): the daemon runs as its
+    child, so it can be restarted without unmounting."""
+    from .control.server import check_socket_free
+    from .daemon.mountpoint import check_mountpoint
+    from .daemon.supervisor import Supervisor, worker_command
+
+    check_mountpoint(config.mountpoint)
+    if config.control_socket:
+        check_socket_free(config.control_socket)
+    options = ["ro", "nosuid", "nodev", "fsname=modelfs", "subtype=modelfs",
+               "default_permissions"] + (["allow_other"] if config.allow_other else [])
+    return Supervisor(config.mountpoint, options, worker_command(sys.argv[2:]),
+                      config.cache_dir, ready_fd).run()
+
+
+def _start_failed(exc: ModelfsError, config: MountConfig, ready_fd: int | None) -> NoReturn:
+    log.error("%s", exc)
+    reason = redact(str(exc), secret_forms(config.token)) if config.token else str(exc)
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):  # the supervisor told it already
             os.write(ready_fd, f"ERROR {reason}\n".encode())
-        click.echo(f"modelfs: {reason}", err=True)
-        sys.exit(1)
+    click.echo(f"modelfs: {reason}", err=True)
+    sys.exit(1)
 
 
 def _spawn_daemon(args: list[str], log_file: Path) -> int:
@@ -546,7 +579,7 @@ def demo() -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=str)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon.")
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount MOUNTPOINT cleanly (the daemon then exits)."""

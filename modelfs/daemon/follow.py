@@ -43,7 +43,8 @@ class RevisionFollower:
     def __init__(self, cache: ChunkCache, repos: list[MountedRepo], ttl: float, wake: Wake, *,
                  tree: Tree,
                  replace: Callable[[int, str, Callable[[Tree], object]], None],
-                 invalidate: Callable[[str], Awaitable[None]]) -> None:
+                 invalidate: Callable[[str], Awaitable[None]],
+                 swapped: Callable[[], None] = lambda: None) -> None:
         self._cache = cache
         self._repos = repos
         self._ttl = ttl
@@ -51,6 +52,7 @@ class RevisionFollower:
         self._tree = tree
         self._replace = replace
         self._invalidate = invalidate
+        self._swapped = swapped  # after each swap: the mount's state is saved
 
     async def run(self) -> None:
         """Until cancelled. An origin that cannot be reached keeps the current tree
@@ -108,3 +110,4 @@ class RevisionFollower:
             same = [x for x in self._repos if x.ref.repo_id == r.ref.repo_id]
             self._replace(hub.inode, hf_dir_name(r.ref.repo_id),
                           lambda tree: add_hf_view(tree, same))
+        self._swapped()

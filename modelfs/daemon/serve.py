@@ -33,11 +33,14 @@ from ..fs.operations import Operations
 from ..fs.tree import Tree
 from ..jobs import JobManager
 from ..remote.sources import Sources
-from ..types import Source, source_kind
+from ..types import RepoSpec, Source, source_kind
+from . import session, state
+from .connection import Connection
 from .follow import RevisionFollower, Wake
 from .kernel import sd_notify, tune_kernel
 from .layout import MountedRepo, add_hf_view, add_repo, describe, local_path
 from .mountpoint import check_mountpoint, is_mounted
+from .supervisor import REPLY_FILE, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +88,43 @@ def _job_sources(sources: Sources, repos: list[MountedRepo]) -> Callable[[str, s
     return get
 
 
-async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
+async def serve(config: MountConfig, ready: Callable[[], None],
+                conn: Connection | None = None) -> bool:
     """Mount and serve until unmounted or signalled. Raises `ModelfsError` on start-up failure.
     The caller has checked the cache directory (`check_cache_dir`): the CLI does, before
-    it opens the log there."""
-    check_mountpoint(config.mountpoint)
+    it opens the log there.
+
+    With `conn` (a connection the supervisor mounted), serve that: the first daemon of
+    the mount builds its tree, a successor takes its predecessor's (`state.load`).
+    Returns True when it stopped for a successor (SIGUSR1: `modelfs restart`)."""
+    if conn is None:
+        check_mountpoint(config.mountpoint)
     if config.control_socket:
         check_socket_free(config.control_socket)
+    state_path = state_dir(config.cache_dir) / state.STATE_FILE
+    stop = _Stop()
     async with AsyncExitStack() as stack:
         index = open_index(config)
         stack.callback(index.close)
         cache = ChunkCache(index, ChunkStore(config.cache_dir), config.cache)
         sources = Sources(config.sources, config.token)
         stack.push_async_callback(sources.aclose)
-        repos = await _resolve(config, index, cache, sources)
+        successor = conn is not None and not conn.first
+        if successor:
+            try:
+                repos, tree = await state.load(state_path, config.mountpoint, sources, index)
+            except ValueError as exc:
+                raise CacheCorrupt(f"cannot take over the mount {config.mountpoint}: {exc}") \
+                    from None
+            _warn_changed_repos(config, repos)
+        else:
+            repos = await _resolve(config, index, cache, sources)
+            tree = Tree(time.time_ns())
+            for r in repos:
+                add_repo(tree, r.source, r.ref, r.snap, r.resolved_at)
+            add_hf_view(tree, repos)
         tier = await sources.tier()  # before anything is mounted: it may be required
 
-        tree = Tree(time.time_ns())
-        for r in repos:
-            add_repo(tree, r.source, r.ref, r.snap, r.resolved_at)
-        add_hf_view(tree, repos)
         # Bytes found bad go to the kernel's cache too: handed over to a task, as
         # invalidation must not run inside a FUSE request.
         dropped_send, dropped = trio.open_memory_channel[str](math.inf)
@@ -112,26 +132,39 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         reader = ChunkReader(cache, config.fetch, on_content_dropped=dropped_send.send_nowait,
                              on_stale=wake.set, tier=tier)
         prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
-        ops = Operations(tree, reader, config.fs, prefetcher)
+        ops = Operations(tree, reader, config.fs, prefetcher, inherited=successor)
+
+        def save_state() -> None:
+            if conn is not None:
+                state.save(state_path, config.mountpoint, repos, ops.tree)
+
         follower = RevisionFollower(cache, repos, config.revision_ttl, wake, tree=tree,
-                                    replace=ops.replace, invalidate=ops.invalidate_content)
+                                    replace=ops.replace, invalidate=ops.invalidate_content,
+                                    swapped=save_state)
         jobs = JobManager(reader, cache, _job_sources(sources, repos), config.jobs,
                           local_path=local_path(config.mountpoint, repos))
 
         options = set(pyfuse3.default_options) | {"fsname=modelfs", "subtype=modelfs", "ro"}
         if config.allow_other:
             options.add("allow_other")
-        pyfuse3.init(ops, str(config.mountpoint), options)
-        stack.callback(log.info, "unmounted %s", config.mountpoint)
-        stack.callback(pyfuse3.close, unmount=True)
-        stack.callback(sd_notify, "STOPPING=1")
+        adoption = None
+        if conn is None:
+            pyfuse3.init(ops, str(config.mountpoint), options)
+            stack.callback(log.info, "unmounted %s", config.mountpoint)
+        else:
+            save_state()  # before the kernel can learn an inode of this tree
+            adoption = session.init(ops, conn, options)
+        stack.callback(pyfuse3.close, unmount=conn is None)
+        if conn is None:
+            stack.callback(sd_notify, "STOPPING=1")
 
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(reader.run)
-        stop = trio.Event()
-        nursery.start_soon(_main_then_cancel, nursery)
-        nursery.start_soon(_stop_on_signal, stop)
-        nursery.start_soon(_bounded_stop, nursery, config.mountpoint, stop)
+        nursery.start_soon(_main_then_cancel, nursery, adoption,
+                           state_dir(config.cache_dir) / REPLY_FILE)
+        nursery.start_soon(_stop_on_signal, stop, ops, conn is not None)
+        nursery.start_soon(_bounded_stop, nursery, config.mountpoint, stop,
+                           conn is not None and conn.resend)
         nursery.start_soon(_flush_access, cache)
         nursery.start_soon(ops.watch_readers)
         nursery.start_soon(_invalidate_dropped, dropped, ops)
@@ -146,9 +179,21 @@ async def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         tune_kernel(config.mountpoint)
         if tier is not None:
             log.info("chunks missing here are read from the shared cache %s first", tier.url)
-        log.info("mounted %s at %s", ", ".join(str(r.ref) for r in repos), config.mountpoint)
+        log.info("%s %s at %s", "took over" if successor else "mounted",
+                 ", ".join(str(r.ref) for r in repos), config.mountpoint)
         ready()
-        sd_notify(f"READY=1\nSTATUS=serving {config.mountpoint}")
+        if conn is None:
+            sd_notify(f"READY=1\nSTATUS=serving {config.mountpoint}")
+    return stop.handover
+
+
+def _warn_changed_repos(config: MountConfig, repos: list[MountedRepo]) -> None:
+    now = {str(s) for s in config.repos}
+    served = {str(RepoSpec(r.ref, r.url)) for r in repos}
+    if now != served:
+        log.warning("the configured repos differ from the ones this mount serves (%s); a "
+                    "restart keeps the mount as it is: remount to change them",
+                    ", ".join(sorted(now ^ served)))
 
 
 def open_index(config: MountConfig) -> Index:
@@ -184,34 +229,65 @@ async def _flush_access(cache: ChunkCache) -> None:
         await trio.to_thread.run_sync(cache.index.flush_access)
 
 
-async def _main_then_cancel(nursery: trio.Nursery) -> None:
+class _Stop:
+    """Stopping: set once, by a signal or the mount going away; `handover` when the
+    mount stays for a successor."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.handover = False
+
+
+async def _main_then_cancel(nursery: trio.Nursery, adoption: session.Adoption | None,
+                            reply_file: Path) -> None:
     """pyfuse3.main returns when the file system is unmounted (or terminated)."""
     try:
-        await pyfuse3.main()
+        if adoption is None:
+            await pyfuse3.main()
+        else:
+            await adoption.run(reply_file)
     finally:
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
-            stop.set()
+async def _stop_on_signal(stop: _Stop, ops: Operations, supervised: bool) -> None:
+    """SIGTERM, SIGINT, SIGHUP: stop (and unmount, unless the supervisor owns the
+    mount). SIGUSR1 (supervised only): stop reading requests, for a successor."""
+    signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    if supervised:
+        signals.append(signal.SIGUSR1)
+    with trio.open_signal_receiver(*signals) as received:
+        async for signum in received:
+            stop.handover = signum == signal.SIGUSR1
+            log.info("received %s: %s", signal.Signals(signum).name,
+                     "handing the mount over" if stop.handover else "stopping")
+            if not stop.handover and not supervised:
+                sd_notify("STOPPING=1")
+            ops.stopping = True
+            stop.event.set()
             pyfuse3.terminate()
             return
 
 
-async def _bounded_stop(nursery: trio.Nursery, mountpoint: Path, stop: trio.Event) -> None:
+async def _bounded_stop(nursery: trio.Nursery, mountpoint: Path, stop: _Stop,
+                        resend: bool) -> None:
     """Once stopping (a signal, or the mount gone: `fusermount3 -u`), give requests in
     flight `STOP_GRACE` seconds to finish, then cancel everything: pyfuse3's main loop
-    waits for its handlers, and a handler may wait on an origin that never answers."""
-    while not stop.is_set():
+    waits for its handlers, and a handler may wait on an origin that never answers.
+
+    A cancelled request is not answered. On a stop the supervisor then aborts the
+    connection (the reader gets ENOTCONN); on a handover the successor has the kernel
+    resend it, where the kernel can (`Connection.resend`): elsewhere a handover waits
+    for every request in flight, which `read_deadline` bounds."""
+    while not stop.event.is_set():
         with trio.move_on_after(UNMOUNT_POLL):
-            await stop.wait()
-        if not stop.is_set() and not is_mounted(mountpoint):
+            await stop.event.wait()
+        if not stop.event.is_set() and not is_mounted(mountpoint):
             log.info("%s was unmounted", mountpoint)
             break
+    if stop.handover and not resend:
+        return
     await trio.sleep(STOP_GRACE)
-    log.warning("requests still in flight %gs after the stop began; cancelling them", STOP_GRACE)
+    log.warning("requests still in flight %gs after the %s began; cancelling them",
+                STOP_GRACE, "handover" if stop.handover else "stop")
     nursery.cancel_scope.cancel()

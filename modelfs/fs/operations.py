@@ -83,13 +83,18 @@ def _erofs(*_args: Any, **_kwargs: Any) -> Awaitable[Any]:
     return fail()
 
 
+# A file handle is its inode << HANDLE_BITS | a serial number.
+HANDLE_BITS = 32
+HANDLE_MASK = (1 << HANDLE_BITS) - 1
+
+
 class Operations(pyfuse3.Operations):
     """Read-only operations over a `Tree`; file data comes from a `ChunkReader`."""
 
     enable_writeback_cache = False
 
     def __init__(self, tree: Tree, reader: ChunkReader, config: FsConfig,
-                 prefetcher: OpenPrefetcher | None = None) -> None:
+                 prefetcher: OpenPrefetcher | None = None, *, inherited: bool = False) -> None:
         super().__init__()
         self._tree = tree
         self._reader = reader
@@ -101,6 +106,11 @@ class Operations(pyfuse3.Operations):
         # tree that was replaced may be dropped only once this reaches zero.
         self._lookups: Counter[int] = Counter()
         self._detached: set[int] = set()  # replaced inodes the kernel still references
+        # Taken over from a predecessor daemon: the kernel may reference any of these
+        # inodes with counts we never saw, so they are never dropped.
+        self._inherited: set[int] = {n.inode for n in tree.nodes()} if inherited else set()
+        # Stopping: no more kernel invalidations (one may wait on a request in flight).
+        self.stopping = False
         self._handles: dict[int, RemoteFile | StaticFile] = {}
         self._openers: dict[int, int] = {}  # file handle -> pid of the process that opened it
         self._fh = itertools.count(1)
@@ -172,11 +182,13 @@ class Operations(pyfuse3.Operations):
             gone = self._tree.subtree(old) if old is not None else []
             changed = [(parent, name)]
         for ino in gone:
-            if self._lookups[ino] > 0:
+            if self._lookups[ino] > 0 or ino in self._inherited:
                 self._detached.add(ino)
             else:
                 self._tree.remove(ino)
         for dir_inode, entry in changed:
+            if self.stopping:
+                break
             pyfuse3.invalidate_entry_async(pyfuse3.InodeT(dir_inode),
                                            pyfuse3.FileNameT(os.fsencode(entry)),
                                            ignore_enoent=True)
@@ -188,6 +200,8 @@ class Operations(pyfuse3.Operations):
         inodes = [n.inode for n in list(self._tree.nodes())
                   if isinstance(n.file, RemoteFile) and n.file.entry.content_id == content_id]
         for ino in inodes:
+            if self.stopping:
+                return
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, pyfuse3.InodeT(ino))
             except OSError as exc:
@@ -201,7 +215,7 @@ class Operations(pyfuse3.Operations):
                 self._lookups[inode] = left
             else:
                 del self._lookups[inode]
-                if inode in self._detached:
+                if inode in self._detached and inode not in self._inherited:
                     self._detached.discard(inode)
                     self._tree.remove(inode)
 
@@ -243,7 +257,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        fh = next(self._fh)
+        # The handle names its inode, so a successor daemon can serve it (`_handle`).
+        fh = inode << HANDLE_BITS | next(self._fh) & HANDLE_MASK
         self._handles[fh] = node.file
         self._openers[fh] = ctx.pid
         if isinstance(node.file, RemoteFile):
@@ -256,9 +271,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def read(  # type: ignore[override]  # pyfuse3 replies with any buffer; its stub says bytes
             self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes | memoryview:
-        f = self._handles.get(fh)
-        if f is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        f = self._handle(fh)
         if isinstance(f, StaticFile):
             return f.content[off:off + size]
         token = object()
@@ -270,6 +283,17 @@ class Operations(pyfuse3.Operations):
                 del self._reads[token]
         log.info("read of %s at offset %d: its reader went away; answered EINTR", f.name, off)
         raise pyfuse3.FUSEError(errno.EINTR)
+
+    def _handle(self, fh: int) -> RemoteFile | StaticFile:
+        """The file an open handle reads. A handle this daemon did not open was opened
+        through a predecessor: its inode (the high bits) says which file."""
+        f = self._handles.get(fh)
+        if f is None:
+            node = self._tree.get(fh >> HANDLE_BITS)
+            if node is None or node.file is None or fh >> HANDLE_BITS not in self._inherited:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            f = self._handles[fh] = node.file
+        return f
 
     async def watch_readers(self) -> None:
         """Answer the reads of readers that went away (see `reader_gone`); until cancelled."""
@@ -286,9 +310,9 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._openers.pop(fh, None)
+        opened_here = self._openers.pop(fh, None) is not None
         f = self._handles.pop(fh, None)
-        if isinstance(f, RemoteFile) and self._prefetcher is not None:
+        if isinstance(f, RemoteFile) and self._prefetcher is not None and opened_here:
             self._prefetcher.on_release(f)
 
     @_boundary

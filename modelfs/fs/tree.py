@@ -165,8 +165,24 @@ class Tree:
         return sum(n.file.entry.size for n in self._nodes.values()
                    if isinstance(n.file, RemoteFile))
 
+    @property
+    def next_inode(self) -> int:
+        return self._next
+
+    @classmethod
+    def restore(cls, nodes: list[Node], next_inode: int) -> Tree:
+        """The tree a previous daemon of this mount served, node for node (the
+        kernel knows its inodes by number)."""
+        tree = cls(0)
+        tree._nodes = {n.inode: n for n in nodes}
+        if ROOT_INODE not in tree._nodes or next_inode <= max(tree._nodes):
+            raise ValueError("not a whole tree")
+        tree._next = next_inode
+        return tree
+
 
 def _same_content(a: RemoteFile | StaticFile | None, b: RemoteFile | StaticFile | None) -> bool:
     if isinstance(a, RemoteFile) and isinstance(b, RemoteFile):
         return a.entry.content_id == b.entry.content_id and a.entry.size == b.entry.size
     return isinstance(a, StaticFile) and a == b
+

@@ -1,0 +1,322 @@
+"""The supervisor: the process that owns the mount, so that the daemon serving it can
+be restarted, upgraded or can crash without breaking a single open file.
+
+It mounts (`connection.mount`), then runs the daemon as a child process that
+inherits the FUSE connection (`modelfs mount ... --foreground` with the
+connection in its environment). On `modelfs restart` (SIGUSR1) the daemon stops
+reading requests, answers or abandons the ones in flight and exits with
+`HANDED_OVER`; a successor starts on the same connection, rebuilds the same
+inodes from the state the daemon keeps in `CACHE_DIR/daemon/`, and asks the
+kernel to resend what was abandoned (Linux 6.9 and later). A daemon that dies
+(kill -9, OOM) is replaced the same way. Requests that arrive meanwhile wait in
+the kernel: readers see a pause, not an error.
+
+On SIGTERM (or SIGINT, SIGHUP) the daemon gets SIGTERM and `STOP_WAIT` seconds;
+then the connection is aborted and the mount detached, so no reader is left
+waiting in the kernel, whatever the origin does. The supervisor has no event
+loop and imports nothing of the daemon's: signals wake a `select` through a pipe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import connection
+from .kernel import sd_notify
+from .mountpoint import is_mounted
+
+log = logging.getLogger(__name__)
+
+# The daemon's exit status after it stopped serving for a successor.
+HANDED_OVER = 75
+# After SIGTERM the daemon has this long to stop (its own bound is `serve.STOP_GRACE`
+# for requests in flight); then it is killed and the connection aborted.
+STOP_WAIT = 10.0
+# A restart waits this long for the old daemon to hand over before killing it.
+HANDOVER_WAIT = 90.0
+# A daemon that dies within `CRASH_WINDOW` seconds of its start, `CRASH_LIMIT` times in
+# a row, is not started again: the mount is given up.
+CRASH_WINDOW = 30.0
+CRASH_LIMIT = 5
+START_TIMEOUT = 330.0  # the daemon resolves repos within 300 s
+
+READY = b"READY\n"
+PR_SET_PDEATHSIG = 1
+STATE_DIR = "daemon"  # under the cache directory
+PID_FILE = "supervisor.pid"
+WORKER_FILE = "daemon.pid"
+REPLY_FILE = "init-reply"
+
+
+def state_dir(cache_dir: Path) -> Path:
+    d = cache_dir / STATE_DIR
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+class Supervisor:
+    def __init__(self, mountpoint: Path, options: list[str], worker_cmd: Sequence[str],
+                 cache_dir: Path, ready_fd: int | None) -> None:
+        self.mountpoint = mountpoint.absolute()
+        self.options = options
+        self.worker_cmd = list(worker_cmd)
+        self.dir = state_dir(cache_dir)
+        self.ready_fd = ready_fd
+        self.conn: connection.Connection | None = None
+        self.child: subprocess.Popen[bytes] | None = None
+        self.child_ready: int | None = None  # read end of the child's readiness pipe
+        self.started = 0.0
+        self.crashes = 0
+        self.serving = False  # some daemon has been ready on this connection
+        self.stopping = False
+        self.restarting = False
+        self._signals: list[int] = []
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Mount, serve through daemons until stopped; the exit status."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                    signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.conn = connection.mount(self.mountpoint, self.options)
+        (self.dir / REPLY_FILE).unlink(missing_ok=True)
+        (self.dir / PID_FILE).write_text(f"{os.getpid()} {self.mountpoint}\n")
+        log.info("mounted %s (FUSE connection resend: %s)", self.mountpoint,
+                 "yes" if self.conn.resend else "no, a daemon crash fails its open requests")
+        try:
+            self._spawn()
+            return self._loop(wake_r)
+        finally:
+            # Abort first: it ends every wait on the connection, the daemon's own included.
+            connection.unmount(self.mountpoint, self.conn.fd)
+            self._kill_child()
+            for name in (PID_FILE, WORKER_FILE):
+                (self.dir / name).unlink(missing_ok=True)
+            log.info("unmounted %s", self.mountpoint)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def _loop(self, wake_r: int) -> int:
+        deadline: float | None = None
+        while True:
+            fds = [wake_r] + ([self.child_ready] if self.child_ready is not None else [])
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                readable, _, _ = select.select(fds, [], [], timeout)
+            except InterruptedError:
+                readable = []
+            if wake_r in readable:
+                while True:
+                    try:
+                        if not os.read(wake_r, 256):
+                            break
+                    except BlockingIOError:
+                        break
+            if self.child_ready is not None and self.child_ready in readable:
+                self._read_child_ready()
+            for signum in self._take_signals():
+                if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) and not self.stopping:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    sd_notify("STOPPING=1")
+                    self.stopping = True
+                    self._signal_child(signal.SIGTERM)
+                    deadline = time.monotonic() + STOP_WAIT
+                elif signum == signal.SIGUSR1 and not self.stopping and not self.restarting:
+                    log.info("restart: handing the mount over to a new daemon")
+                    sd_notify("RELOADING=1")
+                    self.restarting = True
+                    self._signal_child(signal.SIGUSR1)
+                    deadline = time.monotonic() + HANDOVER_WAIT
+            status = self._reap()
+            if status is not None:
+                deadline = None
+                end = self._after_exit(status)
+                if end is not None:
+                    return end
+            if deadline is not None and time.monotonic() >= deadline:
+                if self.stopping:
+                    log.warning("the daemon did not stop within %.0fs; aborting the mount",
+                                STOP_WAIT)
+                    return 1
+                log.warning("the daemon did not hand over within %.0fs; killing it",
+                            HANDOVER_WAIT)
+                self._signal_child(signal.SIGKILL)
+                deadline = None
+
+    def _take_signals(self) -> list[int]:
+        taken, self._signals = self._signals, []
+        return [s for s in taken if s != signal.SIGCHLD]
+
+    def _after_exit(self, status: int) -> int | None:
+        """What a daemon's exit means: None to go on serving (a successor started)."""
+        what = (f"killed by {signal.Signals(-status).name}" if status < 0
+                else f"exited with status {status}")
+        if self.stopping:
+            return 0
+        if status == 0 or not is_mounted(self.mountpoint):
+            log.info("the daemon %s; the mount is done", what)
+            return 0 if status in (0, HANDED_OVER) else 1
+        if status == HANDED_OVER and self.restarting:
+            self.restarting = False
+            self.crashes = 0
+            self._spawn()
+            return None
+        if not self.serving:
+            log.error("the daemon %s before the mount was ready; unmounting", what)
+            return 1
+        self.restarting = False
+        if time.monotonic() - self.started < CRASH_WINDOW:
+            self.crashes += 1
+        else:
+            self.crashes = 1
+        if self.crashes >= CRASH_LIMIT:
+            log.error("the daemon %s, %d times within %.0fs of starting; giving up the mount",
+                      what, self.crashes, CRASH_WINDOW)
+            return 1
+        log.warning("the daemon %s; starting a successor on the same mount", what)
+        self._spawn()
+        return None
+
+    # -- the daemon process ----------------------------------------------------------
+
+    def _spawn(self) -> None:
+        assert self.conn is not None
+        first = not (self.dir / REPLY_FILE).exists()  # no daemon answered INIT yet
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env.update(self.conn.env(first=first))
+        cmd = [*self.worker_cmd, "--ready-fd", str(ready_w)]
+        self.child = subprocess.Popen(cmd, env=env, pass_fds=(self.conn.fd, ready_w),
+                                      preexec_fn=_die_with_parent)
+        os.close(ready_w)
+        self.child_ready = ready_r
+        self.started = time.monotonic()
+        log.info("started daemon process %d%s", self.child.pid,
+                 "" if first else " on the running mount")
+
+    def _read_child_ready(self) -> None:
+        assert self.child_ready is not None
+        line = os.read(self.child_ready, 4096)
+        os.close(self.child_ready)
+        self.child_ready = None
+        if line.startswith(READY):
+            assert self.child is not None
+            (self.dir / WORKER_FILE).write_text(f"{self.child.pid}\n")
+            if not self.serving:
+                self._tell_ready(READY)
+            self.serving = True
+            sd_notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
+        elif line and not self.serving:
+            self._tell_ready(line)
+
+    def _tell_ready(self, line: bytes) -> None:
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, line)
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def _signal_child(self, sig: int) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(sig)
+
+    def _reap(self) -> int | None:
+        if self.child is None:
+            return None
+        status = self.child.poll()
+        if status is None:
+            return None
+        self.child = None
+        if self.child_ready is not None:
+            self._read_child_ready_after_exit()
+        return status
+
+    def _read_child_ready_after_exit(self) -> None:
+        assert self.child_ready is not None
+        try:
+            line = os.read(self.child_ready, 4096)
+        except OSError:
+            line = b""
+        os.close(self.child_ready)
+        self.child_ready = None
+        if line and not self.serving and not line.startswith(READY):
+            self._tell_ready(line)
+
+    def _kill_child(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+
+
+def _die_with_parent() -> None:
+    """The daemon is killed when the supervisor dies: a mount nobody supervises is
+    better dead (ENOTCONN, cleared by the next start) than served by an orphan."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def restart(cache_dir: Path, timeout: float) -> int:
+    """Ask the supervisor of the mount whose cache is `cache_dir` to hand it over to a
+    new daemon; wait until that one is ready. Returns the new daemon's pid."""
+    d = cache_dir / STATE_DIR
+    try:
+        pid_text, _, mountpoint = (d / PID_FILE).read_text().strip().partition(" ")
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        raise RuntimeError(f"no modelfs mount runs with the cache {cache_dir}") from None
+    before = _read_pid(d / WORKER_FILE)
+    os.kill(pid, signal.SIGUSR1)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        now = _read_pid(d / WORKER_FILE)
+        if now is not None and now != before:
+            return now
+        try:
+            os.kill(pid, 0)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise RuntimeError(f"the mount {mountpoint} went away during the restart; "
+                                   "see its log") from None
+        time.sleep(0.05)
+    raise RuntimeError(f"no new daemon was ready for {mountpoint} within {timeout:.0f}s")
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def worker_command(argv: Sequence[str]) -> list[str]:
+    """The daemon's command line: this `modelfs mount` again, in the foreground, without
+    a readiness descriptor of its own (the supervisor gives each daemon one)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip or a.startswith("--ready-fd="):
+            skip = False
+        elif a == "--ready-fd":
+            skip = True
+        else:
+            out.append(a)
+    if "--foreground" not in out:
+        out.append("--foreground")
+    return [sys.executable, "-m", "modelfs", "mount", *out]
