@@ -596,3 +596,29 @@ def umount(mountpoint: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise click.ClickException(f"{path} still mounted after {timeout:.0f}s")
         time.sleep(0.05)
+
+
+@main.command()
+@click.argument("mountpoint", type=str, required=False)
+@_config_option
+@click.option("--cache-dir", help="The mount's cache directory (default: the config's).")
+@click.option("--timeout", default=120.0, show_default=True,
+              help="Seconds to wait for the new daemon to serve.")
+def restart(mountpoint: str | None, config_file: str | None, cache_dir: str | None,
+            timeout: float) -> None:
+    """Restart the daemon serving MOUNTPOINT without unmounting: open files stay open.
+
+    A new daemon (the installed version: this is also how to upgrade) takes the FUSE
+    connection over; reads pause meanwhile, they do not fail. Settings other than the
+    repos take effect; a changed repo list needs a remount. Exit status 0 once the new
+    daemon serves.
+    """
+    from .daemon.supervisor import restart as restart_daemon
+
+    cdir, _ = _cache_dir(config_file, None, cache_dir)
+    t0 = time.monotonic()
+    try:
+        pid = restart_daemon(cdir, Path(mountpoint).absolute() if mountpoint else None, timeout)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"modelfs: restarted (daemon pid {pid}, {time.monotonic() - t0:.1f}s)")

@@ -170,12 +170,14 @@ async def serve(config: MountConfig, ready: Callable[[], None],
         nursery.start_soon(_invalidate_dropped, dropped, ops)
         if any(not r.ref.is_commit for r in repos):
             nursery.start_soon(follower.run)
+        # The mount answers before the API does: a client that reached the API may
+        # unmount at once, and a stat still in flight would make that fail (EBUSY).
+        await trio.to_thread.run_sync(os.stat, config.mountpoint)
         await nursery.start(jobs.run)
         if config.control_socket:
             ctx = ControlContext(jobs, reader, cache,
                                  lambda: describe(config.mountpoint, config.cache_dir, repos))
             await nursery.start(serve_control, ctx, config.control_socket)
-        await trio.to_thread.run_sync(os.stat, config.mountpoint)
         tune_kernel(config.mountpoint)
         if tier is not None:
             log.info("chunks missing here are read from the shared cache %s first", tier.url)

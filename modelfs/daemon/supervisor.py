@@ -271,16 +271,19 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def restart(cache_dir: Path, timeout: float) -> int:
+def restart(cache_dir: Path, mountpoint: Path | None, timeout: float) -> int:
     """Ask the supervisor of the mount whose cache is `cache_dir` to hand it over to a
     new daemon; wait until that one is ready. Returns the new daemon's pid."""
     d = cache_dir / STATE_DIR
     try:
-        pid_text, _, mountpoint = (d / PID_FILE).read_text().strip().partition(" ")
+        pid_text, _, mounted = (d / PID_FILE).read_text().strip().partition(" ")
         pid = int(pid_text)
         os.kill(pid, 0)
     except (OSError, ValueError):
         raise RuntimeError(f"no modelfs mount runs with the cache {cache_dir}") from None
+    if mountpoint is not None and str(mountpoint) != mounted:
+        raise RuntimeError(f"the mount with the cache {cache_dir} is {mounted}, not {mountpoint}"
+                           " (--cache-dir names another mount's cache)")
     before = _read_pid(d / WORKER_FILE)
     os.kill(pid, signal.SIGUSR1)
     end = time.monotonic() + timeout
@@ -292,10 +295,10 @@ def restart(cache_dir: Path, timeout: float) -> int:
             os.kill(pid, 0)
         except OSError as exc:
             if exc.errno == errno.ESRCH:
-                raise RuntimeError(f"the mount {mountpoint} went away during the restart; "
+                raise RuntimeError(f"the mount {mounted} went away during the restart; "
                                    "see its log") from None
         time.sleep(0.05)
-    raise RuntimeError(f"no new daemon was ready for {mountpoint} within {timeout:.0f}s")
+    raise RuntimeError(f"no new daemon was ready for {mounted} within {timeout:.0f}s")
 
 
 def _read_pid(path: Path) -> int | None:
