@@ -581,18 +581,21 @@ def demo() -> None:
 @main.command()
 @click.argument("mountpoint", type=str)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the daemon.")
-def umount(mountpoint: str, timeout: float) -> None:
+@click.option("--lazy", is_flag=True,
+              help="Detach it even while files are open (they read on until the daemon stops).")
+def umount(mountpoint: str, timeout: float, lazy: bool) -> None:
     """Unmount MOUNTPOINT cleanly (the daemon then exits)."""
-    from .daemon.mountpoint import is_mounted
+    from .daemon.mountpoint import modelfs_mounted
 
     path = Path(mountpoint).absolute()
-    if not is_mounted(path):
+    if not modelfs_mounted(path):
         raise click.ClickException(f"{path} is not mounted")
-    res = subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, text=True)
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(path)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise click.ClickException(res.stderr.strip() or f"fusermount3 -u {path} failed")
+        raise click.ClickException(res.stderr.strip() or f"{' '.join(cmd)} failed")
     deadline = time.monotonic() + timeout
-    while is_mounted(path):
+    while modelfs_mounted(path):
         if time.monotonic() > deadline:
             raise click.ClickException(f"{path} still mounted after {timeout:.0f}s")
         time.sleep(0.05)

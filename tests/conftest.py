@@ -170,6 +170,14 @@ class Mount:
     def p(self, rel: str) -> Path:
         return self.path / rel
 
+    def daemon_pid(self) -> int | None:
+        """The daemon serving the mount: the child of the supervisor `proc` (`None`
+        until one is ready)."""
+        try:
+            return int((self.cache_dir / "daemon" / "daemon.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
     def client(self) -> ControlClient:
         return ControlClient(self.socket)
 

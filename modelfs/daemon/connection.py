@@ -134,10 +134,12 @@ def _abort(mountpoint: Path) -> None:
     other process holds one."""
     target = str(mountpoint.absolute())
     with open("/proc/self/mountinfo") as f:
-        dev = next((ln.split()[2] for ln in f
-                    if ln.split()[4].replace("\\040", " ") == target), None)
-    if dev is None:
+        # The last FUSE mount there: below it may be the bind mount of a container volume.
+        devs = [ln.split()[2] for ln in f if ln.split()[4].replace("\\040", " ") == target
+                and ln.split(" - ")[1].startswith("fuse")]
+    if not devs:
         return
+    dev = devs[-1]
     path = Path("/sys/fs/fuse/connections") / dev.partition(":")[2] / "abort"
     try:
         path.write_text("1")

@@ -39,7 +39,7 @@ from .connection import Connection
 from .follow import RevisionFollower, Wake
 from .kernel import sd_notify, tune_kernel
 from .layout import MountedRepo, add_hf_view, add_repo, describe, local_path
-from .mountpoint import check_mountpoint, is_mounted
+from .mountpoint import check_mountpoint, modelfs_mounted
 from .supervisor import REPLY_FILE, state_dir
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ async def _bounded_stop(nursery: trio.Nursery, mountpoint: Path, stop: _Stop,
     while not stop.event.is_set():
         with trio.move_on_after(UNMOUNT_POLL):
             await stop.event.wait()
-        if not stop.event.is_set() and not is_mounted(mountpoint):
+        if not stop.event.is_set() and not modelfs_mounted(mountpoint):
             log.info("%s was unmounted", mountpoint)
             break
     if stop.handover and not resend:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import connection
 from .kernel import sd_notify
-from .mountpoint import is_mounted
+from .mountpoint import modelfs_mounted
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,11 @@ HANDED_OVER = 75
 STOP_WAIT = 10.0
 # A restart waits this long for the old daemon to hand over before killing it.
 HANDOVER_WAIT = 90.0
-# A daemon that dies within `CRASH_WINDOW` seconds of its start, `CRASH_LIMIT` times in
-# a row, is not started again: the mount is given up.
-CRASH_WINDOW = 30.0
-CRASH_LIMIT = 5
+# Daemons that die `CRASH_LIMIT` times within `CRASH_WINDOW` seconds (a version that
+# cannot start, or a request that kills every daemon it is resent to) are not started
+# again: the mount is given up.
+CRASH_WINDOW = 60.0
+CRASH_LIMIT = 10
 START_TIMEOUT = 330.0  # the daemon resolves repos within 300 s
 
 READY = b"READY\n"
@@ -75,8 +76,7 @@ class Supervisor:
         self.conn: connection.Connection | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self.child_ready: int | None = None  # read end of the child's readiness pipe
-        self.started = 0.0
-        self.crashes = 0
+        self.deaths: list[float] = []  # when daemons died unexpectedly (monotonic)
         self.serving = False  # some daemon has been ready on this connection
         self.stopping = False
         self.restarting = False
@@ -137,7 +137,7 @@ class Supervisor:
                     deadline = time.monotonic() + STOP_WAIT
                 elif signum == signal.SIGUSR1 and not self.stopping and not self.restarting:
                     log.info("restart: handing the mount over to a new daemon")
-                    sd_notify("RELOADING=1")
+                    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
                     self.restarting = True
                     self._signal_child(signal.SIGUSR1)
                     deadline = time.monotonic() + HANDOVER_WAIT
@@ -167,25 +167,22 @@ class Supervisor:
                 else f"exited with status {status}")
         if self.stopping:
             return 0
-        if status == 0 or not is_mounted(self.mountpoint):
+        if status == 0 or not modelfs_mounted(self.mountpoint):
             log.info("the daemon %s; the mount is done", what)
             return 0 if status in (0, HANDED_OVER) else 1
         if status == HANDED_OVER and self.restarting:
             self.restarting = False
-            self.crashes = 0
             self._spawn()
             return None
         if not self.serving:
             log.error("the daemon %s before the mount was ready; unmounting", what)
             return 1
         self.restarting = False
-        if time.monotonic() - self.started < CRASH_WINDOW:
-            self.crashes += 1
-        else:
-            self.crashes = 1
-        if self.crashes >= CRASH_LIMIT:
-            log.error("the daemon %s, %d times within %.0fs of starting; giving up the mount",
-                      what, self.crashes, CRASH_WINDOW)
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < CRASH_WINDOW] + [now]
+        if len(self.deaths) >= CRASH_LIMIT:
+            log.error("the daemon %s; %d daemons died within %.0fs: giving up the mount",
+                      what, len(self.deaths), CRASH_WINDOW)
             return 1
         log.warning("the daemon %s; starting a successor on the same mount", what)
         self._spawn()
@@ -204,7 +201,6 @@ class Supervisor:
                                       preexec_fn=_die_with_parent)
         os.close(ready_w)
         self.child_ready = ready_r
-        self.started = time.monotonic()
         log.info("started daemon process %d%s", self.child.pid,
                  "" if first else " on the running mount")
 

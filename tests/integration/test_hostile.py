@@ -372,7 +372,7 @@ def test_huge_declared_sizes_cost_nothing_on_open_and_break_no_listing(mount_fac
         t0 = time.monotonic()
         assert m.p("org/model/config.json").read_bytes()
         assert time.monotonic() - t0 < 1.0  # the daemon is not frozen planning 4M chunks
-    status = Path(f"/proc/{m.proc.pid}/status").read_text()
+    status = Path(f"/proc/{m.daemon_pid()}/status").read_text()
     rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
     assert rss < 400_000, f"daemon RSS {rss} kB"
 
@@ -384,4 +384,4 @@ def test_daemon_commands_find_the_socket_from_the_cache_dir(mount_factory, tmp_p
         res = _cli(*args, "--cache-dir", str(cache))
         assert res.returncode == 0, res.stderr
     assert json.loads(_cli("status", "--json", "--cache-dir", str(cache)).stdout)["pid"] == \
-        m.proc.pid
+        m.daemon_pid()
