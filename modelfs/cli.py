@@ -185,10 +185,13 @@ def _log_level(layered: Layered, default: str) -> str:
               help="If the cache index is damaged, rebuild it (keeping the chunks that check "
                    "out) instead of refusing to start.")
 @click.option("--foreground", is_flag=True, help="Stay attached (for systemd).")
+@click.option("--take-over", is_flag=True,
+              help="If MOUNTPOINT is served by another modelfs with this cache, take the mount "
+                   "over from it without unmounting (an upgrade: open files stay open).")
 @setting_option("log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
 @setting_option("log_file", type=_PATH)
 @click.option("--ready-fd", type=int, hidden=True)
-def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
+def mount(foreground: bool, take_over: bool, config_file: str | None, ready_fd: int | None,
           **opts: Any) -> None:
     """Mount repos at MOUNTPOINT (or the config file's [mount] mountpoint).
 
@@ -215,7 +218,7 @@ def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
     try:
         conn = Connection.from_env(os.environ)
         if conn is None:
-            sys.exit(_supervise(config, ready_fd))
+            sys.exit(_supervise(config, ready_fd, take_over))
     except ModelfsError as exc:
         _start_failed(exc, config, ready_fd)
 
@@ -234,20 +237,23 @@ def mount(foreground: bool, config_file: str | None, ready_fd: int | None,
     sys.exit(HANDED_OVER if handed_over else 0)
 
 
-def _supervise(config: MountConfig, ready_fd: int | None) -> int:
+def _supervise(config: MountConfig, ready_fd: int | None, take_over: bool) -> int:
     """The process that owns the mount (`daemon.supervisor`): the daemon runs as its
     child, so it can be restarted without unmounting."""
     from .control.server import check_socket_free
-    from .daemon.mountpoint import check_mountpoint
+    from .daemon.mountpoint import check_mountpoint, modelfs_mounted
     from .daemon.supervisor import Supervisor, worker_command
 
-    check_mountpoint(config.mountpoint)
-    if config.control_socket:
-        check_socket_free(config.control_socket)
+    take_over = take_over and modelfs_mounted(config.mountpoint)
+    if not take_over:
+        check_mountpoint(config.mountpoint)
+        if config.control_socket:
+            check_socket_free(config.control_socket)
     options = ["ro", "nosuid", "nodev", "fsname=modelfs", "subtype=modelfs",
                "default_permissions"] + (["allow_other"] if config.allow_other else [])
-    return Supervisor(config.mountpoint, options, worker_command(sys.argv[2:]),
-                      config.cache_dir, ready_fd).run()
+    args = [a for a in sys.argv[2:] if a != "--take-over"]  # its daemons serve, never take
+    return Supervisor(config.mountpoint, options, worker_command(args), config.cache_dir,
+                      ready_fd, take_over=take_over).run()
 
 
 def _start_failed(exc: ModelfsError, config: MountConfig, ready_fd: int | None) -> NoReturn:

@@ -19,18 +19,22 @@ loop and imports nothing of the daemon's: signals wake a `select` through a pipe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import errno
+import json
 import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from ..errors import ConfigError
 from . import connection
 from .kernel import sd_notify
 from .mountpoint import modelfs_mounted
@@ -57,6 +61,7 @@ STATE_DIR = "daemon"  # under the cache directory
 PID_FILE = "supervisor.pid"
 WORKER_FILE = "daemon.pid"
 REPLY_FILE = "init-reply"
+SOCKET = "supervisor.sock"  # restart and take-over requests
 
 
 def state_dir(cache_dir: Path) -> Path:
@@ -67,12 +72,13 @@ def state_dir(cache_dir: Path) -> Path:
 
 class Supervisor:
     def __init__(self, mountpoint: Path, options: list[str], worker_cmd: Sequence[str],
-                 cache_dir: Path, ready_fd: int | None) -> None:
+                 cache_dir: Path, ready_fd: int | None, *, take_over: bool = False) -> None:
         self.mountpoint = mountpoint.absolute()
         self.options = options
         self.worker_cmd = list(worker_cmd)
         self.dir = state_dir(cache_dir)
         self.ready_fd = ready_fd
+        self.take_over = take_over
         self.conn: connection.Connection | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self.child_ready: int | None = None  # read end of the child's readiness pipe
@@ -80,32 +86,65 @@ class Supervisor:
         self.serving = False  # some daemon has been ready on this connection
         self.stopping = False
         self.restarting = False
+        self.listener: socket.socket | None = None
+        self.waiting: list[socket.socket] = []  # `modelfs restart`s waiting for the new daemon
+        self.successor: socket.socket | None = None  # a new supervisor taking the mount over
+        self.handed_over = False
         self._signals: list[int] = []
 
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> int:
-        """Mount, serve through daemons until stopped; the exit status."""
+        """Mount (or take the mount over), serve through daemons until stopped or taken
+        over; the exit status."""
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                     signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
-        self.conn = connection.mount(self.mountpoint, self.options)
-        (self.dir / REPLY_FILE).unlink(missing_ok=True)
+        if self.take_over and modelfs_mounted(self.mountpoint):
+            self.conn = request_take_over(self.dir, self.mountpoint)
+            log.info("took %s over from the supervisor that served it", self.mountpoint)
+        else:
+            self.conn = connection.mount(self.mountpoint, self.options)
+            (self.dir / REPLY_FILE).unlink(missing_ok=True)
+            log.info("mounted %s (FUSE connection resend: %s)", self.mountpoint,
+                     "yes" if self.conn.resend else "no: a daemon crash fails its open reads")
+        self.listener = _listen(self.dir / SOCKET)
         (self.dir / PID_FILE).write_text(f"{os.getpid()} {self.mountpoint}\n")
-        log.info("mounted %s (FUSE connection resend: %s)", self.mountpoint,
-                 "yes" if self.conn.resend else "no, a daemon crash fails its open requests")
         try:
             self._spawn()
-            return self._loop(wake_r)
+            end = self._loop(wake_r)
+            if self.handed_over:
+                return self._idle(wake_r)
+            return end
         finally:
-            # Abort first: it ends every wait on the connection, the daemon's own included.
-            connection.unmount(self.mountpoint, self.conn.fd)
-            self._kill_child()
-            for name in (PID_FILE, WORKER_FILE):
-                (self.dir / name).unlink(missing_ok=True)
-            log.info("unmounted %s", self.mountpoint)
+            for client in self.waiting:
+                _reply(client, {"error": f"the mount {self.mountpoint} stopped"})
+            if self.listener is not None:
+                self.listener.close()
+            if not self.handed_over:
+                # Abort first: it ends every wait on the connection, the daemon's own too.
+                connection.unmount(self.mountpoint, self.conn.fd)
+                self._kill_child()
+                for name in (PID_FILE, WORKER_FILE, SOCKET):
+                    (self.dir / name).unlink(missing_ok=True)
+                log.info("unmounted %s", self.mountpoint)
+
+    def _idle(self, wake_r: int) -> int:
+        """Handed over: wait for the stop signal (in Kubernetes the old pod is deleted
+        once the new one is ready; exiting before would have the kubelet restart this
+        container, which would take the mount back)."""
+        log.info("the mount is served by its new supervisor now; waiting to be stopped")
+        while True:
+            with contextlib.suppress(InterruptedError):
+                select.select([wake_r], [], [])
+            _drain(wake_r)
+            if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                   for s in self._take_signals()):
+                log.info("stopped; %s stays mounted, served by the new supervisor",
+                         self.mountpoint)
+                return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -113,21 +152,24 @@ class Supervisor:
     def _loop(self, wake_r: int) -> int:
         deadline: float | None = None
         while True:
-            fds = [wake_r] + ([self.child_ready] if self.child_ready is not None else [])
+            fds: list[int | socket.socket] = [wake_r]
+            if self.child_ready is not None:
+                fds.append(self.child_ready)
+            if self.listener is not None:
+                fds.append(self.listener)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 readable, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
                 readable = []
             if wake_r in readable:
-                while True:
-                    try:
-                        if not os.read(wake_r, 256):
-                            break
-                    except BlockingIOError:
-                        break
+                _drain(wake_r)
             if self.child_ready is not None and self.child_ready in readable:
                 self._read_child_ready()
+            if self.listener is not None and self.listener in readable:
+                op = self._accept()
+                if op is not None:
+                    self._signals.append(op)
             for signum in self._take_signals():
                 if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) and not self.stopping:
                     log.info("received %s: stopping", signal.Signals(signum).name)
@@ -136,7 +178,8 @@ class Supervisor:
                     self._signal_child(signal.SIGTERM)
                     deadline = time.monotonic() + STOP_WAIT
                 elif signum == signal.SIGUSR1 and not self.stopping and not self.restarting:
-                    log.info("restart: handing the mount over to a new daemon")
+                    log.info("restart: handing the mount over to a new daemon%s",
+                             " (and to a new supervisor)" if self.successor else "")
                     sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
                     self.restarting = True
                     self._signal_child(signal.SIGUSR1)
@@ -145,8 +188,8 @@ class Supervisor:
             if status is not None:
                 deadline = None
                 end = self._after_exit(status)
-                if end is not None:
-                    return end
+                if end is not None or self.handed_over:
+                    return end or 0
             if deadline is not None and time.monotonic() >= deadline:
                 if self.stopping:
                     log.warning("the daemon did not stop within %.0fs; aborting the mount",
@@ -156,6 +199,37 @@ class Supervisor:
                             HANDOVER_WAIT)
                 self._signal_child(signal.SIGKILL)
                 deadline = None
+
+    def _accept(self) -> int | None:
+        """One request on the supervisor's socket: `restart` (`modelfs restart`) or
+        `take-over` (a new supervisor, `modelfs mount --take-over`). Returns SIGUSR1 when
+        it starts a handover."""
+        assert self.listener is not None
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return None
+        client.settimeout(2.0)
+        try:
+            request = json.loads(client.recv(4096).decode())
+            op = request["op"]
+        except (OSError, ValueError, KeyError, TypeError):
+            _reply(client, {"error": "not a request"})
+            return None
+        if self.stopping or self.successor is not None:
+            _reply(client, {"error": "the mount is stopping or being taken over"})
+            return None
+        if op == "restart":
+            self.waiting.append(client)
+            return None if self.restarting else signal.SIGUSR1
+        if op == "take-over" and request.get("mountpoint") == str(self.mountpoint):
+            if self.restarting:
+                _reply(client, {"error": "a restart is under way; try again"})
+                return None
+            self.successor = client
+            return signal.SIGUSR1
+        _reply(client, {"error": f"cannot {op} {request.get('mountpoint', '')}".strip()})
+        return None
 
     def _take_signals(self) -> list[int]:
         taken, self._signals = self._signals, []
@@ -170,6 +244,19 @@ class Supervisor:
         if status == 0 or not modelfs_mounted(self.mountpoint):
             log.info("the daemon %s; the mount is done", what)
             return 0 if status in (0, HANDED_OVER) else 1
+        if self.successor is not None and self.restarting:
+            # Whatever the daemon's end: the new supervisor's daemon has the kernel
+            # resend what this one left unanswered.
+            assert self.conn is not None
+            _reply(self.successor, {"init": self.conn.init.hex()}, fds=[self.conn.fd])
+            self.successor = None
+            self.handed_over = True
+            self.restarting = False
+            os.close(self.conn.fd)
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            return None
         if status == HANDED_OVER and self.restarting:
             self.restarting = False
             self._spawn()
@@ -216,6 +303,9 @@ class Supervisor:
                 self._tell_ready(READY)
             self.serving = True
             sd_notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
+            for client in self.waiting:
+                _reply(client, {"pid": self.child.pid})
+            self.waiting = []
         elif line and not self.serving:
             self._tell_ready(line)
 
@@ -272,29 +362,101 @@ def restart(cache_dir: Path, mountpoint: Path | None, timeout: float) -> int:
     new daemon; wait until that one is ready. Returns the new daemon's pid."""
     d = cache_dir / STATE_DIR
     try:
-        pid_text, _, mounted = (d / PID_FILE).read_text().strip().partition(" ")
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        raise RuntimeError(f"no modelfs mount runs with the cache {cache_dir}") from None
-    if mountpoint is not None and str(mountpoint) != mounted:
+        mounted = (d / PID_FILE).read_text().strip().partition(" ")[2]
+    except OSError:
+        mounted = ""
+    if mountpoint is not None and mounted and str(mountpoint) != mounted:
         raise RuntimeError(f"the mount with the cache {cache_dir} is {mounted}, not {mountpoint}"
                            " (--cache-dir names another mount's cache)")
-    before = _read_pid(d / WORKER_FILE)
-    os.kill(pid, signal.SIGUSR1)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        now = _read_pid(d / WORKER_FILE)
-        if now is not None and now != before:
-            return now
+    answer, _ = _request(d / SOCKET, {"op": "restart"}, timeout,
+                         f"no modelfs mount runs with the cache {cache_dir}")
+    if "pid" not in answer:
+        raise RuntimeError(f"the restart failed: {answer.get('error', answer)}")
+    return int(answer["pid"])
+
+
+def request_take_over(state: Path, mountpoint: Path) -> connection.Connection:
+    """The FUSE connection of the mount another supervisor serves, once its daemon has
+    stopped (`modelfs mount --take-over`: a new version of the whole process tree)."""
+    try:
+        answer, fds = _request(state / SOCKET, {"op": "take-over", "mountpoint": str(mountpoint)},
+                               HANDOVER_WAIT + 30, f"it is mounted but no supervisor answers at "
+                               f"{state / SOCKET} to hand it over")
+    except RuntimeError as exc:
+        raise ConfigError(str(exc), setting="mountpoint", label="mountpoint",
+                          subject=str(mountpoint)) from None
+    if "init" not in answer or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise ConfigError(f"the supervisor of the mount refused to hand it over: "
+                          f"{answer.get('error', answer)}", setting="mountpoint",
+                          label="mountpoint", subject=str(mountpoint))
+    os.set_inheritable(fds[0], True)
+    return connection.Connection(fds[0], bytes.fromhex(answer["init"]), first=False)
+
+
+def _request(path: Path, request: dict[str, str], timeout: float,
+             absent: str) -> tuple[dict[str, Any], list[int]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
         try:
-            os.kill(pid, 0)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                raise RuntimeError(f"the mount {mounted} went away during the restart; "
-                                   "see its log") from None
-        time.sleep(0.05)
-    raise RuntimeError(f"no new daemon was ready for {mounted} within {timeout:.0f}s")
+            with _short_path(path) as short:
+                s.connect(short)
+        except OSError:
+            raise RuntimeError(absent) from None
+        s.sendall(json.dumps(request).encode())
+        try:
+            data, fds, _, _ = socket.recv_fds(s, 65536, 1)
+        except TimeoutError:
+            raise RuntimeError(f"no answer within {timeout:.0f}s; see the mount's log") from None
+    try:
+        answer = json.loads(data.decode())
+    except ValueError:
+        answer = {"error": "the supervisor went away"}
+    return answer if isinstance(answer, dict) else {"error": answer}, fds
+
+
+def _listen(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    path.unlink(missing_ok=True)  # a dead supervisor's, or the one that handed over
+    with _short_path(path) as short:
+        s.bind(short)
+    os.chmod(path, 0o600)
+    s.listen(8)
+    s.setblocking(False)
+    return s
+
+
+@contextlib.contextmanager
+def _short_path(path: Path) -> Iterator[str]:
+    """A Unix socket address is at most 107 bytes: a longer path is reached through
+    its directory's descriptor."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _reply(client: socket.socket, answer: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    try:
+        socket.send_fds(client, [json.dumps(answer).encode()], list(fds))
+    except OSError as exc:
+        log.info("could not answer a request on the supervisor's socket: %s", exc)
+    finally:
+        client.close()
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 256):
+                return
+        except BlockingIOError:
+            return
 
 
 def _read_pid(path: Path) -> int | None:

@@ -135,6 +135,27 @@ def test_a_stream_survives_five_kills_of_the_daemon(big_mount: Mount,
     assert "killed by SIGKILL; starting a successor" in m.log_text()
 
 
+def test_a_stream_survives_a_new_supervisor_taking_the_mount_over(
+        big_mount: Mount, big_origin: tuple[Origin, str]) -> None:
+    """`modelfs mount --take-over` (a new pod of an upgraded DaemonSet) takes the mount
+    from the running supervisor, which then stops without unmounting."""
+    m, (_, digest) = big_mount, big_origin
+    reader = _stream(m)
+    time.sleep(1.5)
+    old = m.proc
+    with open(m.stderr, "ab") as err:
+        m.proc = subprocess.Popen([*m.cmd, "--take-over"], stdin=subprocess.DEVNULL, stdout=err,
+                                  stderr=err, env=m.env)
+    wait_for(lambda: "took " + str(m.path) + " over" in m.log_text(), 60, "the take-over")
+    wait_for(lambda: "took over org/big" in m.log_text().rsplit("took " + str(m.path), 1)[1],
+             60, "the new supervisor's daemon")
+    old.send_signal(signal.SIGTERM)
+    assert old.wait(timeout=10) == 0
+    assert is_mounted(m.path) and m.proc.poll() is None  # the new one serves on
+    _finish(reader, digest, "a take-over by a new supervisor")
+    assert "stays mounted, served by the new supervisor" in m.log_text()
+
+
 def _state(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -86,6 +86,10 @@ def test_the_daemonset_fits_the_daemon() -> None:
     assert limit.endswith("Mi")
     assert int(limit[:-2]) << 20 >= parse_size(memory, setting="memory_limit") + (512 << 20)
     assert "livenessProbe" not in c  # a restarted container takes the mount down
+    # Upgrades take the mount over (a new pod beside the old one), never unmount it.
+    assert "--take-over" in c["args"]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert "preStop" not in c.get("lifecycle", {})  # it would unmount the new pod's mount
     assert "status" in c["readinessProbe"]["exec"]["command"]
     # Warm-up pods reach the daemon through the socket the config names.
     socket = tomllib.loads(config_toml())["control_socket"]
