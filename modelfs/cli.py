@@ -624,6 +624,7 @@ def restart(mountpoint: str | None, config_file: str | None, cache_dir: str | No
     """
     from .daemon.supervisor import restart as restart_daemon
 
+    # The config file is read (and a broken one refused) before the daemon is asked.
     cdir, _ = _cache_dir(config_file, None, cache_dir)
     t0 = time.monotonic()
     try:

@@ -90,6 +90,9 @@ class Supervisor:
         self.waiting: list[socket.socket] = []  # `modelfs restart`s waiting for the new daemon
         self.successor: socket.socket | None = None  # a new supervisor taking the mount over
         self.handed_over = False
+        self.spawn_at: float | None = None  # a successor is due (after a back-off)
+        self.child_served = False  # the current daemon has been ready
+        self.failed_starts = 0  # daemons in a row that died before they were ready
         self._signals: list[int] = []
 
     # -- the loop ------------------------------------------------------------------
@@ -157,7 +160,8 @@ class Supervisor:
                 fds.append(self.child_ready)
             if self.listener is not None:
                 fds.append(self.listener)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            due = [t for t in (deadline, self.spawn_at) if t is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
             try:
                 readable, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
@@ -184,6 +188,12 @@ class Supervisor:
                     self.restarting = True
                     self._signal_child(signal.SIGUSR1)
                     deadline = time.monotonic() + HANDOVER_WAIT
+            if self.spawn_at is not None and time.monotonic() >= self.spawn_at:
+                self.spawn_at = None
+                if not self.stopping:
+                    self._spawn()
+            if self.stopping and self.child is None and self.spawn_at is None:
+                return 0  # stopped between daemons
             status = self._reap()
             if status is not None:
                 deadline = None
@@ -271,8 +281,13 @@ class Supervisor:
             log.error("the daemon %s; %d daemons died within %.0fs: giving up the mount",
                       what, len(self.deaths), CRASH_WINDOW)
             return 1
-        log.warning("the daemon %s; starting a successor on the same mount", what)
-        self._spawn()
+        # Back off while daemons die before serving (a version that cannot start): one
+        # killed while serving is replaced at once. Readers wait meanwhile.
+        self.failed_starts = 0 if self.child_served else self.failed_starts + 1
+        delay = min(0.25 * 2 ** (self.failed_starts - 1), 5.0) if self.failed_starts else 0.0
+        log.warning("the daemon %s; starting a successor on the same mount%s", what,
+                    f" in {delay:.2g}s" if delay else "")
+        self.spawn_at = time.monotonic() + delay
         return None
 
     # -- the daemon process ----------------------------------------------------------
@@ -288,6 +303,7 @@ class Supervisor:
                                       preexec_fn=_die_with_parent)
         os.close(ready_w)
         self.child_ready = ready_r
+        self.child_served = False
         log.info("started daemon process %d%s", self.child.pid,
                  "" if first else " on the running mount")
 
@@ -299,6 +315,7 @@ class Supervisor:
         if line.startswith(READY):
             assert self.child is not None
             (self.dir / WORKER_FILE).write_text(f"{self.child.pid}\n")
+            self.child_served = True
             if not self.serving:
                 self._tell_ready(READY)
             self.serving = True

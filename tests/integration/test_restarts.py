@@ -188,3 +188,22 @@ def test_sigterm_with_readers_stuck_on_a_stalled_origin(mount_factory, origin: O
         assert out in {"5", "103", "107"}, f"reader ended with {out!r}"  # EIO, ECONNABORTED, ENOTCONN
     assert daemon is not None and _state(daemon) is None  # the daemon is gone too
     print(f"\nSIGTERM with 16 stuck readers: stopped in {took:.1f}s")
+
+
+def test_a_successor_that_cannot_restore_the_mount_never_serves_it(mount_factory) -> None:
+    """A damaged mount state: successors refuse to serve (they would number inodes
+    differently from the kernel's), back off, and the mount is given up, never wrong."""
+    m = mount_factory(["org/model"])
+    assert m.p("org/model/config.json").read_bytes()
+    (m.cache_dir / "daemon" / "mount-state.json").write_text('{"version": 1, "nodes": [')
+    pid = m.daemon_pid()
+    assert pid is not None
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    assert m.proc.wait(timeout=90) == 1
+    took = time.monotonic() - t0
+    assert not is_mounted(m.path)
+    log = m.log_text()
+    assert "cannot take over the mount" in log and "giving up the mount" in log
+    assert "starting a successor on the same mount in" in log  # it backed off
+    print(f"\na damaged mount state: the mount given up after {took:.1f}s")
