@@ -14,7 +14,9 @@ import trio
 
 from ..cache import ChunkCache
 from ..fetch import ChunkReader
+from ..fetch.plans import Plans
 from ..jobs import JobManager
+from ..types import RemoteFile
 
 
 class Throughput:
@@ -46,6 +48,8 @@ class ControlContext:
     describe: Callable[[], dict[str, Any]]
     started: float = field(default_factory=time.time)
     throughput: Throughput | None = None
+    plans: Plans | None = None  # span plans (`fetch/plans.py`): with a mount
+    resolve: Callable[[str], RemoteFile | None] = lambda _path: None  # mount path -> file
 
     def _tier(self) -> dict[str, Any]:
         tier = self.reader.tier

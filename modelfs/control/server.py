@@ -35,7 +35,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ConfigError, UnknownJob
+from ..fetch.plans import PlanError
 from ..jobs import JobSpec, RepoRequest
+from ..types import printable
 from . import metrics
 from .context import ControlContext, Throughput
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 KEEPALIVE = 15.0  # seconds between SSE comments on a quiet stream
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the trailing NUL
 MAX_BODY = 1 << 20  # bytes of a request body (a job of 10,000 repos fits)
+MAX_PLAN_BODY = 16 << 20  # a span plan: about 500,000 spans
 MAX_JOB_REPOS = 10_000
 
 
@@ -51,15 +54,15 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """The request body, or None when it is larger than `MAX_BODY` (declared or sent)."""
+async def _read_body(request: Request, limit: int = MAX_BODY) -> bytes | None:
+    """The request body, or None when it is larger than `limit` (declared or sent)."""
     declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         return None
     parts, size = [], 0
     async for part in request.stream():
         size += len(part)
-        if size > MAX_BODY:
+        if size > limit:
             return None
         parts.append(part)
     return b"".join(parts)
@@ -99,6 +102,45 @@ def build_app(ctx: ControlContext) -> Starlette:
         except ConfigError as exc:
             return _error(400, str(exc))
         return JSONResponse(job.public(), status_code=202)
+
+    async def plan(request: Request) -> Response:
+        """`{"files": [{"path": "ORG/NAME/FILE", "spans": [[offset, length], ...]}],
+        "wait": false}`: paths as under the mount. 202 with the plan; with `wait`,
+        200 once its chunks are cached."""
+        if ctx.plans is None:
+            return _error(404, "span plans need a mount")
+        raw = await _read_body(request, MAX_PLAN_BODY)
+        if raw is None:
+            return _error(413, f"body: larger than {MAX_PLAN_BODY} bytes")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            return _error(400, "body: not JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("files"), list):
+            return _error(400, 'body: expected {"files": [{"path": ..., "spans": [...]}]}')
+        files = []
+        for entry in body["files"]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                    or not isinstance(entry.get("spans"), list):
+                return _error(400, 'files: each is {"path": "...", "spans": [[offset, length]]}')
+            f = ctx.resolve(entry["path"])
+            if f is None:
+                return _error(404, f"{printable(entry['path'], 200)}: no such file in the mount")
+            files.append((f, entry["spans"]))
+        try:
+            p = ctx.plans.submit(files)
+        except PlanError as exc:
+            return _error(400, str(exc))
+        if body.get("wait") is True:
+            await p.done.wait()
+            return JSONResponse(p.public())
+        return JSONResponse(p.public(), status_code=202)
+
+    async def get_plan(request: Request) -> Response:
+        p = ctx.plans.plans.get(request.path_params["plan"]) if ctx.plans else None
+        if p is None:
+            return _error(404, "no such plan")
+        return JSONResponse(p.public())
 
     async def list_jobs(request: Request) -> Response:
         return JSONResponse({"jobs": [j.public() for j in jobs.jobs.values()]})
@@ -146,6 +188,8 @@ def build_app(ctx: ControlContext) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/prefetch", prefetch, methods=["POST"]),
+        Route("/v1/plans", plan, methods=["POST"]),
+        Route("/v1/plans/{plan}", get_plan),
         Route("/v1/jobs", list_jobs),
         Route("/v1/jobs/{job}", get_job),
         Route("/v1/jobs/{job}/{action}", act, methods=["POST"]),

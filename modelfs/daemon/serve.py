@@ -29,7 +29,8 @@ from ..config import MountConfig
 from ..control.server import ControlContext, check_socket_free, serve_control
 from ..errors import CacheCorrupt, ConfigError, RemoteUnavailable
 from ..fetch import ChunkReader, OpenPrefetcher, load_snapshot
-from ..fs.operations import Operations
+from ..fetch.plans import Plans
+from ..fs.operations import SOCKET_XATTR, Operations
 from ..fs.tree import Tree
 from ..jobs import JobManager
 from ..remote.sources import Sources
@@ -132,7 +133,14 @@ async def serve(config: MountConfig, ready: Callable[[], None],
         reader = ChunkReader(cache, config.fetch, on_content_dropped=dropped_send.send_nowait,
                              on_stale=wake.set, tier=tier)
         prefetcher = OpenPrefetcher(reader, config.prefetch) if config.prefetch.on_open else None
-        ops = Operations(tree, reader, config.fs, prefetcher, inherited=successor)
+        # Loaders find the daemon of a mounted path by this attribute of the mount's
+        # root (`modelfs.spans`): the API socket.
+        xattrs = {SOCKET_XATTR: os.fsencode(config.control_socket)} if config.control_socket \
+            else {}
+        ops = Operations(tree, reader, config.fs, prefetcher, inherited=successor,
+                         root_xattrs=xattrs)
+        plans = Plans(reader, per_file=config.prefetch.per_file,
+                      run_chunks=max(1, config.fetch.request_size // config.fetch.chunk_size))
 
         def save_state() -> None:
             if conn is not None:
@@ -176,7 +184,8 @@ async def serve(config: MountConfig, ready: Callable[[], None],
         await nursery.start(jobs.run)
         if config.control_socket:
             ctx = ControlContext(jobs, reader, cache,
-                                 lambda: describe(config.mountpoint, config.cache_dir, repos))
+                                 lambda: describe(config.mountpoint, config.cache_dir, repos),
+                                 plans=plans, resolve=ops.file_at)
             await nursery.start(serve_control, ctx, config.control_socket)
         tune_kernel(config.mountpoint)
         if tier is not None:

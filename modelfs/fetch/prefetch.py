@@ -260,6 +260,8 @@ class OpenPrefetcher:
                 await trio.sleep(self._config.start_delay)
                 if cid not in self._open:
                     return  # closed again already: a probe, not a loader
+            if cid in self._reader.planned:
+                return  # its loader said what it reads (a span plan): only that
             order = self._orders.get(cid)
             if order is None:
                 order = await loader_order(self._reader, f, self._config.max_header_size) \

@@ -133,6 +133,9 @@ class ChunkReader:
         self._fetches = Flights()
         self._loads = Flights()
         self._files = FileStates(config.readahead)
+        # Content ids of files a loader declared its reads of (`plans.py`): no stream
+        # read-ahead and no whole-file prefetch for them, only what was asked.
+        self.planned: set[str] = set()
         self._checks = FileChecks(cache, config.chunk_size, self._buffers, self._io,
                                   self._stats, spawn=self.spawn, refetch=self._refetch,
                                   on_failed=self._content_failed)
@@ -726,7 +729,7 @@ class ChunkReader:
         span = state.stream.on_read(offset, end, f.entry.size)
         cs = self.config.chunk_size
         count = chunk_count(f.entry.size, cs)
-        if span is not None:
+        if span is not None and cid not in self.planned:
             for idx in range(span[0] // cs, min(count, -(-span[1] // cs))):
                 key = (cid, idx)
                 if key not in self._fetches and key not in self._recent \

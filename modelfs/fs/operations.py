@@ -24,7 +24,7 @@ from ..errors import ModelfsError
 from ..fetch import ChunkReader, OpenPrefetcher
 from ..types import RemoteFile
 from .config import FsConfig
-from .tree import StaticFile, Tree
+from .tree import ROOT_INODE, StaticFile, Tree
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def _erofs(*_args: Any, **_kwargs: Any) -> Awaitable[Any]:
     return fail()
 
 
+# The mount root's attribute naming the daemon's API socket (`modelfs.spans`).
+SOCKET_XATTR = b"user.modelfs.control_socket"
 # A file handle is its inode << HANDLE_BITS | a serial number.
 HANDLE_BITS = 32
 HANDLE_MASK = (1 << HANDLE_BITS) - 1
@@ -94,7 +96,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, tree: Tree, reader: ChunkReader, config: FsConfig,
-                 prefetcher: OpenPrefetcher | None = None, *, inherited: bool = False) -> None:
+                 prefetcher: OpenPrefetcher | None = None, *, inherited: bool = False,
+                 root_xattrs: dict[bytes, bytes] | None = None) -> None:
         super().__init__()
         self._tree = tree
         self._reader = reader
@@ -111,6 +114,7 @@ class Operations(pyfuse3.Operations):
         self._inherited: set[int] = {n.inode for n in tree.nodes()} if inherited else set()
         # Stopping: no more kernel invalidations (one may wait on a request in flight).
         self.stopping = False
+        self._root_xattrs = root_xattrs or {}
         self._handles: dict[int, RemoteFile | StaticFile] = {}
         self._openers: dict[int, int] = {}  # file handle -> pid of the process that opened it
         self._fh = itertools.count(1)
@@ -284,6 +288,16 @@ class Operations(pyfuse3.Operations):
         log.info("read of %s at offset %d: its reader went away; answered EINTR", f.name, off)
         raise pyfuse3.FUSEError(errno.EINTR)
 
+    def file_at(self, path: str) -> RemoteFile | None:
+        """The file at `path` under the mount (`ORG/NAME/FILE`), for span plans."""
+        node = self._tree[ROOT_INODE]
+        for part in path.strip("/").split("/"):
+            child = self._tree.child(node.inode, part) if part not in ("", ".", "..") else None
+            if child is None:
+                return None
+            node = child
+        return node.file if isinstance(node.file, RemoteFile) else None
+
     def _handle(self, fh: int) -> RemoteFile | StaticFile:
         """The file an open handle reads. A handle this daemon did not open was opened
         through a predecessor: its inode (the high bits) says which file."""
@@ -333,7 +347,10 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = self._root_xattrs.get(bytes(name)) if inode == ROOT_INODE else None
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @_boundary
     async def listxattr(self, inode: pyfuse3.InodeT,

@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
     ["modelfs.settings"],  # each setting and its default, read from the layers' configs
     ["modelfs.config"],
     ["modelfs.daemon"],
-    ["modelfs.progress", "modelfs.cli_cache", "modelfs.demo", "modelfs.testing"],
+    ["modelfs.progress", "modelfs.cli_cache", "modelfs.demo", "modelfs.testing", "modelfs.spans"],
     ["modelfs.cli"],
     ["modelfs.__main__"],
 ]
