@@ -114,6 +114,9 @@ STATUS = _obj({
         "fetches": ("integer", "chunk fetches"),
         "in_flight": ("integer", "origin requests in flight now"),
         "errors": ("object", "errors by kind"),
+        "connections": ("integer", "origin requests allowed at once now (adapted to the "
+                                   "throughput, within max_connections)"),
+        "max_connections": ("integer", "--max-connections: the ceiling"),
         "throughput_bytes_per_s": ("integer", "origin bytes per second over the last 5 s")}),
         "the origin side"),
     "shared_cache": (_obj({

@@ -145,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a read through the mount waits for the origin before EIO."),
     Setting("max_connections", "limits", "max_connections", "int",
             lambda: SchedulerConfig().max_fetches,
-            "Concurrent origin requests in all."),
+            "Most concurrent origin requests in all; the count in use adapts to the origin's "
+            "throughput within it."),
     Setting("per_file_connections", "limits", "per_file_connections", "int",
             lambda: PrefetchConfig().per_file,
             "Concurrent ranged GETs of one file's prefetch."),

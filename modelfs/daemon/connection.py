@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .mountpoint import top_fstype
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,11 @@ def unmount(mountpoint: Path, fd: int | None) -> None:
     """Abort the connection and detach the mount: every request waiting on it, and every
     later one, fails at once (ENOTCONN), so no reader is left waiting in the kernel."""
     _abort(mountpoint)
-    res = subprocess.run(["fusermount3", "-u", "-z", "--", str(mountpoint)],
-                         capture_output=True, text=True, timeout=30)
-    if res.returncode != 0 and "not mounted" not in res.stderr and "not found" not in res.stderr:
-        log.warning("fusermount3 -u -z %s: %s", mountpoint, res.stderr.strip())
+    if top_fstype(mountpoint) == "fuse.modelfs":  # else unmounted already (`modelfs umount`)
+        res = subprocess.run(["fusermount3", "-u", "-z", "--", str(mountpoint)],
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            log.warning("fusermount3 -u -z %s: %s", mountpoint, res.stderr.strip())
     if fd is not None:
         os.close(fd)
 

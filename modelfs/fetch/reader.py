@@ -423,6 +423,8 @@ class ChunkReader:
                     if isinstance(exc, Exception):
                         self._stats.count_error(exc.kind if isinstance(exc, ModelfsError)
                                                 else "internal")
+                        if isinstance(exc, RemoteUnavailable):
+                            self.scheduler.refused()  # fewer requests at once
                         if not isinstance(exc, ModelfsError):
                             log.exception("fetching chunks %d-%d of %s failed", first,
                                           first + len(flights) - 1, f.name)
@@ -616,6 +618,8 @@ class ChunkReader:
         except Exception as exc:
             self._stats.fetch_errors += 1
             self._stats.count_error(exc.kind if isinstance(exc, ModelfsError) else "internal")
+            if isinstance(exc, RemoteUnavailable):
+                self.scheduler.refused()  # the origin pushed back: fewer requests at once
             flight.error = exc
             if not isinstance(exc, ModelfsError):
                 log.exception("fetching chunk %d of %s failed", idx, f.name)

@@ -1,0 +1,36 @@
+"""Adaptive connections through a real mount: on the loopback origin, where the
+daemon's CPU is the limit, the window stays small; when the origin caps each
+connection (a far CDN), it grows while the throughput does."""
+
+from __future__ import annotations
+
+import random
+
+from modelfs.testing.origin import Origin
+
+from ..conftest import MiB
+
+
+def _cold_cat(m, path: str) -> int:  # type: ignore[no-untyped-def]
+    with open(m.p(path), "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    with m.client() as c:
+        return int(c.status()["fetch"]["connections"])
+
+
+def test_the_window_grows_only_where_connections_are_capped(mount_factory,
+                                                            origin: Origin) -> None:
+    data = random.Random(7).randbytes(96 * MiB)
+    origin.put_file("org/big", "main", "a.bin", data)
+    origin.put_file("org/big", "main", "b.bin", data[::-1])
+    m = mount_factory(["org/big"])
+    loopback = _cold_cat(m, "org/big/a.bin")
+    origin.throttle = 2e6  # bytes per second per connection
+    try:
+        capped = _cold_cat(m, "org/big/b.bin")
+    finally:
+        origin.throttle = 0.0
+    print(f"\nconnections in use: loopback {loopback}, 2 MB/s per connection {capped}")
+    assert loopback <= 12  # one probe at most: more connections added nothing
+    assert capped >= 24  # 8 -> 12 -> 18 -> 27 ...: each step paid
