@@ -149,7 +149,8 @@ SETTINGS: tuple[Setting, ...] = (
             "throughput within it."),
     Setting("per_file_connections", "limits", "per_file_connections", "int",
             lambda: PrefetchConfig().per_file,
-            "Concurrent ranged GETs of one file's prefetch."),
+            "Concurrent ranged GETs a file's prefetch starts with (a job's or "
+            "`modelfs prefetch`'s grow to the connection window)."),
     Setting("request_size", "limits", "request_size", "str",
             lambda: size_text(FetchConfig().request_size),
             "Largest request of a prefetch job or `modelfs prefetch`: consecutive missing "

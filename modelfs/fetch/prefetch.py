@@ -32,7 +32,7 @@ from ..errors import ModelfsError
 from ..types import RemoteFile
 from .order import ChunkOrder, Frontier
 from .reader import ChunkReader
-from .scheduler import Priority
+from .scheduler import WINDOW_INTERVAL, Priority
 from .tensors import plan_loader_order, safetensors_header_size
 
 log = logging.getLogger(__name__)
@@ -164,16 +164,36 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
         if progress:
             progress(min(cs, f.entry.size - idx * cs), fetched > 0)
 
+    workers = 0
+    exhausted = False
+
     async def worker() -> None:
+        nonlocal exhausted
         while (idx := next_index()) is not None:
             if keep:
                 await near_reader(idx)
             count = run_from(idx)
             await reader.ensure_run(f, idx, count, priority, done, keep=keep, stopped=stopped)
+        exhausted = True
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(parallel, missing)):
-            nursery.start_soon(worker)
+    async def more_workers(nursery: trio.Nursery) -> None:
+        """`parallel` is where a file starts: while the connection window is larger
+        (the origin gives more with more connections), add workers up to it."""
+        nonlocal workers
+        while not exhausted:
+            await trio.sleep(WINDOW_INTERVAL)
+            while not exhausted and workers < min(reader.scheduler.window.size, missing):
+                workers += 1
+                nursery.start_soon(worker)
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            workers = min(parallel, missing)
+            for _ in range(workers):
+                nursery.start_soon(worker)
+            if workers and reader.scheduler.config.adaptive and not keep:
+                outer.start_soon(more_workers, nursery)
+        outer.cancel_scope.cancel()  # the workers are done: so is adding them
 
 
 async def follow_reader(reader: ChunkReader, f: RemoteFile, order: ChunkOrder,
