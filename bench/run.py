@@ -222,7 +222,10 @@ class ModelfsMount:
         self.env = os.environ if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         out = sh(*self.cmd, "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
                  "--cache-dir", str(cache), *extra, capture_output=True, text=True, env=self.env)
-        self.pid = int(out.stdout.split("pid ")[1].split(",")[0])
+        assert "mounted (pid " in out.stdout, out.stdout
+        # The daemon serving the mount (the printed pid is its supervisor's): what
+        # CPU and memory are measured of.
+        self.pid = int((cache / "daemon" / "daemon.pid").read_text())
 
     def file(self, name: str) -> Path:
         return self.path / REPO / name

@@ -181,7 +181,9 @@ def main() -> int:
         end = time.monotonic() + args.minutes * 60
         rnd = random.Random(args.seed)
         while time.monotonic() < end and proc.poll() is None:
-            samples.append((time.monotonic(), *sample(proc.pid)))
+            # The daemon, not its supervisor (`proc`): the one that holds memory and fds.
+            daemon = int((cache / "daemon" / "daemon.pid").read_text())
+            samples.append((time.monotonic(), *sample(daemon)))
             print(f"{len(samples) * 10:>5}s reads {stats.reads} eio {stats.eio} wrong "
                   f"{len(stats.wrong)} rss {samples[-1][1] // 1024} MiB fds {samples[-1][2]}",
                   flush=True)

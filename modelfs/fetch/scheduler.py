@@ -53,11 +53,11 @@ class SchedulerConfig:
     bandwidth: float | None = None  # bytes per second; None = unlimited
     stall_after: float = 5.0
     adaptive: bool = True
-    window_start: int = 8
+    window_start: int = 16
 
 
 # The window is re-judged this often (seconds of throughput per sample).
-WINDOW_INTERVAL = 1.0
+WINDOW_INTERVAL = 0.5
 # A step up is kept if it raised throughput by this share; else the window steps back.
 WINDOW_GAIN = 0.10
 # After a step back (or an origin's refusal), the window holds this many intervals
@@ -74,7 +74,7 @@ class Window:
     Per-connection throughput ranges from 10 MB/s (a far CDN) to over 1 GB/s
     (loopback, where the daemon's CPU is the limit), so any fixed count is wrong
     somewhere. Hill climbing, sans-I/O: while requests queue for slots (more would
-    be used), step the window up (x1.5); keep the step if throughput rose by
+    be used), step the window up (x1.5 each `WINDOW_INTERVAL`); keep the step if throughput rose by
     `WINDOW_GAIN`, else step back and hold. An origin that refuses (429, 503, resets)
     halves it. Samples while nothing waited for a slot say nothing and change nothing.
     """
