@@ -12,10 +12,10 @@ is the reader's budget, `memory.MemoryBudget`, charged once a slot is held):
   holds every slot.
 - `bandwidth` (bytes/s, optional) is a token bucket charged when a slot is granted.
 - A granted request that has made no progress (`progress`) for `stall_after`
-  seconds is stalled: it no longer counts against `max_fetches` nor holds back
+  seconds is stalled: it no longer counts against the window nor holds back
   prefetch, so one stuck origin (or file) cannot starve demand reads of the
   others. Stalled requests end by their own deadlines; at most
-  `STALLED_FACTOR * max_fetches` requests are granted in all.
+  `STALLED_FACTOR` times the window are granted in all.
 
 Waiters are served strictly by (priority, arrival). The state is plain data
 mutated without checkpoints, so it needs no lock.
@@ -117,7 +117,7 @@ class Window:
         return self.size
 
 
-# Granted requests, stalled ones included, are at most this many times `max_fetches`.
+# Granted requests, stalled ones included, are at most this many times the window.
 STALLED_FACTOR = 4
 
 
@@ -224,7 +224,7 @@ class FetchScheduler:
         limit = size if priority == Priority.DEMAND else max(
             1, size - min(cfg.demand_reserve, size // 2))
         if self._active >= limit:
-            if self._active >= STALLED_FACTOR * cfg.max_fetches:
+            if self._active >= STALLED_FACTOR * size:
                 return False
             stalled = self._stalled()
             if self._active - len(stalled) >= limit:
