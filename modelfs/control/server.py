@@ -68,6 +68,17 @@ async def _read_body(request: Request, limit: int = MAX_BODY) -> bytes | None:
     return b"".join(parts)
 
 
+async def _json_body(request: Request, limit: int = MAX_BODY) -> tuple[Any, Response | None]:
+    """The request's JSON body, or the answer refusing it (413 too large, 400 not JSON)."""
+    raw = await _read_body(request, limit)
+    if raw is None:
+        return None, _error(413, f"body: larger than {limit} bytes")
+    try:
+        return json.loads(raw), None
+    except (ValueError, RecursionError):
+        return None, _error(400, "body: not JSON")
+
+
 def _spec_from_json(body: Any) -> JobSpec:
     if not isinstance(body, dict):
         raise ConfigError("body: expected a JSON object")
@@ -90,13 +101,9 @@ def build_app(ctx: ControlContext) -> Starlette:
     jobs = ctx.jobs
 
     async def prefetch(request: Request) -> Response:
-        raw = await _read_body(request)
-        if raw is None:
-            return _error(413, f"body: larger than {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            return _error(400, "body: not JSON")
+        body, refused = await _json_body(request)
+        if refused is not None:
+            return refused
         try:
             job = jobs.submit(_spec_from_json(body))
         except ConfigError as exc:
@@ -109,13 +116,9 @@ def build_app(ctx: ControlContext) -> Starlette:
         200 once its chunks are cached."""
         if ctx.plans is None:
             return _error(404, "span plans need a mount")
-        raw = await _read_body(request, MAX_PLAN_BODY)
-        if raw is None:
-            return _error(413, f"body: larger than {MAX_PLAN_BODY} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            return _error(400, "body: not JSON")
+        body, refused = await _json_body(request, MAX_PLAN_BODY)
+        if refused is not None:
+            return refused
         if not isinstance(body, dict) or not isinstance(body.get("files"), list):
             return _error(400, 'body: expected {"files": [{"path": ..., "spans": [...]}]}')
         files = []

@@ -476,13 +476,6 @@ def _drain(fd: int) -> None:
             return
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def worker_command(argv: Sequence[str]) -> list[str]:
     """The daemon's command line: this `modelfs mount` again, in the foreground, without
     a readiness descriptor of its own (the supervisor gives each daemon one)."""
