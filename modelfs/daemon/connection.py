@@ -74,8 +74,7 @@ class Connection:
 
 def init_flags(init: bytes) -> int:
     """The capability flags of an INIT request (flags2 above bit 32 from protocol 7.36)."""
-    _, _, _, flags, flags2 = INIT_IN.unpack_from(init, IN_HEADER.size)
-    _, minor = INIT_IN.unpack_from(init, IN_HEADER.size)[:2]
+    _, minor, _, flags, flags2 = INIT_IN.unpack_from(init, IN_HEADER.size)
     return flags | (flags2 << 32 if minor >= 36 else 0)
 
 
