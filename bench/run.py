@@ -215,10 +215,12 @@ class ModelfsMount:
     tree (`python -m modelfs` with it first on the path) instead of the installed one."""
 
     def __init__(self, origin: Origin, work: Path, cache: Path, *extra: str,
-                 tree: Path | None = None) -> None:
+                 tree: Path | None = None, cpus: str = "") -> None:
         self.path = work / "mnt-modelfs"
         self.path.mkdir(parents=True, exist_ok=True)
         self.cmd = ["modelfs"] if tree is None else [sys.executable, "-m", "modelfs"]
+        if cpus:  # the daemon (and its supervisor) confined to these CPUs
+            self.cmd = ["taskset", "-c", cpus, *self.cmd]
         self.env = os.environ if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         out = sh(*self.cmd, "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
                  "--cache-dir", str(cache), *extra, capture_output=True, text=True, env=self.env)
