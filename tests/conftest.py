@@ -11,7 +11,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +92,61 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def _with_line_numbers(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """`tb` with a line number in every entry. On Python 3.11 an entry whose frame
+    stopped at an instruction without one (where a timeout's signal can land) has
+    `tb_lineno` None, and pytest's report of the failure then raises TypeError
+    itself: an INTERNALERROR that ends the whole run instead of failing one test."""
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    if all(e.tb_lineno is not None for e in entries):
+        return entries[0] if entries else None
+    fixed = None
+    for e in reversed(entries):
+        line = e.tb_lineno if e.tb_lineno is not None else e.tb_frame.f_code.co_firstlineno
+        fixed = types.TracebackType(fixed, e.tb_frame, e.tb_lasti, line)
+    return fixed
+
+
+def _repair(exc: BaseException, seen: set[int]) -> None:
+    if id(exc) in seen:
+        return
+    seen.add(id(exc))
+    exc.__traceback__ = _with_line_numbers(exc.__traceback__)
+    for other in (exc.__cause__, exc.__context__, *getattr(exc, "exceptions", ())):
+        if isinstance(other, BaseException):
+            _repair(other, seen)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    try:
+        return (yield)
+    except BaseException as exc:
+        _repair(exc, set())
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    try:
+        return (yield)
+    except BaseException as exc:
+        _repair(exc, set())
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    except BaseException as exc:
+        _repair(exc, set())
+        raise
+
+
 def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
@@ -100,10 +157,21 @@ def is_mounted(path: Path) -> bool:
 
 
 def drop_page_cache() -> None:
-    """Drop the kernel page cache when allowed (root), so re-reads hit the daemon."""
-    os.sync()
+    """Drop the kernel page cache when allowed (root), so re-reads hit the daemon.
+
+    The mount's pages are clean, so the sync before the drop only makes files the
+    test wrote droppable too: it is given `SYNC_WAIT` in a thread of its own, since a
+    machine-wide sync waits for every dirty page of every file system (a CI machine
+    just after installing several GB of packages), which is no business of a test.
+    """
+    syncing = threading.Thread(target=os.sync, daemon=True)
+    syncing.start()
+    syncing.join(SYNC_WAIT)
     with contextlib.suppress(OSError):
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+SYNC_WAIT = 10.0
 
 
 def sha256(data: bytes) -> str:
