@@ -35,7 +35,7 @@ import trio
 
 from .cache import ChunkCache, Index
 from .errors import ConfigError, ModelfsError, UnknownJob
-from .fetch import ChunkReader, Priority, load_snapshot, matches, prefetch_file
+from .fetch import ChunkReader, Got, Priority, load_snapshot, matches, prefetch_file
 from .schema import ItemDoc, JobDoc, JobSummaryDoc
 from .types import FileEntry, RemoteFile, RepoRef, RepoSpec, Source, printable
 
@@ -148,6 +148,7 @@ class Item:
     origin: str | None = None  # the repo's ORG/NAME=URL URL (None: the Hub)
     downloaded: int = 0  # bytes cached so far
     fetched: int = 0  # of those, bytes this job fetched from the origin
+    shared: int = 0  # ... and from the fleet's shared tier
     state: str = "queued"
     error: str | None = None
 
@@ -157,6 +158,7 @@ class Item:
                 "commit": self.commit, "path": self.entry.path, "url": self.url,
                 "local_path": self.local_path, "bytes": self.entry.size,
                 "downloaded_bytes": self.downloaded, "fetched_bytes": self.fetched,
+                "shared_bytes": self.shared,
                 "checksum": self.entry.sha256, "state": self.state, "error": self.error}
 
     def record(self) -> dict[str, Any]:
@@ -171,7 +173,7 @@ class Item:
         state = "queued" if r["state"] == "running" else r["state"]
         return cls(r["id"], r["repo"], r["revision"], r["commit"], entry, r["url"],
                    r["local_path"], r.get("origin"), r["downloaded_bytes"], r["fetched_bytes"],
-                   state, r["error"])
+                   r.get("shared_bytes", 0), state, r["error"])
 
 
 @dataclass(slots=True, eq=False)
@@ -221,7 +223,8 @@ class Job:
                 "files_failed": sum(i.state == "failed" for i in items),
                 "bytes": sum(i.entry.size for i in items),
                 "downloaded_bytes": sum(i.downloaded for i in items),
-                "fetched_bytes": sum(i.fetched for i in items)}
+                "fetched_bytes": sum(i.fetched for i in items),
+                "shared_bytes": sum(i.shared for i in items)}
 
     def public(self) -> JobDoc:
         """The job as the API shows it (`schema.JOB`)."""
@@ -483,9 +486,10 @@ class JobManager:
             self._nursery.start_soon(self._run_item, job, item)
 
     async def _run_item(self, job: Job, item: Item) -> None:
-        def progress(n: int, fetched: bool) -> None:
+        def progress(n: int, got: Got) -> None:
             item.downloaded += n
-            item.fetched += n if fetched else 0
+            item.fetched += got.origin
+            item.shared += got.shared
             self._changed(job, item)
 
         try:

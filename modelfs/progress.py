@@ -97,6 +97,8 @@ class JobProgress:
             return
         secs = time.monotonic() - self._t0
         rate = job["fetched_bytes"] / secs / 1e6 if secs > 0 else 0.0
+        shared = job.get("shared_bytes", 0)  # a daemon of an older version has none
+        tier = f", {shared} bytes from the shared cache" if shared else ""
         self._line(f"job {job['id']} {job['state']}: {job['files_done']}/{job['files']} files, "
                    f"{job['downloaded_bytes']} bytes cached; fetched {job['fetched_bytes']} "
-                   f"bytes in {secs:.1f}s ({rate:.0f} MB/s)")
+                   f"bytes in {secs:.1f}s ({rate:.0f} MB/s){tier}")

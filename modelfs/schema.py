@@ -52,6 +52,8 @@ ITEM = _obj({
     "bytes": ("integer", "the file's size"),
     "downloaded_bytes": ("integer", "bytes of the file in the cache"),
     "fetched_bytes": ("integer", "of those, bytes this job fetched from the origin"),
+    "shared_bytes": ("integer", "of those, bytes this job read from the fleet's shared "
+                                "cache (`--shared-cache`)"),
     "checksum": (["string", "null"], "the sha256 the origin vouches for (LFS files); the "
                                      "whole file is checked against it as it is cached"),
     "state": ({"enum": list(ITEM_STATES)}, "queued, running, paused, done, failed (with "
@@ -75,6 +77,8 @@ JOB_SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {
     "bytes": ("integer", "the files' sizes in all"),
     "downloaded_bytes": ("integer", "bytes of them in the cache"),
     "fetched_bytes": ("integer", "of those, bytes this job fetched from the origin"),
+    "shared_bytes": ("integer", "of those, bytes this job read from the fleet's shared "
+                                "cache (`--shared-cache`)"),
 }
 JOB_SUMMARY = _obj(JOB_SUMMARY_FIELDS)
 JOB = _obj({**JOB_SUMMARY_FIELDS, "items": (_list(ITEM), "the job's files")})
@@ -155,6 +159,7 @@ class ItemDoc(TypedDict):
     bytes: int
     downloaded_bytes: int
     fetched_bytes: int
+    shared_bytes: int
     checksum: str | None
     state: str
     error: str | None
@@ -174,6 +179,7 @@ class JobSummaryDoc(TypedDict):
     bytes: int
     downloaded_bytes: int
     fetched_bytes: int
+    shared_bytes: int
 
 
 class JobDoc(JobSummaryDoc):

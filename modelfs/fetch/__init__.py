@@ -3,13 +3,13 @@ read-ahead and whole-file prefetch."""
 
 from .prefetch import WEIGHT_PATTERNS, OpenPrefetcher, PrefetchConfig, matches, prefetch_file
 from .readahead import ReadAheadConfig, StreamTracker
-from .reader import ChunkReader, FetchConfig
+from .reader import ChunkReader, FetchConfig, Got
 from .scheduler import FetchScheduler, Priority, SchedulerConfig
 from .snapshots import load_snapshot
 from .stats import LATENCY_BUCKETS, ReaderStats
 
 __all__ = [
-    "LATENCY_BUCKETS", "WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler",
+    "LATENCY_BUCKETS", "WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler", "Got",
     "OpenPrefetcher",
     "PrefetchConfig", "Priority", "ReadAheadConfig", "ReaderStats", "SchedulerConfig",
     "StreamTracker", "load_snapshot", "matches",

@@ -35,6 +35,7 @@ class Flight:
     error: BaseException | None = None
     keep: bool = False  # hold the bytes for readers even at PREFETCH priority
     ahead: bool = False  # started ahead of a reader (not by a demand read)
+    shared: bool = False  # a fetch served by the fleet's shared tier, not the origin
     waiters: int = 0  # tasks waiting for it now
     scope: trio.CancelScope | None = None  # its task's, to stop an abandoned fetch
     on_progress: Callable[[Ticket], None] | None = None

@@ -23,7 +23,7 @@ import trio
 from ..chunks import chunk_count
 from ..errors import ModelfsError
 from ..types import RemoteFile
-from .reader import ChunkReader
+from .reader import ChunkReader, Got
 from .scheduler import Priority
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class Plans:
                 runs.append((i, 1))
         limit = trio.Semaphore(self._per_file)
 
-        def done(_idx: int, _n: int) -> None:
+        def done(_idx: int, _got: Got) -> None:
             plan.left -= 1
 
         async def one(first: int, count: int) -> None:

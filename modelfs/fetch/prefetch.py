@@ -31,7 +31,7 @@ from ..chunks import chunk_count
 from ..errors import ModelfsError
 from ..types import RemoteFile
 from .order import ChunkOrder, Frontier
-from .reader import ChunkReader
+from .reader import NOTHING, ChunkReader, Got
 from .scheduler import WINDOW_INTERVAL, Priority
 from .tensors import plan_loader_order, safetensors_header_size
 
@@ -93,14 +93,15 @@ async def loader_order(reader: ChunkReader, f: RemoteFile,
 
 async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         priority: Priority = Priority.PREFETCH,
-                        progress: Callable[[int, bool], None] | None = None,
+                        progress: Callable[[int, Got], None] | None = None,
                         order: ChunkOrder | None = None,
                         stopped: Callable[[], bool] | None = None,
                         keep: bool = False) -> None:
-    """Fetch every missing chunk of `f`. `progress(n, fetched)` is called for every
-    chunk with its size, and whether it came from the origin (False: already cached),
-    so progress always reaches the file size. `order` is the chunk order to fetch
-    in (default: by offset); the reader's position picks where in it to go on.
+    """Fetch every missing chunk of `f`. `progress(n, got)` is called for every
+    chunk with its size, and the bytes of it fetched from the origin or the shared
+    tier (`NOTHING`: already cached), so progress always reaches the file size.
+    `order` is the chunk order to fetch in (default: by offset); the reader's
+    position picks where in it to go on.
     Once `stopped()` is true no new chunk is started; those under way finish and
     are counted (a pause that loses nothing and refetches nothing). With `keep`,
     fetched chunks are also held in memory for a reader of the file (see
@@ -115,7 +116,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     cached = await reader.cached_chunks(f)
     if progress:
         for idx in cached:
-            progress(min(cs, f.entry.size - idx * cs), False)
+            progress(min(cs, f.entry.size - idx * cs), NOTHING)
     todo = Frontier(total)
     # For a file being read (`keep`), one chunk a request: a reader's read-ahead then
     # adds connections of its own instead of joining runs under way, and on an origin
@@ -160,9 +161,9 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             n += 1
         return n
 
-    def done(idx: int, fetched: int) -> None:
+    def done(idx: int, got: Got) -> None:
         if progress:
-            progress(min(cs, f.entry.size - idx * cs), fetched > 0)
+            progress(min(cs, f.entry.size - idx * cs), got)
 
     workers = 0
     exhausted = False

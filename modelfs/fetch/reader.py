@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
@@ -96,6 +96,17 @@ TIER_QUEUE = 100_000
 STORE_WAIT = 10.0
 # What a run's list of flights holds for a chunk handed to `_finish`.
 _DONE = Flight()
+
+
+class Got(NamedTuple):
+    """Bytes of a chunk fetched for whoever asked: from the origin, or from the
+    fleet's shared tier."""
+
+    origin: int
+    shared: int
+
+
+NOTHING = Got(0, 0)
 
 
 class _RunCut(Exception):
@@ -285,23 +296,28 @@ class ChunkReader:
     # Getting chunks into memory -----------------------------------------------------
 
     async def ensure(self, f: RemoteFile, idx: int, priority: Priority,
-                     keep: bool = False) -> int:
-        """Make chunk `idx` cached; return the bytes fetched for it: 0 if it was cached,
-        or if someone else's fetch of it was already under way (it is theirs to count).
+                     keep: bool = False) -> Got:
+        """Make chunk `idx` cached; return the bytes fetched for it, from the origin or
+        the fleet's tier: none if it was cached, or if someone else's fetch of it was
+        already under way (it is theirs to count).
         `keep`: a reader has the file open, so hold the fetched bytes in memory too
         (it will read them soon; reading them back from disk would cost a copy)."""
         if self.is_cached(f, idx):
-            return 0
-        joined = (f.entry.content_id, idx) in self._fetches
-        data = await self._wait(f, idx, priority, keep=keep)
-        return 0 if joined else len(data)
+            return NOTHING
+        if (f.entry.content_id, idx) in self._fetches:
+            await self._wait(f, idx, priority, keep=keep)
+            return NOTHING
+        flight = self._start_fetch(f, idx, priority)
+        flight.keep = flight.keep or keep
+        n = len(await self._wait(f, idx, priority, keep=keep))
+        return Got(0, n) if flight.shared else Got(n, 0)
 
     async def ensure_run(self, f: RemoteFile, first: int, count: int, priority: Priority,
-                         done: Callable[[int, int], None], *, keep: bool = False,
+                         done: Callable[[int, Got], None], *, keep: bool = False,
                          stopped: Callable[[], bool] | None = None) -> None:
         """`ensure` for chunks [first, first + count), with one origin request for
         them when none is cached or under way: per byte, one large request costs
-        the HTTP client far less CPU than several small ones. `done(idx, n)` is
+        the HTTP client far less CPU than several small ones. `done(idx, got)` is
         called for each chunk, in order, as soon as it is cached, with the bytes
         fetched for it as `ensure` returns them. A chunk not begun when `stopped()`
         turned true (a pause or a cancel) is left out: the request ends at the
@@ -322,7 +338,7 @@ class ChunkReader:
             # Popped: a flight kept alive keeps its chunk's buffer from being reused.
             data = await Flights.wait(flights.pop())
             if data is not None:
-                done(i, len(data))
+                done(i, Got(len(data), 0))
             elif stopped is None or not stopped():
                 # The run was cut (a shutdown) before this chunk: on its own.
                 done(i, await self.ensure(f, i, priority, keep=keep))
@@ -588,7 +604,7 @@ class ChunkReader:
                     # others wait for its write (`SharedTier.read`).
                     shared = None if self.tier is None else await self.tier.read(
                         key[0], cs, idx, length)
-                    hit = shared is not None
+                    hit = flight.shared = shared is not None
                     if shared is not None:
                         data[:] = shared
                         del shared

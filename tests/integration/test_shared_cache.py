@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import random
 import shutil
@@ -148,18 +149,23 @@ def test_prefetch_writes_the_tier_and_a_fresh_node_prefetches_from_it(
                                "--endpoint", origin.url, "--cache-dir", str(tmp_path / cache),
                                "--chunk-size", "1MiB", "--shared-cache",
                                f"s3://{bucket}/fleet/", "--control-socket",
-                               str(tmp_path / "none.sock")],
+                               str(tmp_path / "none.sock"), "--json"],
                               capture_output=True, text=True, timeout=120, env=env)
 
-    res = prefetch("c1")
-    assert res.returncode == 0, res.stderr
+    def job(res: subprocess.CompletedProcess[str]) -> dict:  # type: ignore[type-arg]
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.splitlines()[-1])  # the last line: the job
+
+    first = job(prefetch("c1"))
     total = sum(len(d) for d in repo_data["org/model@main"].values())
     sent = sum(r.bytes_sent for r in origin.data_requests() if r.status in (200, 206))
     assert sent == total
+    assert (first["fetched_bytes"], first["shared_bytes"]) == (total, 0)
     origin.reset_stats()
-    res = prefetch("c2")
-    assert res.returncode == 0, res.stderr
+    second = job(prefetch("c2"))
     assert origin.data_requests() == []  # every chunk from the tier
+    assert (second["fetched_bytes"], second["shared_bytes"]) == (0, total)
+    assert second["downloaded_bytes"] == total
 
 
 @pytest.fixture

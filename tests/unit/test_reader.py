@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, prefetch_file
+from modelfs.fetch import FetchConfig, Got, Priority, ReadAheadConfig, prefetch_file
+from modelfs.fetch.reader import NOTHING
 from modelfs.remote.config import RECEIVE_HELD
 from modelfs.testing.origin import Origin
 
@@ -36,7 +37,7 @@ async def test_reader_single_flight_and_cache(kit: Kit, origin: Origin, repo_dat
         ranges = [r.range for r in origin.records if r.server == "cdn"]
         # one request for the chunk all eight read; read-ahead may fetch later chunks
         assert ranges.count(f"bytes={3 * MiB}-{4 * MiB - 1}") == 1
-        assert await reader.ensure(f, 3, Priority.DEMAND) in (0, MiB)  # the chunk is complete
+        assert await reader.ensure(f, 3, Priority.DEMAND) in (NOTHING, Got(MiB, 0))  # complete
         assert await reader.read(f, 3 * MiB, 10) == w[3 * MiB:3 * MiB + 10]
         assert reader.statistics().hits == 1
         nursery.cancel_scope.cancel()
@@ -161,7 +162,7 @@ async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(kit: Kit,
         assert bytes(await reader.read(f, 4 * MiB, 100)) == w[4 * MiB:4 * MiB + 100]
         assert reader.statistics().fetches == 0  # still in flight: served from what arrived
         # Joining the read's fetch under way: the bytes are the read's to count, not ours.
-        assert await reader.ensure(f, 4, Priority.DEMAND) == 0
+        assert await reader.ensure(f, 4, Priority.DEMAND) == NOTHING
         assert reader.statistics().fetches == 1
         assert reader.statistics().bytes_fetched == MiB
         nursery.cancel_scope.cancel()
