@@ -600,14 +600,12 @@ class ChunkReader:
                 t0 = trio.current_time()
                 self._stats.in_flight += 1
                 try:
-                    # The fleet's copy; on a miss, one node claims the chunk and the
-                    # others wait for its write (`SharedTier.read`).
-                    shared = None if self.tier is None else await self.tier.read(
-                        key[0], cs, idx, length)
-                    hit = flight.shared = shared is not None
-                    if shared is not None:
-                        data[:] = shared
-                        del shared
+                    # The fleet's copy, into the chunk's buffer; on a miss, one node
+                    # claims the chunk and the others wait for its write
+                    # (`SharedTier.read`).
+                    hit = flight.shared = self.tier is not None and await self.tier.read(
+                        key[0], cs, idx, memoryview(data))
+                    if hit:
                         if not single:
                             received(length)
                     else:

@@ -70,6 +70,18 @@ class TierStats:
     lease_wait_hits: int = 0  # ... and found it written in time
 
 
+class _Body:
+    """Where a tier object's body goes (`types.Segments`): the chunk's bytes into
+    the reader's buffer, then its digest."""
+
+    def __init__(self, chunk: memoryview) -> None:
+        self.digest = bytearray(DIGEST)
+        self._parts = [chunk, memoryview(self.digest)]
+
+    async def next(self) -> memoryview:
+        return self._parts.pop(0)
+
+
 class SharedTier:
     """One bucket and prefix of chunks shared by a fleet."""
 
@@ -145,30 +157,30 @@ class SharedTier:
             return None
 
     async def claim_or_wait(self, content_id: str, chunk_size: int, idx: int,
-                            length: int) -> bytearray | None:
-        """After a miss: claim the chunk (None: fetch it from the origin, and the
+                            into: memoryview) -> bool:
+        """After a miss: claim the chunk (False: fetch it from the origin, and the
         tier will have it from this node), or, when another node holds a live claim,
-        wait for its write and return the chunk; None once the claim is stale or
-        the wait is over (fetch it here)."""
+        wait for its write and read the chunk into `into` (True); False once the
+        claim is stale or the wait is over (fetch it here)."""
         if not self.leases or not self.available:
-            return None
+            return False
         name = position_name(content_id, chunk_size, idx)
         if await self._claim(name) is not False:
-            return None
+            return False
         self.stats.lease_waits += 1
         with trio.move_on_after(LEASE_WAIT):
             while True:
                 await trio.sleep(LEASE_POLL)
-                data, missing = await self.get(content_id, chunk_size, idx, length, count=False)
-                if data is not None:
+                found, missing = await self.get(content_id, chunk_size, idx, into, count=False)
+                if found:
                     self.stats.lease_wait_hits += 1
-                    return data
+                    return True
                 if not missing:  # damaged, or the tier failing: fetch it here
-                    return None
+                    return False
                 age = await self._lease_age(name)
                 if age is None or age > LEASE_TTL:
-                    return None
-        return None
+                    return False
+        return False
 
     def _failed(self, exc: ModelfsError, doing: str) -> None:
         self.stats.errors += 1
@@ -178,51 +190,55 @@ class SharedTier:
         self._skip_until = trio.current_time() + BACKOFF
 
     async def read(self, content_id: str, chunk_size: int, idx: int,
-                   length: int) -> bytearray | None:
-        """The fleet's copy of chunk `idx` of `content_id`, checked; on a miss, claim
-        it or wait for the node that did (`claim_or_wait`). None: fetch it from the
-        origin (a claim of this node's, a damaged object, a tier that fails)."""
-        data, missing = await self.get(content_id, chunk_size, idx, length)
-        if data is not None or not missing:
-            return data
-        return await self.claim_or_wait(content_id, chunk_size, idx, length)
+                   into: memoryview) -> bool:
+        """Read the fleet's copy of chunk `idx` of `content_id` into `into` (the
+        chunk's own buffer, of its length), checked: True when it is there; on a
+        miss, claim it or wait for the node that did (`claim_or_wait`). False: fetch
+        it from the origin (a claim of this node's, a damaged object, a tier that
+        fails); `into` then holds nothing to serve."""
+        found, missing = await self.get(content_id, chunk_size, idx, into)
+        if found or not missing:
+            return found
+        return await self.claim_or_wait(content_id, chunk_size, idx, into)
 
-    async def get(self, content_id: str, chunk_size: int, idx: int,
-                  length: int, *, count: bool = True) -> tuple[bytearray | None, bool]:
-        """Chunk `idx` of `content_id` (`length` bytes), checked, and whether the tier
-        lacks it: (None, True) for a miss, (None, False) for an object found damaged
-        or a tier that cannot be asked now. `count`: a miss counts (not while waiting
-        for another node's write)."""
+    async def get(self, content_id: str, chunk_size: int, idx: int, into: memoryview, *,
+                  count: bool = True) -> tuple[bool, bool]:
+        """Read chunk `idx` of `content_id` into `into` (of the chunk's length) and
+        check it: whether it is there, and whether the tier lacks it: (False, True)
+        for a miss, (False, False) for an object found damaged or a tier that cannot
+        be asked now. The body goes straight into `into` and its digest into 32
+        bytes of its own: no copy of the chunk. `count`: a miss counts (not while
+        waiting for another node's write)."""
         if not self.available:
-            return None, False
+            return False, False
+        length = len(into)
         what = f"shared cache {self.url}: chunk {idx} of {content_id[:16]}"
+        body = _Body(into)
         try:
-            body = await self._http.get_range(
+            await self._http.get_range(
                 self._url(content_id, chunk_size, idx), 0, length + DIGEST,
                 Expect(size=length + DIGEST), what=what,
                 auth_msg=f"shared cache {self.url}: access denied",
-                content_id=f"tier:{position_name(content_id, chunk_size, idx)}")
+                content_id=f"tier:{position_name(content_id, chunk_size, idx)}", into=body)
         except RemoteNotFound:
             self.stats.misses += count
-            return None, True
+            return False, True
         except RemoteStale:  # another size than a chunk of this length has
             self.stats.damaged += 1
             log.warning("%s: damaged object (wrong size); fetching it from the origin", what)
-            return None, False
+            return False, False
         except ModelfsError as exc:
             self._failed(exc, "a read")
-            return None, False
-        data = bytearray(body)
+            return False, False
         good = await trio.to_thread.run_sync(
-            lambda: hashlib.sha256(memoryview(data)[:length]).digest() == data[length:])
+            lambda: hashlib.sha256(into).digest() == bytes(body.digest))
         if not good:
             self.stats.damaged += 1
             log.warning("%s: damaged object (digest); fetching it from the origin", what)
-            return None, False
+            return False, False
         self.stats.hits += 1
         self.stats.bytes_read += length
-        del data[length:]
-        return data, False
+        return True, False
 
     async def put(self, content_id: str, chunk_size: int, idx: int, data: bytes) -> None:
         """Write a chunk fetched from the origin; a failure is counted and logged once."""
