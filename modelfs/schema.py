@@ -133,6 +133,8 @@ STATUS = _obj({
         "bytes_written": ("integer", "bytes written to the tier"),
         "writes_skipped": ("integer", "chunks not written (too many in flight, or the tier "
                                       "backing off)"),
+        "writes_refused": ("integer", "writes and leases the store refused (access denied): "
+                                      "the tier is still read from"),
         "lease_waits": ("integer", "misses another node had claimed: waited for its write"),
         "lease_wait_hits": ("integer", "... and found it written in time")}),
         "the fleet's shared chunk tier"),

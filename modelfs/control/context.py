@@ -54,7 +54,7 @@ class ControlContext:
     def _tier(self) -> dict[str, Any]:
         tier = self.reader.tier
         fields = ("hits", "misses", "damaged", "errors", "bytes_read", "bytes_written",
-                  "writes_skipped", "lease_waits", "lease_wait_hits")
+                  "writes_skipped", "writes_refused", "lease_waits", "lease_wait_hits")
         if tier is None:
             return {"url": None, **dict.fromkeys(fields, 0)}
         return {"url": tier.url, **{k: getattr(tier.stats, k) for k in fields}}

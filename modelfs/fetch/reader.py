@@ -656,7 +656,7 @@ class ChunkReader:
         writers read it back from the local cache, so a queued chunk holds no memory
         and its reader never waits. A full queue (a tier slower than the origin)
         skips the chunk: the next node to fetch it writes it."""
-        if self.tier is None or not self.tier.available:
+        if self.tier is None or not self.tier.writable:
             return
         try:
             self._share_send.send_nowait((f.entry.content_id, idx))

@@ -21,7 +21,9 @@ the nodes of a fleet read from it what one of them fetched from the origin.
 - The tier is an optimisation, never a dependency: its requests have short
   deadlines and no retries, and after a failure it is left alone for
   `BACKOFF` seconds (logged once per outage), so a tier that is down or slow
-  costs readers one short wait, not an error.
+  costs readers one short wait, not an error. A store that refuses writes
+  (credentials that may only read, a bucket policy) is still read from: only
+  writes and leases rest for `BACKOFF`, said once until a write goes through.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from urllib.parse import quote
 import trio
 
 from ..chunks import position_name
-from ..errors import ModelfsError, RemoteNotFound, RemoteStale
+from ..errors import ModelfsError, RemoteAuthError, RemoteNotFound, RemoteStale
 from ._http import Expect, HttpClient
 from .config import S3Config
 from .s3 import S3Auth, bucket_url, explain, split_url
@@ -66,6 +68,7 @@ class TierStats:
     bytes_written: int = 0
     writes: int = 0
     writes_skipped: int = 0  # not written: too many in flight, or the tier backing off
+    writes_refused: int = 0  # writes and leases the store refused (access denied)
     lease_waits: int = 0  # misses another node had claimed: waited for its write
     lease_wait_hits: int = 0  # ... and found it written in time
 
@@ -99,6 +102,8 @@ class SharedTier:
                                 explain=explain, follow_redirects=False)
         self._base = bucket_url(config, self._bucket, config.region or "us-east-1")
         self._skip_until = 0.0
+        self._no_writes_until = 0.0
+        self._refusing = False  # writes refused since the last one that went through
         self.leases = False  # the store refuses a second `If-None-Match: *` write
         self.stats = TierStats()
 
@@ -123,6 +128,11 @@ class SharedTier:
     def available(self) -> bool:
         return trio.current_time() >= self._skip_until
 
+    @property
+    def writable(self) -> bool:
+        """Available, and not resting after the store refused a write."""
+        return self.available and trio.current_time() >= self._no_writes_until
+
     def _url(self, content_id: str, chunk_size: int, idx: int) -> str:
         return self._key_url(f"chunks/{position_name(content_id, chunk_size, idx)}")
 
@@ -139,9 +149,13 @@ class SharedTier:
                                  headers={"If-None-Match": "*"})
         except RemoteStale:
             return False
+        except RemoteAuthError as exc:
+            self._refused(exc, "a lease")
+            return None
         except ModelfsError as exc:
             self._failed(exc, "a lease")
             return None
+        self._accepted()
         return True
 
     async def _lease_age(self, name: str) -> float | None:
@@ -162,7 +176,7 @@ class SharedTier:
         tier will have it from this node), or, when another node holds a live claim,
         wait for its write and read the chunk into `into` (True); False once the
         claim is stale or the wait is over (fetch it here)."""
-        if not self.leases or not self.available:
+        if not self.leases or not self.writable:
             return False
         name = position_name(content_id, chunk_size, idx)
         if await self._claim(name) is not False:
@@ -181,6 +195,20 @@ class SharedTier:
                 if age is None or age > LEASE_TTL:
                     return False
         return False
+
+    def _refused(self, exc: ModelfsError, doing: str) -> None:
+        """The store refused a write: read from it still, write nothing for BACKOFF."""
+        self.stats.writes_refused += 1
+        if not self._refusing:
+            log.warning("shared cache %s: %s was refused (%s); reading from it still, "
+                        "writing to it again in %.0fs", self.url, doing, exc, BACKOFF)
+        self._refusing = True
+        self._no_writes_until = trio.current_time() + BACKOFF
+
+    def _accepted(self) -> None:
+        if self._refusing:
+            log.info("shared cache %s: writes go through again", self.url)
+        self._refusing = False
 
     def _failed(self, exc: ModelfsError, doing: str) -> None:
         self.stats.errors += 1
@@ -242,7 +270,7 @@ class SharedTier:
 
     async def put(self, content_id: str, chunk_size: int, idx: int, data: bytes) -> None:
         """Write a chunk fetched from the origin; a failure is counted and logged once."""
-        if not self.available:
+        if not self.writable:
             self.stats.writes_skipped += 1
             return
         body = await trio.to_thread.run_sync(lambda: data + hashlib.sha256(data).digest())
@@ -250,8 +278,12 @@ class SharedTier:
         try:
             await self._http.put(self._url(content_id, chunk_size, idx), body, what=what,
                                  auth_msg=f"shared cache {self.url}: access denied")
+        except RemoteAuthError as exc:
+            self._refused(exc, "a write")
+            return
         except ModelfsError as exc:
             self._failed(exc, "a write")
             return
+        self._accepted()
         self.stats.writes += 1
         self.stats.bytes_written += len(data)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from modelfs.testing.origin import Origin
-from modelfs.testing.s3 import ADMIN, S3Server
+from modelfs.testing.s3 import ADMIN, READER, S3Server
 
 from ..conftest import CHUNK, MiB, is_mounted, wait_for
 from .test_control import wait_job
@@ -94,6 +94,32 @@ def test_a_node_reads_from_the_tier_what_another_fetched_and_never_a_damaged_obj
     wait_for(repaired, what="the damaged object rewritten")
     for m in (a, b, c):
         assert ADMIN[1] not in m.log_text()
+
+
+def test_a_node_that_may_only_read_the_tier_reads_it_and_writes_nothing(
+        s3_server: S3Server, mount_factory: Any, origin: Origin, repo_data) -> None:
+    w = repo_data["org/model@main"][WEIGHTS]
+    chunks = -(-len(w) // CHUNK)
+    bucket = tier_bucket(s3_server)
+    tier = ("--shared-cache", f"s3://{bucket}/fleet/")
+    a = mount_factory(["org/model"], *tier, cache="cache-a", env=s3_server.env(ADMIN))
+    assert a.p(f"org/model/{WEIGHTS}").read_bytes() == w
+    wait_for(lambda: shared(a)["bytes_written"] >= len(w), what="the tier written")
+
+    # Credentials that may read and list but not write: the store refuses the
+    # lease probe at start and every write; reads go on (no back-off from them).
+    origin.reset_stats()
+    b = mount_factory(["org/model"], *tier, cache="cache-b", env=s3_server.env(READER))
+    tokenizer = repo_data["org/model@main"]["tokenizer.json"]
+    assert b.p("org/model/tokenizer.json").read_bytes() == tokenizer  # not in the tier
+    assert b.p(f"org/model/{WEIGHTS}").read_bytes() == w
+    assert origin.data_requests(f"*{WEIGHTS}") == []  # every chunk from the tier
+    assert len(origin.data_requests("*tokenizer.json")) == 1
+    doc = shared(b)
+    assert doc["hits"] == chunks and doc["errors"] == 0
+    assert doc["writes_refused"] >= 1 and doc["bytes_written"] == 0
+    assert b.log_text().count("was refused") == 1
+    assert READER[1] not in b.log_text()
 
 
 def _closed_port() -> int:
