@@ -42,7 +42,7 @@ class RevisionFollower:
 
     def __init__(self, cache: ChunkCache, repos: list[MountedRepo], ttl: float, wake: Wake, *,
                  tree: Tree,
-                 replace: Callable[[int, str, Callable[[Tree], object]], None],
+                 replace: Callable[[int, str, Callable[[Tree], object]], Awaitable[None]],
                  invalidate: Callable[[str], Awaitable[None]],
                  swapped: Callable[[], None] = lambda: None) -> None:
         self._cache = cache
@@ -91,8 +91,8 @@ class RevisionFollower:
         version is an ETag (plain HTTP) can never be fetched at their old version
         again: their chunks are dropped and the kernel's pages of them invalidated."""
         parent = self._tree.mkdirs(ROOT_INODE, r.ref.parent, int(resolved_at * 1e9))
-        self._replace(parent.inode, r.ref.mount_name,
-                      lambda tree: add_repo(tree, r.source, r.ref, snap, resolved_at))
+        await self._replace(parent.inode, r.ref.mount_name,
+                            lambda tree: add_repo(tree, r.source, r.ref, snap, resolved_at))
         log.info("%s moved %s -> %s: new opens see the new tree", r.ref, r.snap.commit[:12],
                  snap.commit[:12])
         now = {f.path: f.content_id for f in snap.files}
@@ -108,6 +108,6 @@ class RevisionFollower:
         if r.hub:
             hub = self._tree.mkdirs(ROOT_INODE, HF_VIEW, 0)
             same = [x for x in self._repos if x.ref.repo_id == r.ref.repo_id]
-            self._replace(hub.inode, hf_dir_name(r.ref.repo_id),
-                          lambda tree: add_hf_view(tree, same))
+            await self._replace(hub.inode, hf_dir_name(r.ref.repo_id),
+                                lambda tree: add_hf_view(tree, same))
         self._swapped()

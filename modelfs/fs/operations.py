@@ -164,38 +164,52 @@ class Operations(pyfuse3.Operations):
     def tree(self) -> Tree:
         return self._tree
 
-    def replace(self, parent: int, name: str, build: Callable[[Tree], object]) -> None:
+    async def replace(self, parent: int, name: str, build: Callable[[Tree], object]) -> None:
         """Swap the subtree at `parent`/`name` for the one `build` adds (a repo moved to
-        a new commit). Call from a task, never from a request handler: it asks the
-        kernel to drop its cached entry, which must not wait on a request in flight.
+        a new commit). Call from a task, never from a request handler: it waits for
+        the kernel to drop its cached entries, which waits on requests in flight.
 
         The new subtree is merged into the old one: only entries that changed are
         replaced (and dropped from the kernel's cache), so unchanged files keep
-        their inode and the kernel keeps their pages. Open files keep reading what
-        they opened (handles hold their `RemoteFile`); old inodes go away once the
-        kernel forgets them.
+        their inode and the kernel keeps their pages. Names that are new show only
+        once the kernel has dropped every changed entry: whoever sees a new file
+        opens the new version of every other (the kernel would otherwise serve a
+        changed name from its cached entry, the old inode, until that is dropped).
+        Open files keep reading what they opened (handles hold their
+        `RemoteFile`); old inodes go away once the kernel forgets them.
         """
         old = self._tree.swap_child(parent, name, None)
         build(self._tree)
         new = self._tree.swap_child(parent, name, old)
         if old is not None and new is not None and self._tree[old].is_dir \
                 and self._tree[new].is_dir:
-            gone, changed = self._tree.merge(old, new)
+            gone, changed, added = self._tree.merge(old, new)
         else:  # nothing there before, or not a directory: swap the whole entry
             self._tree.swap_child(parent, name, new)
             gone = self._tree.subtree(old) if old is not None else []
-            changed = [(parent, name)]
+            changed, added = [(parent, name)], []
         for ino in gone:
             if self._lookups[ino] > 0 or ino in self._inherited:
                 self._detached.add(ino)
             else:
                 self._tree.remove(ino)
         for dir_inode, entry in changed:
-            if self.stopping:
-                break
-            pyfuse3.invalidate_entry_async(pyfuse3.InodeT(dir_inode),
-                                           pyfuse3.FileNameT(os.fsencode(entry)),
-                                           ignore_enoent=True)
+            await self._invalidate_entry(dir_inode, entry)
+        self._tree.link(added)
+
+    async def _invalidate_entry(self, dir_inode: int, name: str) -> None:
+        """Have the kernel drop its entry `name` in `dir_inode`, in a worker thread: the
+        kernel waits for a lookup in that directory in flight, which this event loop
+        must stay free to answer. Not once stopping, nor where the kernel never had
+        the entry (or there is no mount)."""
+        if self.stopping:
+            return
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.InodeT(dir_inode),
+                                          pyfuse3.FileNameT(os.fsencode(name)))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.debug("kernel entry %r of inode %d not dropped: %s", name, dir_inode, exc)
 
     async def invalidate_content(self, content_id: str) -> None:
         """Drop the kernel's cached pages of every inode showing `content_id`. In a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..types import RemoteFile
 
@@ -41,6 +42,16 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.children is not None
+
+
+class Merged(NamedTuple):
+    """What `Tree.merge` did: inodes that left the tree (to remove once the kernel
+    forgets them), (directory inode, name) entries that changed or left (for the
+    kernel to drop), and new names not linked yet (directory, name, inode)."""
+
+    gone: list[int]
+    changed: list[tuple[int, str]]
+    added: list[tuple[int, str, int]]
 
 
 class Tree:
@@ -128,15 +139,17 @@ class Tree:
             self._nodes[inode].parent = parent
         return was
 
-    def merge(self, old_top: int, new_top: int) -> tuple[list[int], list[tuple[int, str]]]:
+    def merge(self, old_top: int, new_top: int) -> Merged:
         """Make directory `old_top` show what `new_top` (a subtree just built, not
         linked into the tree) shows, changing only what differs: directories on
         both sides and files with the same content keep their old node, hence their
-        inode and the kernel's cached pages and entries. Returns the inodes that
-        left the tree (to remove once the kernel forgets them) and the (directory
-        inode, name) entries that changed (for the kernel to drop)."""
+        inode and the kernel's cached pages and entries. Names that are new are not
+        linked yet (`Merged.added`, for `link`): the caller shows them once the
+        kernel has dropped the entries that changed, so that a reader who sees a
+        new name never opens an old version of a changed one."""
         gone: list[int] = []
         changed: list[tuple[int, str]] = []
+        added: list[tuple[int, str, int]] = []
         pairs = [(old_top, new_top)]
         while pairs:
             o, n = pairs.pop()
@@ -154,12 +167,20 @@ class Tree:
                     if _same_content(was.file, now.file):
                         del self._nodes[ni]  # never seen by the kernel
                         continue
-                if oi is not None:
-                    gone += self.detach(o, name)
+                if oi is None:
+                    assert ni is not None
+                    added.append((o, name, ni))
+                    continue
+                gone += self.detach(o, name)
                 if ni is not None:
                     self.swap_child(o, name, ni)
                 changed.append((o, name))
-        return gone, changed
+        return Merged(gone, changed, added)
+
+    def link(self, added: list[tuple[int, str, int]]) -> None:
+        """Show the names `merge` left out (`Merged.added`)."""
+        for parent, name, inode in added:
+            self.swap_child(parent, name, inode)
 
     def total_size(self) -> int:
         return sum(n.file.entry.size for n in self._nodes.values()

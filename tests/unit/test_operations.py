@@ -97,7 +97,7 @@ async def test_a_replaced_inode_lives_until_the_kernel_forgets_it(kit: Kit) -> N
     org = tree.child(ROOT_INODE, "org").inode
     src = kit.source()
     f = await kit.remote_file(src, "config.json")  # other content under the same name
-    ops.replace(org, "model", lambda t: t.add_file(
+    await ops.replace(org, "model", lambda t: t.add_file(
         t.mkdirs(org, "model", 6).inode, "model.safetensors", f, 6))
     new = tree.child(tree.child(org, "model").inode, "model.safetensors")
     assert new.inode != old.st_ino

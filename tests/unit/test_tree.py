@@ -37,15 +37,19 @@ def test_merge_keeps_what_did_not_change_and_reports_what_did() -> None:
     new = build(tree, staging, {"a": rf("a", "A"), "b": rf("b", "B2"), "e": rf("e", "E"),
                                 "refs": StaticFile(b"x"), "d/f": rf("d/f", "F")})
     tree.swap_child(staging, "m", None)
-    gone, changed = tree.merge(old, new)
+    gone, changed, added = tree.merge(old, new)
     assert tree.child(old, "a") is a  # same node, same inode: the kernel keeps its pages
     assert tree.child(old, "refs") is refs  # same made-up bytes: same node
     assert tree.child(old, "d") is d  # a directory on both sides stays
     assert tree.child(old, "b").inode != b.inode and tree.child(old, "b").file.entry.content_id == "B2"
-    assert tree.child(d.inode, "c") is None and tree.child(d.inode, "f") is not None
-    assert tree.child(old, "e") is not None
     assert sorted(gone) == sorted([b.inode, c.inode])
-    assert sorted(changed) == sorted([(old, "b"), (old, "e"), (d.inode, "c"), (d.inode, "f")])
+    assert sorted(changed) == sorted([(old, "b"), (d.inode, "c")])
+    # New names show only once linked (after the kernel dropped what changed).
+    assert sorted((p, n) for p, n, _ in added) == sorted([(old, "e"), (d.inode, "f")])
+    assert tree.child(old, "e") is None and tree.child(d.inode, "f") is None
+    assert tree.child(d.inode, "c") is None
+    tree.link(added)
+    assert tree.child(old, "e") is not None and tree.child(d.inode, "f") is not None
     # Gone nodes stay until removed (the kernel may hold them); unchanged copies and
     # the new directory nodes are gone from the table at once.
     assert tree.get(b.inode) is not None
@@ -62,8 +66,8 @@ def test_a_file_that_became_a_directory_is_swapped_whole() -> None:
     staging = tree.mkdirs(ROOT_INODE, "s", 1).inode
     new = build(tree, staging, {"x/y": rf("x/y", "Y")})
     tree.swap_child(staging, "m", None)
-    gone, changed = tree.merge(old, new)
-    assert gone == [x.inode] and changed == [(old, "x")]
+    gone, changed, added = tree.merge(old, new)
+    assert gone == [x.inode] and changed == [(old, "x")] and added == []
     assert tree.child(tree.child(old, "x").inode, "y") is not None
 
 
