@@ -258,16 +258,16 @@ class FileSource:
         try:
             if version_of(os.fstat(fd)) != entry.etag:
                 raise RemoteStale(f"{what}: the file changed since it was listed")
-            view = memoryview(buf)
+            view, piece = memoryview(buf), memoryview(scratch)
             done = 0
             while done < len(view):
-                n = os.preadv(fd, [memoryview(scratch)[:len(view) - done]], start + done)
+                n = os.preadv(fd, [piece[:len(view) - done]], start + done)
                 if n == 0:
                     raise RemoteStale(f"{what}: the file shrank while it was read")
                 with lease.lock:
                     if not lease.valid:
                         return
-                    view[done:done + n] = scratch[:n]
+                    view[done:done + n] = piece[:n]  # a view: one copy, no allocation
                 done += n
             if version_of(os.fstat(fd)) != entry.etag:
                 raise RemoteStale(f"{what}: the file changed while it was read")
