@@ -19,9 +19,12 @@ the nodes of a fleet read from it what one of them fetched from the origin.
   the condition is found at start (a probe claimed twice) and said once; the
   tier then works without leases (a chunk may be fetched by two nodes).
 - The tier is an optimisation, never a dependency: its requests have short
-  deadlines and no retries, and after a failure it is left alone for
-  `BACKOFF` seconds (logged once per outage), so a tier that is down or slow
-  costs readers one short wait, not an error. A store that refuses writes
+  deadlines and no retries, and after `FAILURES` reads in a row failed it is
+  left alone for `BACKOFF` seconds (logged once per outage), so a tier that is
+  down or hangs costs readers one short wait, not an error. Only reads do that:
+  a lease or a write that fails (a store slow under a fleet's writes) costs
+  the sharing of that one chunk, since backing off would send the node to the
+  origin for every chunk for `BACKOFF`. A store that refuses writes
   (credentials that may only read, a bucket policy) is still read from: only
   writes and leases rest for `BACKOFF`, said once until a write goes through.
 """
@@ -47,7 +50,8 @@ from .s3 import S3Auth, bucket_url, explain, split_url
 log = logging.getLogger(__name__)
 
 DIGEST = 32
-# A failed tier request leaves the tier alone for this long.
+# Reads failed in a row that leave the tier alone for BACKOFF seconds.
+FAILURES = 3
 BACKOFF = 30.0
 # Tier requests: one attempt each, this quick (a LAN store answers in milliseconds).
 TIMEOUT = 5.0
@@ -104,6 +108,8 @@ class SharedTier:
         self._skip_until = 0.0
         self._no_writes_until = 0.0
         self._refusing = False  # writes refused since the last one that went through
+        self._slow_said = 0.0  # a failed lease or write is said again from then on
+        self._failures = 0  # reads failed in a row
         self.leases = False  # the store refuses a second `If-None-Match: *` write
         self.stats = TierStats()
 
@@ -114,7 +120,11 @@ class SharedTier:
             await self._auth.ready(f"shared cache {self.url}")
             self._base = bucket_url(self._config, self._bucket, self._auth.region)
         probe = f"probe-{os.getpid()}-{time.time_ns()}"
-        first, second = await self._claim(probe), await self._claim(probe)
+        try:
+            first, second = await self._claim(probe), await self._claim(probe)
+        except ModelfsError as exc:  # unreachable at start: left alone for a while
+            self._failed(exc, "a lease")
+            return
         self.leases = first is True and second is False
         if first is not None and not self.leases:
             log.warning("shared cache %s: the store does not refuse a second conditional "
@@ -141,7 +151,8 @@ class SharedTier:
 
     async def _claim(self, name: str) -> bool | None:
         """Write lease `name` unless it exists: True when this node's write made it,
-        False when it was there, None when the tier could not be asked."""
+        False when it was there, None when the store refused the write. Raises
+        `ModelfsError` when the store did not answer in time or failed."""
         what = f"shared cache {self.url}: lease {name[:16]}"
         try:
             await self._http.put(self._key_url(f"leases/{name}"), b"", what=what,
@@ -151,9 +162,6 @@ class SharedTier:
             return False
         except RemoteAuthError as exc:
             self._refused(exc, "a lease")
-            return None
-        except ModelfsError as exc:
-            self._failed(exc, "a lease")
             return None
         self._accepted()
         return True
@@ -179,7 +187,11 @@ class SharedTier:
         if not self.leases or not self.writable:
             return False
         name = position_name(content_id, chunk_size, idx)
-        if await self._claim(name) is not False:
+        try:
+            if await self._claim(name) is not False:
+                return False
+        except ModelfsError as exc:  # this chunk from the origin, unclaimed
+            self._slow(exc, "a lease")
             return False
         self.stats.lease_waits += 1
         with trio.move_on_after(LEASE_WAIT):
@@ -210,8 +222,31 @@ class SharedTier:
             log.info("shared cache %s: writes go through again", self.url)
         self._refusing = False
 
-    def _failed(self, exc: ModelfsError, doing: str) -> None:
+    def _slow(self, exc: ModelfsError, doing: str) -> None:
+        """A lease or a write failed (most often: not answered within TIMEOUT by a
+        store busy with a fleet's writes). Nobody waits for them, so they cost one
+        chunk's sharing, not the tier: reads go on (a store that is down fails
+        them too, and they back off). Said once per BACKOFF."""
         self.stats.errors += 1
+        now = trio.current_time()
+        if now >= self._slow_said:
+            log.warning("shared cache %s: %s failed (%s); that chunk is not shared, the "
+                        "tier is still read from (said once in %.0fs)", self.url, doing, exc,
+                        BACKOFF)
+            self._slow_said = now + BACKOFF
+
+    def _failed(self, exc: ModelfsError, doing: str) -> None:
+        """A read failed: that chunk comes from the origin; after `FAILURES` in a row,
+        so does every chunk for `BACKOFF`. One slow answer from a store busy with a
+        fleet's writes is no outage (backing off on it sent a node of 8 warming
+        1 GiB to the origin for 30 s); a store that is down fails at once, and
+        one that hangs fails the reads under way together, so either is found
+        within one wait."""
+        self.stats.errors += 1
+        self._failures += 1
+        if self._failures < FAILURES:
+            return
+        self._failures = 0
         if self.available:
             log.warning("shared cache %s: %s failed (%s); reading from the origin for %.0fs",
                         self.url, doing, exc, BACKOFF)
@@ -250,6 +285,7 @@ class SharedTier:
                 content_id=f"tier:{position_name(content_id, chunk_size, idx)}", into=body)
         except RemoteNotFound:
             self.stats.misses += count
+            self._failures = 0
             return False, True
         except RemoteStale:  # another size than a chunk of this length has
             self.stats.damaged += 1
@@ -264,6 +300,7 @@ class SharedTier:
             self.stats.damaged += 1
             log.warning("%s: damaged object (digest); fetching it from the origin", what)
             return False, False
+        self._failures = 0
         self.stats.hits += 1
         self.stats.bytes_read += length
         return True, False
@@ -282,7 +319,7 @@ class SharedTier:
             self._refused(exc, "a write")
             return
         except ModelfsError as exc:
-            self._failed(exc, "a write")
+            self._slow(exc, "a write")
             return
         self._accepted()
         self.stats.writes += 1
