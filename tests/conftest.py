@@ -121,7 +121,8 @@ def _repair(exc: BaseException, seen: set[int]) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+def _repairing(item: pytest.Item) -> Iterator[None]:
+    """Around each phase of a test: repair its failure's traceback (`_repair`)."""
     try:
         return (yield)
     except BaseException as exc:
@@ -129,22 +130,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
         raise
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    try:
-        return (yield)
-    except BaseException as exc:
-        _repair(exc, set())
-        raise
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    try:
-        return (yield)
-    except BaseException as exc:
-        _repair(exc, set())
-        raise
+pytest_runtest_setup = pytest_runtest_call = pytest_runtest_teardown = _repairing
 
 
 def fuse_available() -> bool:
