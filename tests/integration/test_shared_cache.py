@@ -141,6 +141,26 @@ def test_a_tier_that_is_down_costs_readers_nothing_and_is_logged_once(
     assert m.log_text().count("reading from the origin for") == 1
 
 
+def test_a_tier_that_never_answers_costs_readers_one_wait_and_is_logged_once(
+        s3_server: S3Server, mount_factory: Any, repo_data) -> None:
+    w = repo_data["org/model@main"][WEIGHTS]
+    with socket.socket() as hung:  # takes connections (the kernel's backlog), never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(256)
+        env = {**s3_server.env(ADMIN),
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{hung.getsockname()[1]}"}
+        m = mount_factory(["org/model"], "--shared-cache", "s3://hung/fleet/", env=env)
+        t0 = time.monotonic()
+        assert m.p(f"org/model/{WEIGHTS}").read_bytes() == w
+        took = time.monotonic() - t0
+        doc = shared(m)
+        assert doc["hits"] == 0 and doc["errors"] >= 3
+        assert m.log_text().count("reading from the origin for") == 1
+        # The reads under way failed together: one wait of the tier's 10 s bound,
+        # not one per chunk (10 chunks).
+        assert took < 25, took
+
+
 def test_a_tier_without_credentials_is_a_warning_or_with_required_an_error(
         s3_server: S3Server, mount_factory: Any, repo_data, tmp_path: Path,
         origin: Origin) -> None:
