@@ -24,7 +24,7 @@ from modelfs.errors import ControlError
 from modelfs.schema import JOB, JOB_EVENT, STATUS, check
 from modelfs.testing.origin import Origin
 
-from ..conftest import MiB, fuse_available, is_mounted
+from ..conftest import MiB, fuse_available, is_mounted, wait_for
 
 
 def wait_job(client: ControlClient, job_id: str, timeout: float = 60.0,
@@ -220,6 +220,9 @@ def test_status_and_metrics(mount_factory, origin: Origin, repo_data) -> None:
     want = repo_data["org/model@main"]["model.safetensors"]
     assert m.p("org/model/model.safetensors").read_bytes() == want
     with m.client() as c:
+        # A chunk is served as its bytes arrive and stored after: the last ones may
+        # still be on their way to disk when the read returns.
+        wait_for(lambda: c.status()["cache"]["usage_bytes"] >= len(want), what="stores")
         st = c.status()
         text = c.request("GET", "/metrics")
     assert check(st, STATUS) == []
