@@ -122,7 +122,7 @@ class SharedTier:
         probe = f"probe-{os.getpid()}-{time.time_ns()}"
         try:
             first, second = await self._claim(probe), await self._claim(probe)
-        except ModelfsError as exc:  # unreachable at start: left alone for a while
+        except ModelfsError as exc:  # unreachable at start: counts as a failed read
             self._failed(exc, "a lease")
             return
         self.leases = first is True and second is False

@@ -52,18 +52,24 @@ def tier_objects(s3: S3Server, where: str) -> list[str]:
     return [o["Key"] for o in listing.get("Contents", [])]
 
 
+def _first_node(s3: S3Server, mount_factory: Any, w: bytes) -> tuple[str, tuple[str, str], Any]:
+    """A tier of the test's own (its BUCKET/PREFIX and the mount flags naming it), and a
+    node that read the weights and wrote them to it."""
+    bucket = tier_bucket(s3)
+    tier = ("--shared-cache", f"s3://{bucket}/fleet/")
+    a = mount_factory(["org/model"], *tier, cache="cache-a", env=s3.env(ADMIN))
+    assert a.p(f"org/model/{WEIGHTS}").read_bytes() == w
+    wait_for(lambda: shared(a)["bytes_written"] >= len(w), what="the tier written")
+    return bucket, tier, a
+
+
 def test_a_node_reads_from_the_tier_what_another_fetched_and_never_a_damaged_object(
         s3_server: S3Server, mount_factory: Any, origin: Origin, repo_data) -> None:
     w = repo_data["org/model@main"][WEIGHTS]
     chunks = -(-len(w) // CHUNK)
-    bucket = tier_bucket(s3_server)
-    tier = ("--shared-cache", f"s3://{bucket}/fleet/")
     env = s3_server.env(ADMIN)
-
-    a = mount_factory(["org/model"], *tier, cache="cache-a", env=env)
+    bucket, tier, a = _first_node(s3_server, mount_factory, w)
     assert "read from the shared cache" in a.log_text()
-    assert a.p(f"org/model/{WEIGHTS}").read_bytes() == w
-    wait_for(lambda: shared(a)["bytes_written"] >= len(w), what="the tier written")
     assert shared(a)["misses"] == chunks and shared(a)["hits"] == 0
     assert len(tier_objects(s3_server, bucket)) == chunks
 
@@ -100,11 +106,7 @@ def test_a_node_that_may_only_read_the_tier_reads_it_and_writes_nothing(
         s3_server: S3Server, mount_factory: Any, origin: Origin, repo_data) -> None:
     w = repo_data["org/model@main"][WEIGHTS]
     chunks = -(-len(w) // CHUNK)
-    bucket = tier_bucket(s3_server)
-    tier = ("--shared-cache", f"s3://{bucket}/fleet/")
-    a = mount_factory(["org/model"], *tier, cache="cache-a", env=s3_server.env(ADMIN))
-    assert a.p(f"org/model/{WEIGHTS}").read_bytes() == w
-    wait_for(lambda: shared(a)["bytes_written"] >= len(w), what="the tier written")
+    _, tier, _ = _first_node(s3_server, mount_factory, w)
 
     # Credentials that may read and list but not write: the store refuses the
     # lease probe at start and every write; reads go on (no back-off from them).
