@@ -14,8 +14,11 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import re
+import select
 import socket
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -135,6 +138,8 @@ class HttpClient:
         # Where the endpoint redirected a resolve URL (commit-pinned, so the target
         # holds the same bytes), until `redirect_ttl`: halves requests per chunk.
         self._redirects: dict[str, tuple[str, float]] = {}
+        # Threads receiving bodies (`_receive_raw`): one per connection at most.
+        self._raw_limiter = trio.CapacityLimiter(config.max_connections)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -421,7 +426,8 @@ class HttpClient:
                         old = self._host_etags.setdefault((host, content_id), etag)
                         if old != etag:
                             raise RemoteStale(f"{what}: ETag changed from {old} to {etag}")
-                    await _read_body(resp, buf, skip)
+                    await _read_body(resp, buf, skip, self._config.timeout,
+                                     self._raw_limiter)
                 finally:
                     await resp.aclose()
                 if buf.filled < length:
@@ -492,14 +498,17 @@ class _Buffer:
         return self._room[self.filled - self._at:]
 
 
-async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
+async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: float,
+                     limiter: trio.CapacityLimiter) -> None:
     """Copy body bytes into `buf` after skipping `skip` of them, until it is full.
 
     A 206 body is read to its end (its size was checked): leaving httpx's nested
     async generators half-consumed makes trio warn when they are collected. Only
-    a whole-file 200 is cut short once we have what we need.
+    a whole-file 200 is cut short once we have what we need. A large 206 body on
+    a plaintext connection is read straight off the socket (`_receive_raw`).
     """
     size = buf.length
+    fd = _raw_socket(resp, size - buf.filled) if skip == 0 else None
     async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as body:
         async for part in body:
             if skip:
@@ -517,15 +526,102 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int) -> None:
                 buf.progress(buf.filled)
             if buf.filled >= size and resp.status_code == 200:
                 break
+            if fd is not None and buf.filled < size:
+                break  # h11 handed over what it had buffered: the rest comes off the socket
         else:
             return
-        # A whole-file 200 cut short: close the connection, then let the generators
-        # run to their end (they end with an error at once), so none is left
-        # half-consumed for the garbage collector.
-        await resp.aclose()
-        with contextlib.suppress(httpx.HTTPError, httpcore.ReadError):
-            async for _ in body:
-                pass
+        # Cut short: a whole-file 200 with all we need, or a body whose rest is read
+        # straight off the socket. Either way the connection is closed (h11 never saw
+        # the body end), then the generators run to their end (they end with an error
+        # at once), so none is left half-consumed for the garbage collector.
+        try:
+            if fd is not None and buf.filled < size:
+                await _receive_raw(fd, buf, idle_limit, limiter)
+        finally:
+            with trio.CancelScope(shield=True):
+                await resp.aclose()
+                with contextlib.suppress(httpx.HTTPError, httpcore.ReadError):
+                    async for _ in body:
+                        pass
+
+
+# Bodies at least this large are received in worker threads (`_receive_raw`).
+RAW_MIN = 1 << 20
+# One worker-thread call fills at most this much and returns within RAW_WAIT seconds,
+# so progress is reported and a cancel is seen that often.
+RAW_STEP = 4 << 20
+RAW_WAIT = 0.25
+
+
+def _raw_socket(resp: httpx.Response, remaining: int) -> int | None:
+    """The socket descriptor a large plaintext 206 body can be read from directly,
+    or None: TLS (the bytes are ciphertext), a chunked or unsized body, a small one."""
+    if resp.status_code != 206 or remaining < RAW_MIN or "Transfer-Encoding" in resp.headers \
+            or resp.headers.get("Content-Length") != str(remaining):
+        return None
+    stream = resp.extensions.get("network_stream")
+    if stream is None or stream.get_extra_info("ssl_object") is not None:
+        return None
+    sock = stream.get_extra_info("socket")
+    return None if sock is None else int(sock.fileno())
+
+
+def _recv_into(fd: int, room: memoryview, wait: float) -> tuple[int, Exception | None]:
+    """Fill `room` from the non-blocking socket `fd`, the GIL released in each read.
+
+    Returns once `room` is full, at the end of the stream or after `wait` seconds:
+    the bytes read, and what ended the stream (`EOFError`, a reset) if it ended."""
+    got = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    end = time.monotonic() + wait
+    while got < len(room):
+        try:
+            n = os.readv(fd, [room[got:]])
+        except BlockingIOError:
+            left = end - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                break
+            continue
+        except OSError as exc:
+            return got, exc
+        if n == 0:
+            return got, EOFError()
+        got += n
+        if time.monotonic() >= end:
+            break
+    return got, None
+
+
+async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
+                       limiter: trio.CapacityLimiter) -> None:
+    """Receive the rest of a body from `fd` straight into `buf`, in worker threads.
+
+    Why: through httpx every byte is read into a new `bytes`, appended to h11's
+    buffer, cut out again and copied into place, all on the event loop under the
+    GIL; here the kernel copies it once into place and the GIL is free meanwhile.
+    The thread is never abandoned (it writes into `buf`): each call returns within
+    RAW_WAIT, when a cancel takes effect. A body that ends early returns (the caller
+    resumes from `buf.filled`); a reset or silence is an httpx transport error."""
+    idle = 0.0
+    while buf.filled < buf.length:
+        room = await buf.room()
+        room = room[:min(len(room), buf.length - buf.filled, RAW_STEP)]
+        n, ended = await trio.to_thread.run_sync(_recv_into, fd, room, RAW_WAIT,
+                                                 limiter=limiter)
+        if n:
+            idle = 0.0
+            buf.filled += n
+            if buf.progress is not None:
+                buf.progress(buf.filled)
+        if isinstance(ended, EOFError):
+            return
+        if ended is not None:
+            raise httpx.ReadError(str(ended))
+        if not n:
+            idle += RAW_WAIT
+            if idle >= idle_limit:
+                raise httpx.ReadTimeout(f"no body bytes for {idle_limit:g}s")
 
 
 _CONTENT_ID = re.compile(r'"?([0-9a-f]{40}|[0-9a-f]{64})"?')
