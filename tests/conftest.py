@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
@@ -158,6 +160,35 @@ def drop_page_cache() -> None:
 
 
 SYNC_WAIT = 10.0
+
+
+@contextlib.contextmanager
+def pinned_pages(path: Path) -> Iterator[bool]:
+    """Hold every page of `path` in the kernel's page cache while inside (a shared
+    map of it, locked with `mlock`, which reads in what is missing); yields False
+    where locking is not allowed (not root, a low RLIMIT_MEMLOCK).
+
+    Why: a claim such as "a re-read is answered by the kernel" needs the pages to
+    stay, and a kernel may page out cache it sees as idle seconds after a read,
+    with gigabytes free (the CI machines run DAMON's proactive `pageout` on
+    physical memory; an idle page shares its region's age, so a fresh one can go
+    too). Locked pages are never paged out."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            yield libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
 
 
 def sha256(data: bytes) -> str:
