@@ -16,9 +16,8 @@ import logging
 import math
 import os
 import re
-import select
 import socket
-import time
+import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -555,42 +554,39 @@ RAW_WAIT = 0.25
 
 def _raw_socket(resp: httpx.Response, remaining: int) -> int | None:
     """The socket descriptor a large plaintext 206 body can be read from directly,
-    or None: TLS (the bytes are ciphertext), a chunked or unsized body, a small one."""
+    or None: TLS (the bytes are ciphertext), a chunked or unsized body, a small one,
+    or a peer on a public address. Reading around h11 costs the connection (it is
+    closed after): on a local network (an in-cluster mirror or S3 store, a proxy on
+    the node) a new one costs next to nothing, across the internet a handshake and
+    TCP's slow start."""
     if resp.status_code != 206 or remaining < RAW_MIN or "Transfer-Encoding" in resp.headers \
             or resp.headers.get("Content-Length") != str(remaining):
         return None
     stream = resp.extensions.get("network_stream")
     if stream is None or stream.get_extra_info("ssl_object") is not None:
         return None
-    sock = stream.get_extra_info("socket")
-    return None if sock is None else int(sock.fileno())
+    try:
+        peer = ipaddress.ip_address(stream.get_extra_info("server_addr")[0])
+        sock = stream.get_extra_info("socket")
+    except (TypeError, IndexError, ValueError, OSError):
+        return None
+    return None if peer.is_global or sock is None else int(sock.fileno())
 
 
-def _recv_into(fd: int, room: memoryview, wait: float) -> tuple[int, Exception | None]:
-    """Fill `room` from the non-blocking socket `fd`, the GIL released in each read.
+def _recv_into(sock: socket.socket, room: memoryview) -> tuple[int, Exception | None]:
+    """Fill `room` from the blocking socket `sock` in one call (`MSG_WAITALL`), the
+    GIL released throughout; the socket's receive timeout (RAW_WAIT) bounds it.
 
-    Returns once `room` is full, at the end of the stream or after `wait` seconds:
-    the bytes read, and what ended the stream (`EOFError`, a reset) if it ended."""
-    got = 0
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    end = time.monotonic() + wait
-    while got < len(room):
-        try:
-            n = os.readv(fd, [room[got:]])
-        except BlockingIOError:
-            left = end - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
-                break
-            continue
-        except OSError as exc:
-            return got, exc
-        if n == 0:
-            return got, EOFError()
-        got += n
-        if time.monotonic() >= end:
-            break
-    return got, None
+    Returns the bytes read, and what ended the stream (`EOFError`, a reset) if it
+    ended. One call per step, not one per socket read: a thread taking the GIL back
+    waits for the event loop to give it up (up to the 5 ms switch interval)."""
+    try:
+        n = sock.recv_into(room, len(room), socket.MSG_WAITALL)
+    except BlockingIOError:  # nothing within the receive timeout
+        return 0, None
+    except OSError as exc:
+        return 0, exc
+    return n, (EOFError() if n == 0 else None)
 
 
 async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
@@ -600,28 +596,37 @@ async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
     Why: through httpx every byte is read into a new `bytes`, appended to h11's
     buffer, cut out again and copied into place, all on the event loop under the
     GIL; here the kernel copies it once into place and the GIL is free meanwhile.
-    The thread is never abandoned (it writes into `buf`): each call returns within
-    RAW_WAIT, when a cancel takes effect. A body that ends early returns (the caller
-    resumes from `buf.filled`); a reset or silence is an httpx transport error."""
-    idle = 0.0
-    while buf.filled < buf.length:
-        room = await buf.room()
-        room = room[:min(len(room), buf.length - buf.filled, RAW_STEP)]
-        n, ended = await trio.to_thread.run_sync(_recv_into, fd, room, RAW_WAIT,
-                                                 limiter=limiter)
-        if n:
-            idle = 0.0
-            buf.filled += n
-            if buf.progress is not None:
-                buf.progress(buf.filled)
-        if isinstance(ended, EOFError):
-            return
-        if ended is not None:
-            raise httpx.ReadError(str(ended))
-        if not n:
-            idle += RAW_WAIT
-            if idle >= idle_limit:
-                raise httpx.ReadTimeout(f"no body bytes for {idle_limit:g}s")
+    The socket is made blocking for this (the connection is closed after, never
+    reused), with a receive timeout of RAW_WAIT: each thread call returns within
+    that, when a cancel takes effect, so the thread is never abandoned (it writes
+    into `buf`). A body that ends early returns (the caller resumes from
+    `buf.filled`); a reset or silence is an httpx transport error."""
+    sock = socket.socket(fileno=os.dup(fd))  # a second handle on the same socket
+    try:
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", 0, int(RAW_WAIT * 1e6)))
+        idle = 0.0
+        while buf.filled < buf.length:
+            room = await buf.room()
+            room = room[:min(len(room), buf.length - buf.filled, RAW_STEP)]
+            n, ended = await trio.to_thread.run_sync(_recv_into, sock, room, limiter=limiter)
+            if n:
+                idle = 0.0
+                buf.filled += n
+                if buf.progress is not None:
+                    buf.progress(buf.filled)
+            if isinstance(ended, EOFError):
+                return
+            if ended is not None:
+                raise httpx.ReadError(str(ended))
+            if not n:
+                idle += RAW_WAIT
+                if idle >= idle_limit:
+                    raise httpx.ReadTimeout(f"no body bytes for {idle_limit:g}s")
+    finally:
+        os.set_blocking(fd, False)  # as trio left it, for the close
+        sock.close()
 
 
 _CONTENT_ID = re.compile(r'"?([0-9a-f]{40}|[0-9a-f]{64})"?')

@@ -67,6 +67,7 @@ class RequestRecord:
     bytes_sent: int
     server: str  # "hub" or "cdn"
     authorized: bool
+    client_port: int = 0  # which connection: a kept-alive one asks again from the same port
 
     @property
     def is_data(self) -> bool:
@@ -457,7 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _done(self, status: int, sent: int) -> RequestRecord:
         rec = RequestRecord(
             self.command, unquote(urlsplit(self.path).path), status, self.headers.get("Range"),
-            sent, self.server.kind, "Authorization" in self.headers)
+            sent, self.server.kind, "Authorization" in self.headers, self.client_address[1])
         self.server.origin._record(rec)
         return rec
 

@@ -16,8 +16,8 @@ import trio
 
 from modelfs.errors import ListingRejected, RemoteProtocolError, RemoteUnavailable
 from modelfs.fetch import load_snapshot
-from modelfs.remote._http import check_target
-from modelfs.remote.config import HttpConfig, HubConfig
+from modelfs.remote._http import RAW_MIN, check_target
+from modelfs.remote.config import RECEIVE_BYTES, HttpConfig, HubConfig
 from modelfs.remote.hf import HubSource
 from modelfs.testing.origin import Origin
 from modelfs.types import RepoRef
@@ -229,6 +229,41 @@ async def test_bodies_of_the_wrong_length_are_retried(origin: Origin, repo_data,
     got = await src.read(f.repo_id, f.commit, f.entry, 4096, 8192)  # retried, then right
     assert bytes(got) == data[4096:4096 + 8192]
     assert len(origin.data_requests("/cdn/*")) == 2
+    await src.aclose()
+
+
+async def test_a_large_body_from_a_local_origin_comes_off_the_socket_on_a_connection_of_its_own(
+        origin: Origin, repo_data) -> None:
+    """A body of at least RAW_MIN from a local plaintext origin is received in worker
+    threads straight into its buffer, and its connection is closed after; small
+    ones keep theirs. The bytes are right either way, also when the body stalls
+    past h11's first read or is reset there (resumed from where it broke)."""
+    data = repo_data["org/model@main"]["model.safetensors"]
+    src = source(origin)
+    f = await Kit.remote_file(src)
+    origin.reset_stats()
+
+    async def read(offset: int, size: int) -> None:
+        got = await src.read(f.repo_id, f.commit, f.entry, offset, size)
+        assert bytes(got) == data[offset:offset + size]
+
+    await read(0, 8192)
+    await read(8192, 8192)
+    await read(1 << 20, 2 * RAW_MIN)
+    await read(5 << 20, 2 * RAW_MIN)
+    await read(16384, 8192)
+    ports = [r.client_port for r in origin.data_requests("/cdn/*")]
+    # Kept alive after a small body; closed after each large one.
+    assert ports[0] == ports[1] and ports[2] != ports[3] != ports[4], ports
+    origin.misbehave("stall_body", 1, seconds=3, after_bytes=RECEIVE_BYTES + 4096)
+    await read(3 << 20, 2 * RAW_MIN)  # FAST's 2 s read timeout, then the rest
+    origin.reset_next(1, after_bytes=RECEIVE_BYTES + 12345, match="model.safetensors")
+    await read(1 << 20, 3 * RAW_MIN)
+    tail = origin.data_requests("/cdn/*")[-4:]
+    assert tail[1].range == f"bytes={(3 << 20) + RECEIVE_BYTES + 4096}-{(5 << 20) - 1}", tail
+    # Resumed after what arrived (a reset drops what the socket held unread).
+    resumed = tail[3].range.removeprefix("bytes=").split("-")
+    assert int(resumed[0]) > 1 << 20 and resumed[1] == str((4 << 20) - 1), tail
     await src.aclose()
 
 
