@@ -100,7 +100,8 @@ def peer_cases(ab: AB, work: Path, size_mib: int) -> dict[str, float]:
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 ab.add(f"prefetch (repo, {repo_bytes >> 20} MiB)", name, timed(functools.partial(
                     sh, sys.executable, "-m", "modelfs", "prefetch", REPO, "--endpoint",
-                    origin.url, "--cache-dir", str(cache), stderr=subprocess.DEVNULL, env=env)))
+                    origin.url, "--cache-dir", str(cache), stderr=subprocess.DEVNULL, env=env,
+                    cwd=tree)))  # from the tree: `python -m` puts the working directory first
         # Peak RSS streaming both shards cold, one daemon each.
         for name, tree in ab.trees.items():
             for limit in (LIMITS if name == "new" else (None,)):

@@ -222,8 +222,12 @@ class ModelfsMount:
         if cpus:  # the daemon (and its supervisor) confined to these CPUs
             self.cmd = ["taskset", "-c", cpus, *self.cmd]
         self.env = os.environ if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+        # `python -m` puts the working directory before PYTHONPATH, and the daemon's
+        # processes inherit it: run from the tree, or a checkout's root wins.
+        self.cwd = None if tree is None else str(tree)
         out = sh(*self.cmd, "mount", str(self.path), "--endpoint", origin.url, "--repo", REPO,
-                 "--cache-dir", str(cache), *extra, capture_output=True, text=True, env=self.env)
+                 "--cache-dir", str(cache), *extra, capture_output=True, text=True, env=self.env,
+                 cwd=self.cwd)
         assert "mounted (pid " in out.stdout, out.stdout
         # The daemon serving the mount (the printed pid is its supervisor's): what
         # CPU and memory are measured of.
@@ -243,7 +247,7 @@ class ModelfsMount:
         return 0.0
 
     def close(self) -> None:
-        sh(*self.cmd, "umount", str(self.path), check=False, env=self.env)
+        sh(*self.cmd, "umount", str(self.path), check=False, env=self.env, cwd=self.cwd)
 
 
 class RcloneMount:
