@@ -546,8 +546,8 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: 
 
 # Bodies at least this large are received in worker threads (`_receive_raw`).
 RAW_MIN = 1 << 20
-# One worker-thread call fills at most this much and returns within RAW_WAIT seconds,
-# so progress is reported and a cancel is seen that often.
+# One worker-thread call fills at most this much and returns within RAW_WAIT seconds
+# (the socket's receive timeout), so progress is reported and a cancel seen that often.
 RAW_STEP = 4 << 20
 RAW_WAIT = 0.25
 
@@ -573,22 +573,6 @@ def _raw_socket(resp: httpx.Response, remaining: int) -> int | None:
     return None if peer.is_global or sock is None else int(sock.fileno())
 
 
-def _recv_into(sock: socket.socket, room: memoryview) -> tuple[int, Exception | None]:
-    """Fill `room` from the blocking socket `sock` in one call (`MSG_WAITALL`), the
-    GIL released throughout; the socket's receive timeout (RAW_WAIT) bounds it.
-
-    Returns the bytes read, and what ended the stream (`EOFError`, a reset) if it
-    ended. One call per step, not one per socket read: a thread taking the GIL back
-    waits for the event loop to give it up (up to the 5 ms switch interval)."""
-    try:
-        n = sock.recv_into(room, len(room), socket.MSG_WAITALL)
-    except BlockingIOError:  # nothing within the receive timeout
-        return 0, None
-    except OSError as exc:
-        return 0, exc
-    return n, (EOFError() if n == 0 else None)
-
-
 async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
                        limiter: trio.CapacityLimiter) -> None:
     """Receive the rest of a body from `fd` straight into `buf`, in worker threads.
@@ -597,10 +581,13 @@ async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
     buffer, cut out again and copied into place, all on the event loop under the
     GIL; here the kernel copies it once into place and the GIL is free meanwhile.
     The socket is made blocking for this (the connection is closed after, never
-    reused), with a receive timeout of RAW_WAIT: each thread call returns within
-    that, when a cancel takes effect, so the thread is never abandoned (it writes
-    into `buf`). A body that ends early returns (the caller resumes from
-    `buf.filled`); a reset or silence is an httpx transport error."""
+    reused) and each thread call is one `recv_into(MSG_WAITALL)` of a step: the
+    GIL is taken back once per step, not once per socket read (a thread taking it
+    back waits for a busy event loop, up to the 5 ms switch interval). A receive
+    timeout of RAW_WAIT bounds each call, so a cancel takes effect that often and
+    the thread is never abandoned (it writes into `buf`). A body that ends early
+    returns (the caller resumes from `buf.filled`); a reset or silence is an httpx
+    transport error."""
     sock = socket.socket(fileno=os.dup(fd))  # a second handle on the same socket
     try:
         sock.settimeout(None)
@@ -610,20 +597,22 @@ async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
         while buf.filled < buf.length:
             room = await buf.room()
             room = room[:min(len(room), buf.length - buf.filled, RAW_STEP)]
-            n, ended = await trio.to_thread.run_sync(_recv_into, sock, room, limiter=limiter)
-            if n:
-                idle = 0.0
-                buf.filled += n
-                if buf.progress is not None:
-                    buf.progress(buf.filled)
-            if isinstance(ended, EOFError):
-                return
-            if ended is not None:
-                raise httpx.ReadError(str(ended))
-            if not n:
+            try:
+                n = await trio.to_thread.run_sync(sock.recv_into, room, len(room),
+                                                  socket.MSG_WAITALL, limiter=limiter)
+            except BlockingIOError:  # nothing within RAW_WAIT
                 idle += RAW_WAIT
                 if idle >= idle_limit:
-                    raise httpx.ReadTimeout(f"no body bytes for {idle_limit:g}s")
+                    raise httpx.ReadTimeout(f"no body bytes for {idle_limit:g}s") from None
+                continue
+            except OSError as exc:  # a reset: the bytes before it were returned by then
+                raise httpx.ReadError(str(exc)) from None
+            if n == 0:
+                return
+            idle = 0.0
+            buf.filled += n
+            if buf.progress is not None:
+                buf.progress(buf.filled)
     finally:
         os.set_blocking(fd, False)  # as trio left it, for the close
         sock.close()
