@@ -548,6 +548,10 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: 
 RAW_MIN = 1 << 20
 # One worker-thread call fills at most this much and returns within RAW_WAIT seconds
 # (the socket's receive timeout), so progress is reported and a cancel seen that often.
+# Steps start at RAW_FIRST and double: a reader waiting on a chunk's first MiB (one
+# FUSE request) is answered when that MiB is in, not the whole chunk (on a link of
+# 32 MB/s, 31 ms against 125 ms).
+RAW_FIRST = 1 << 20
 RAW_STEP = 4 << 20
 RAW_WAIT = 0.25
 
@@ -596,7 +600,8 @@ async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
         idle = 0.0
         while buf.filled < buf.length:
             room = await buf.room()
-            room = room[:min(len(room), buf.length - buf.filled, RAW_STEP)]
+            step = min(RAW_STEP, max(RAW_FIRST - buf.filled, buf.filled))
+            room = room[:min(len(room), buf.length - buf.filled, step)]
             try:
                 n = await trio.to_thread.run_sync(sock.recv_into, room, len(room),
                                                   socket.MSG_WAITALL, limiter=limiter)

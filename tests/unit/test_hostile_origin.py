@@ -16,7 +16,7 @@ import trio
 
 from modelfs.errors import ListingRejected, RemoteProtocolError, RemoteUnavailable
 from modelfs.fetch import load_snapshot
-from modelfs.remote._http import RAW_MIN, check_target
+from modelfs.remote._http import RAW_FIRST, RAW_MIN, RAW_STEP, check_target
 from modelfs.remote.config import RECEIVE_BYTES, HttpConfig, HubConfig
 from modelfs.remote.hf import HubSource
 from modelfs.testing.origin import Origin
@@ -264,6 +264,12 @@ async def test_a_large_body_from_a_local_origin_comes_off_the_socket_on_a_connec
     # Resumed after what arrived (a reset drops what the socket held unread).
     resumed = tail[3].range.removeprefix("bytes=").split("-")
     assert int(resumed[0]) > 1 << 20 and resumed[1] == str((4 << 20) - 1), tail
+    # A reader waiting on the body's first MiB hears of it when it is in, not when
+    # the whole step is: steps start at RAW_FIRST and double.
+    seen: list[int] = []
+    got = await src.read(f.repo_id, f.commit, f.entry, 0, RAW_STEP, progress=seen.append)
+    assert bytes(got) == data[:RAW_STEP]
+    assert seen[-1] == RAW_STEP and RAW_FIRST in seen and 2 * RAW_FIRST in seen, seen
     await src.aclose()
 
 
