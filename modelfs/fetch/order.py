@@ -106,6 +106,7 @@ class Frontier:
     def __init__(self, count: int) -> None:
         self._los = [0] if count else []
         self._his = [count] if count else []
+        self.left = count  # ranks not handed out yet
 
     def __bool__(self) -> bool:
         return bool(self._los)
@@ -123,6 +124,7 @@ class Frontier:
         pieces = [(x, y) for x, y in ((lo, r), (r + 1, hi)) if x < y]
         self._los[i:i + 1] = [x for x, _ in pieces]
         self._his[i:i + 1] = [y for _, y in pieces]
+        self.left -= 1
         return r
 
     def take_exact(self, r: int) -> bool:
@@ -134,6 +136,7 @@ class Frontier:
         pieces = [(x, y) for x, y in ((lo, r), (r + 1, hi)) if x < y]
         self._los[i:i + 1] = [x for x, _ in pieces]
         self._his[i:i + 1] = [y for _, y in pieces]
+        self.left -= 1
         return True
 
 

@@ -152,9 +152,13 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
 
     def run_from(idx: int) -> int:
         """How many chunks from `idx` on one request takes: the next ones in offset
-        order while they are missing, not handed out and next in `order` too."""
+        order while they are missing, not handed out and next in `order` too. Near
+        the end, no more than this worker's share of what is left: the file is done
+        when its last request is, and on an origin that caps each connection a
+        16 MiB request started last would keep the others waiting for it."""
+        most = min(run_chunks, 1 + todo.left // max(workers, 1))
         n = 1
-        while n < run_chunks and idx + n < total and idx + n not in cached \
+        while n < most and idx + n < total and idx + n not in cached \
                 and not (stopped is not None and stopped()) \
                 and order.rank(idx + n) == order.rank(idx) + n \
                 and todo.take_exact(order.rank(idx + n)):

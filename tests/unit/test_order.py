@@ -35,6 +35,7 @@ def test_a_frontier_hands_out_each_rank_once_from_where_it_is_asked(count: int, 
         after = [x for x in left if x >= want]
         assert r == (min(after) if after else min(left))
         left.remove(r)
+        assert frontier.left == len(left)
     assert not frontier
 
 

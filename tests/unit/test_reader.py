@@ -150,6 +150,31 @@ async def test_prefetch_follows_the_reader(kit: Kit, origin: Origin, repo_data, 
     await src.aclose()
 
 
+async def test_prefetch_splits_the_last_runs_among_its_connections(kit: Kit, origin: Origin,
+                                                                   repo_data) -> None:
+    """Runs of chunks go in one request, but no request takes more than its share of
+    what is left: on an origin that caps each connection, a long request started
+    last would keep the file waiting while the other connections sit idle."""
+    src = kit.source()
+    f = await kit.remote_file(src)
+    total = -(-len(repo_data["org/model@main"]["model.safetensors"]) // MiB)
+    index, reader = kit.reader(FetchConfig(chunk_size=MiB, request_size=8 * MiB))
+    origin.reset_stats()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        await prefetch_file(reader, f, parallel=4)
+        nursery.cancel_scope.cancel()
+    spans = [[int(x) for x in r.range.removeprefix("bytes=").split("-")]
+             for r in origin.records if r.server == "cdn"]
+    sizes = [b // MiB - a // MiB + 1 for a, b in spans]
+    chunks = sorted(c for a, b in spans for c in range(a // MiB, b // MiB + 1))
+    assert chunks == list(range(total))  # each once
+    # At most 1 + (what was left) // 4 chunks a request; 8 without the split.
+    assert total > 8 and max(sizes) <= 1 + (total - 1) // 4 and max(sizes) > 1, sizes
+    index.close()
+    await src.aclose()
+
+
 async def test_a_reader_gets_its_bytes_before_the_whole_chunk_arrives(kit: Kit,
         origin: Origin, repo_data, tmp_path: Path) -> None:
     src = kit.source()
