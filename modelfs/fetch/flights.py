@@ -38,12 +38,12 @@ class Flight:
     shared: bool = False  # a fetch served by the fleet's shared tier, not the origin
     waiters: int = 0  # tasks waiting for it now
     scope: trio.CancelScope | None = None  # its task's, to stop an abandoned fetch
-    on_progress: Callable[[Ticket], None] | None = None
+    on_progress: Callable[[Ticket, int], None] | None = None
 
     def advance(self, filled: int) -> None:
-        self.filled = filled
+        more, self.filled = filled - self.filled, filled
         if self.on_progress is not None and self.ticket is not None:
-            self.on_progress(self.ticket)
+            self.on_progress(self.ticket, more)
         changed, self.changed = self.changed, trio.Event()
         changed.set()
 

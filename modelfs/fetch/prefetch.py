@@ -156,7 +156,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
         the end, no more than this worker's share of what is left: the file is done
         when its last request is, and on an origin that caps each connection a
         16 MiB request started last would keep the others waiting for it."""
-        most = min(run_chunks, 1 + todo.left // max(workers, 1))
+        most = min(run_chunks, 1 + todo.left // max(1, min(workers, reader.scheduler.window.size)))
         n = 1
         while n < most and idx + n < total and idx + n not in cached \
                 and not (stopped is not None and stopped()) \
@@ -182,12 +182,16 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
         exhausted = True
 
     async def more_workers(nursery: trio.Nursery) -> None:
-        """`parallel` is where a file starts: while the connection window is larger
-        (the origin gives more with more connections), add workers up to it."""
+        """`parallel` is where a file starts; then keep more workers than the
+        connection window has slots, by the window's next step: the window grows
+        only while requests wait for slots, and judges a step by the throughput
+        right after it, so the requests to fill a larger window must be waiting
+        already. A waiting worker holds no memory, only its claim on a run."""
         nonlocal workers
         while not exhausted:
             await trio.sleep(WINDOW_INTERVAL)
-            while not exhausted and workers < min(reader.scheduler.window.size, missing):
+            want = reader.scheduler.window.size * 3 // 2 + 2
+            while not exhausted and workers < min(want, missing):
                 workers += 1
                 nursery.start_soon(worker)
 

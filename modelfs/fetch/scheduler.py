@@ -57,12 +57,12 @@ class SchedulerConfig:
 
 
 # The window is re-judged this often (seconds of throughput per sample).
-WINDOW_INTERVAL = 0.5
+WINDOW_INTERVAL = 0.25
 # A step up is kept if it raised throughput by this share; else the window steps back.
 WINDOW_GAIN = 0.10
 # After a step back (or an origin's refusal), the window holds this many intervals
-# before it probes upward again (an origin's capacity changes).
-WINDOW_HOLD = 5
+# (2.5 s) before it probes upward again (an origin's capacity changes).
+WINDOW_HOLD = 10
 # Throughput that fell this much under a step up says the work changed, not the step.
 WINDOW_CHANGED = 0.3
 WINDOW_FLOOR = 2
@@ -92,7 +92,10 @@ class Window:
             size, before = self._before
             self._before = None
             if rate < before * (1 - WINDOW_CHANGED):
-                return self.size  # the work changed under the step: judge from here
+                # Fell under the step: the work changed, or the step overloaded
+                # something. Back to where it was, and probe again next time.
+                self.size = size
+                return self.size
             # A step of x1.5 must gain WINDOW_GAIN; a smaller one (up to the ceiling)
             # proportionally less.
             if rate <= before * (1 + WINDOW_GAIN * (self.size - size) / size / 0.5):
@@ -143,6 +146,7 @@ class Ticket:
     state: str = "new"  # new | waiting | granted | cancelled
     granted_as: int = -1
     last_progress: float = 0.0  # when it was granted or last received bytes
+    received: int = 0  # bytes counted as they arrived (the rest count at release)
 
 
 class FetchScheduler:
@@ -159,7 +163,7 @@ class FetchScheduler:
         self._last_refill = trio.current_time() if config.bandwidth else 0.0
         self.window = Window(config.window_start if config.adaptive else config.max_fetches,
                              config.max_fetches)
-        self._done_bytes = 0  # bytes of requests completed (the window's throughput)
+        self._done_bytes = 0  # bytes received (the window's throughput)
         self._saturated = False  # a request waited for a slot since the last sample
 
     def statistics(self) -> SchedulerStats:
@@ -168,9 +172,14 @@ class FetchScheduler:
         return SchedulerStats(self._active, waiting, self._in_flight, dict(self._granted),
                               len(stalled))
 
-    def progress(self, ticket: Ticket) -> None:
-        """`ticket`'s request received bytes: it is not stalled."""
+    def progress(self, ticket: Ticket, nbytes: int = 0) -> None:
+        """`ticket`'s request received `nbytes` more: it is not stalled, and the
+        window's throughput counts them now, not when a 16 MiB request ends (at
+        32 MB/s a connection that is half a second: one sample interval)."""
         ticket.last_progress = trio.current_time()
+        if nbytes > 0:
+            ticket.received += nbytes
+            self._done_bytes += nbytes
 
     def _stalled(self) -> list[Ticket]:
         limit = trio.current_time() - self.config.stall_after
@@ -261,7 +270,7 @@ class FetchScheduler:
             t.event.set()
 
     def _release(self, ticket: Ticket) -> None:
-        self._done_bytes += ticket.nbytes
+        self._done_bytes += max(0, ticket.nbytes - ticket.received)
         self._granted_tickets.discard(ticket)
         self._active -= 1
         self._in_flight -= ticket.nbytes

@@ -23,7 +23,7 @@ def test_the_window_grows_only_where_connections_are_capped(mount_factory,
                                                             origin: Origin) -> None:
     origin.put_file("org/big", "main", "a.bin", random.Random(7).randbytes(96 * MiB))
     # Long enough at 1 MB/s per connection for the window to climb (a step is judged
-    # every 0.5 s, and one that did not pay holds it for 2.5 s).
+    # every 0.25 s, and one that did not pay holds it for 2.5 s).
     origin.put_file("org/big", "main", "b.bin", random.Random(8).randbytes(192 * MiB))
     m = mount_factory(["org/big"])
     loopback = _cold_cat(m, "org/big/a.bin")
