@@ -32,7 +32,7 @@ from ..errors import ModelfsError
 from ..types import RemoteFile
 from .order import ChunkOrder, Frontier
 from .reader import NOTHING, ChunkReader, Got
-from .scheduler import WINDOW_INTERVAL, Priority
+from .scheduler import WINDOW_INTERVAL, WINDOW_STEP, Priority
 from .tensors import plan_loader_order, safetensors_header_size
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
         nonlocal workers
         while not exhausted:
             await trio.sleep(WINDOW_INTERVAL)
-            want = reader.scheduler.window.size * 3 // 2 + 2
+            want = int(reader.scheduler.window.size * WINDOW_STEP) + 2
             while not exhausted and workers < min(want, missing):
                 workers += 1
                 nursery.start_soon(worker)

@@ -58,7 +58,10 @@ class SchedulerConfig:
 
 # The window is re-judged this often (seconds of throughput per sample).
 WINDOW_INTERVAL = 0.25
-# A step up is kept if it raised throughput by this share; else the window steps back.
+# A step up multiplies the window by this; it is kept if it raised throughput by
+# WINDOW_GAIN (a smaller step, up to the ceiling, by proportionally less), else the
+# window steps back.
+WINDOW_STEP = 1.5
 WINDOW_GAIN = 0.10
 # After a step back (or an origin's refusal), the window holds this many intervals
 # (2.5 s) before it probes upward again (an origin's capacity changes).
@@ -74,7 +77,7 @@ class Window:
     Per-connection throughput ranges from 10 MB/s (a far CDN) to over 1 GB/s
     (loopback, where the daemon's CPU is the limit), so any fixed count is wrong
     somewhere. Hill climbing, sans-I/O: while requests queue for slots (more would
-    be used), step the window up (x1.5 each `WINDOW_INTERVAL`); keep the step if throughput rose by
+    be used), step the window up (x`WINDOW_STEP` each `WINDOW_INTERVAL`); keep the step if throughput rose by
     `WINDOW_GAIN`, else step back and hold. An origin that refuses (429, 503, resets)
     halves it. Samples while nothing waited for a slot say nothing and change nothing.
     """
@@ -96,9 +99,8 @@ class Window:
                 # something. Back to where it was, and probe again next time.
                 self.size = size
                 return self.size
-            # A step of x1.5 must gain WINDOW_GAIN; a smaller one (up to the ceiling)
-            # proportionally less.
-            if rate <= before * (1 + WINDOW_GAIN * (self.size - size) / size / 0.5):
+            if rate <= before * (1 + WINDOW_GAIN * (self.size - size) / size
+                                 / (WINDOW_STEP - 1)):
                 self.size = size  # no gain: back to where it was
                 self._hold = WINDOW_HOLD
                 return self.size
@@ -109,7 +111,7 @@ class Window:
             return self.size
         if saturated and self.size < self.ceiling:
             self._before = (self.size, rate)
-            self.size = min(self.ceiling, max(self.size + 2, self.size * 3 // 2))
+            self.size = min(self.ceiling, max(self.size + 2, int(self.size * WINDOW_STEP)))
         return self.size
 
     def refused(self) -> int:
