@@ -9,8 +9,15 @@ last read ended (kernel read-ahead and page faults arrive slightly out of
 order). Read-ahead starts once a stream has read `trigger` bytes in a row: one
 small read makes the kernel ask for its own read-ahead (1 MiB) too, which must
 not look like a sequential reader. The window starts at `min_window` and doubles each time the reader
-has consumed half of what was fetched ahead, up to `max_window`; a read that continues no stream starts a new
+has read half a window since it last grew, up to `max_window`; a read that continues no stream starts a new
 one, with no read-ahead until it proves sequential.
+
+The window is kept full: whenever the reader has used `refill` bytes of it, that
+much more is asked for. Refilling only once half the window was used (as the
+kernel's async read-ahead does) leaves an origin idle: requests asked for
+together end together, the reader drains them at memory speed, and the next
+batch starts a whole request's latency later (on a CDN-like origin, gaps of
+30-140 ms between waves of requests, with the machine two-thirds idle).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class ReadAheadConfig:
     backward_tolerance: int = 8 << 20
     max_streams: int = 8
     trigger: int = 3 << 20
+    refill: int = 4 << 20
 
 
 @dataclass(slots=True)
@@ -34,6 +42,7 @@ class _Stream:
     next_offset: int
     window: int
     issued_until: int = 0  # read-ahead was requested up to here (exclusive)
+    grown_at: int = -1  # where the reader was when the window last grew (-1: not begun)
 
 
 @dataclass(slots=True)
@@ -52,11 +61,16 @@ class StreamTracker:
                 s.next_offset = max(s.next_offset, end)
                 if s.next_offset - s.start < cfg.trigger:
                     return None  # not proven sequential yet (the kernel's own read-ahead)
-                if s.issued_until - s.next_offset >= s.window // 2 or s.issued_until >= file_size:
-                    return None  # still well covered
-                if s.issued_until > s.next_offset:
-                    # The reader consumed half of what was asked for: it keeps up, so double.
+                if s.issued_until >= file_size:
+                    return None
+                if s.grown_at < 0:  # read-ahead begins here
+                    s.grown_at = s.next_offset
+                elif s.next_offset - s.grown_at >= s.window // 2:
+                    # Half a window read since it last grew: the reader keeps up, so double.
                     s.window = min(cfg.max_window, s.window * 2)
+                    s.grown_at = s.next_offset
+                if s.issued_until - s.next_offset > s.window - min(cfg.refill, s.window):
+                    return None  # (nearly) full
                 start = max(s.issued_until, s.next_offset)
                 stop = min(file_size, s.next_offset + s.window)
                 s.issued_until = stop
