@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class ReadAheadConfig:
-    min_window: int = 8 << 20
+    # 8 chunks: the first read-ahead alone fills most of the starting connection
+    # window (a window of 8 MiB left a capped origin's connections idle while it grew).
+    min_window: int = 32 << 20
     max_window: int = 256 << 20
     forward_tolerance: int = 16 << 20
     backward_tolerance: int = 8 << 20
