@@ -6,11 +6,13 @@ threads, still look sequential. Up to `max_streams` interleaved streams per
 file are followed. A read continues a stream when it starts at most
 `forward_tolerance` after, or `backward_tolerance` before, where the stream's
 last read ended (kernel read-ahead and page faults arrive slightly out of
-order). Read-ahead starts once a stream has read `trigger` bytes in a row: one
-small read makes the kernel ask for its own read-ahead (1 MiB) too, which must
-not look like a sequential reader. The window starts at `min_window` and doubles each time the reader
-has read half a window since it last grew, up to `max_window`; a read that continues no stream starts a new
-one, with no read-ahead until it proves sequential.
+order). Read-ahead starts once a stream has read `trigger` bytes, covering at
+least half of its span: one small read makes the kernel ask for its own
+read-ahead (1 MiB) too, which must not look like a sequential reader, and random
+reads that land within a stream's tolerance jump ahead of what they read. The
+window starts at `min_window` and doubles each time the reader has read half a
+window since it last grew, up to `max_window`; a read that continues no stream
+starts a new one, with no read-ahead until it proves sequential.
 
 The window is kept full: whenever the reader has used `refill` bytes of it, that
 much more is asked for. Refilling only once half the window was used (as the
@@ -44,7 +46,15 @@ class _Stream:
     next_offset: int
     window: int
     issued_until: int = 0  # read-ahead was requested up to here (exclusive)
+    read: int = 0  # bytes its reads asked for
     grown_at: int = -1  # where the reader was when the window last grew (-1: not begun)
+
+    def sequential(self, trigger: int) -> bool:
+        """`trigger` bytes read, and at least half of the span they cover: random
+        reads that happen to land within a stream's tolerance (dense ones over a
+        small region often do) jump ahead of what they read, and are no stream.
+        Neither is one small read and the kernel's own read-ahead of it."""
+        return self.read >= trigger and 2 * self.read >= self.next_offset - self.start
 
 
 @dataclass(slots=True)
@@ -61,8 +71,9 @@ class StreamTracker:
             if s.next_offset - cfg.backward_tolerance <= offset <= s.next_offset + cfg.forward_tolerance:
                 self.streams.append(self.streams.pop(i))  # most recently used last
                 s.next_offset = max(s.next_offset, end)
-                if s.next_offset - s.start < cfg.trigger:
-                    return None  # not proven sequential yet (the kernel's own read-ahead)
+                s.read += end - offset
+                if not s.sequential(cfg.trigger):
+                    return None
                 if s.issued_until >= file_size:
                     return None
                 if s.grown_at < 0:  # read-ahead begins here
@@ -80,7 +91,7 @@ class StreamTracker:
         if len(self.streams) >= cfg.max_streams:
             self.streams.pop(0)
         self.streams.append(_Stream(start=offset, next_offset=end, window=cfg.min_window,
-                                    issued_until=end))
+                                    issued_until=end, read=end - offset))
         return None
 
     def ahead(self) -> tuple[int, int] | None:
@@ -89,7 +100,7 @@ class StreamTracker:
         if not self.streams:
             return None
         s = self.streams[-1]
-        if s.next_offset - s.start < self.config.trigger:
+        if not s.sequential(self.config.trigger):
             return None
         return s.next_offset, s.next_offset + s.window
 
