@@ -120,7 +120,7 @@ async def test_no_path_holds_chunk_memory_outside_the_budget(kit: Kit, origin: O
         async with trio.open_nursery() as work:  # warm: everything is loaded from disk now
             work.start_soon(sequential, "w3.safetensors")
             work.start_soon(sequential, "w0.safetensors")
-        for i in range(24):  # finish w1 and w2 so their whole-file hashes end
+        for i in range(25):  # finish w1 and w2 (25 chunks) so their whole-file hashes end
             for p in ("w1.safetensors", "w2.safetensors"):
                 await reader.ensure(remote[p], i, Priority.PREFETCH)
         # Quiet once the last loads and hash steps (in worker threads) are over; a
