@@ -36,18 +36,6 @@ def test_window_grows_while_sequential_and_covers_everything_once() -> None:
     assert t.streams[0].window == 64 * MiB  # grew
 
 
-def test_the_window_is_kept_full_not_refilled_in_batches() -> None:
-    """Once the reader has used `refill` bytes of the window, that much more is
-    asked for: requests go out as the reader moves, not in waves that end together."""
-    t = StreamTracker(CFG)
-    run(t, [i * MiB for i in range(200)])  # grown to 64 MiB
-    s = t.streams[0]
-    for i in range(200, 300):
-        t.on_read(i * MiB, (i + 1) * MiB, SIZE)
-        ahead = s.issued_until - s.next_offset
-        assert s.window - CFG.refill <= ahead <= s.window, (i, ahead)
-
-
 def test_seek_starts_a_new_stream_without_read_ahead() -> None:
     t = StreamTracker(CFG)
     run(t, [0, MiB, 2 * MiB])
@@ -83,7 +71,7 @@ def test_a_probe_and_the_kernels_own_read_ahead_do_not_trigger_read_ahead() -> N
     t = StreamTracker(ReadAheadConfig())  # defaults: trigger after 3 MiB in a row
     assert t.on_read(0, MiB, SIZE) is None  # the read
     assert t.on_read(MiB, 2 * MiB, SIZE) is None  # the kernel's read-ahead of it
-    assert t.on_read(2 * MiB, 3 * MiB, SIZE) == (3 * MiB, 35 * MiB)  # a reader going on
+    assert t.on_read(2 * MiB, 3 * MiB, SIZE) == (3 * MiB, 11 * MiB)  # a reader going on
 
 
 def test_random_reads_are_no_stream() -> None:
