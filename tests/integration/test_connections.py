@@ -35,4 +35,4 @@ def test_the_window_grows_only_where_connections_are_capped(mount_factory,
     print(f"\nconnections in use: loopback {loopback}, 1 MB/s per connection {capped}")
     # From 16: on loopback a step pays only while the stream ramps up; capped, each does.
     assert loopback <= 36
-    assert capped >= 54  # 24 -> 36 -> 54 -> 64
+    assert capped >= 54  # 16 -> 24 -> 36 -> 54 -> 64
