@@ -10,16 +10,18 @@ order). Read-ahead starts once a stream has read `trigger` bytes, covering at
 least half of its span: one small read makes the kernel ask for its own
 read-ahead (1 MiB) too, which must not look like a sequential reader, and random
 reads that land within a stream's tolerance jump ahead of what they read. The
-window starts at `min_window` and doubles each time the reader has consumed half
-of what was fetched ahead, up to `max_window`; a read that continues no stream
+window starts at `min_window` and doubles each time the reader has read half a
+window since it last grew, up to `max_window`; a read that continues no stream
 starts a new one, with no read-ahead until it proves sequential.
 
-Measured and not kept (docs/benchmarks.md, "A CDN-like origin"): keeping the
-window full as the reader moves, and a first window of 32 MiB. Each made a cold
-`cat` on a CDN-like origin faster (0.74 -> 0.57 s together with a wider
-connection window), and each made 4 shards loaded at once in tensor-name order
-slower (1.2-1.3x): offset-order read-ahead beside the loader-order prefetch
-filled the memory budget, and most chunks were read back from disk.
+The window is kept full: whenever the reader has used `refill` bytes of it, that
+much more is asked for. Refilling only once half the window was used leaves an
+origin idle: requests asked for together end together, the reader drains them at
+memory speed, and the next batch starts a whole request's latency later (on a
+CDN-like origin, gaps of 30-140 ms between waves of requests). What a file's
+read-ahead may ask for is capped by its caller (`cap`: its share of the memory
+budget among the files being read at once): uncapped, 4 shards loaded at once
+filled the budget with chunks read later and pushed out the ones read next.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class ReadAheadConfig:
-    min_window: int = 8 << 20
+    min_window: int = 32 << 20
     max_window: int = 256 << 20
     forward_tolerance: int = 16 << 20
     backward_tolerance: int = 8 << 20
     max_streams: int = 8
     trigger: int = 3 << 20
+    refill: int = 4 << 20
 
 
 @dataclass(slots=True)
@@ -44,6 +47,7 @@ class _Stream:
     window: int
     issued_until: int = 0  # read-ahead was requested up to here (exclusive)
     read: int = 0  # bytes its reads asked for
+    grown_at: int = -1  # where the reader was when the window last grew (-1: not begun)
 
     def sequential(self, trigger: int) -> bool:
         """`trigger` bytes read, and at least half of the span they cover: random
@@ -60,9 +64,12 @@ class StreamTracker:
     config: ReadAheadConfig
     streams: list[_Stream] = field(default_factory=list)
 
-    def on_read(self, offset: int, end: int, file_size: int) -> tuple[int, int] | None:
-        """Record a read of [offset, end); return a byte range to fetch ahead, if any."""
+    def on_read(self, offset: int, end: int, file_size: int,
+                cap: int | None = None) -> tuple[int, int] | None:
+        """Record a read of [offset, end); return a byte range to fetch ahead, if any.
+        `cap`: the most this file's read-ahead may ask for now (its share of memory)."""
         cfg = self.config
+        top = cfg.max_window if cap is None else max(cfg.refill, min(cfg.max_window, cap))
         for i, s in enumerate(self.streams):
             if s.next_offset - cfg.backward_tolerance <= offset <= s.next_offset + cfg.forward_tolerance:
                 self.streams.append(self.streams.pop(i))  # most recently used last
@@ -70,13 +77,19 @@ class StreamTracker:
                 s.read += end - offset
                 if not s.sequential(cfg.trigger):
                     return None
-                if s.issued_until - s.next_offset >= s.window // 2 or s.issued_until >= file_size:
-                    return None  # still well covered
-                if s.issued_until > s.next_offset:
-                    # The reader consumed half of what was asked for: it keeps up, so double.
+                if s.issued_until >= file_size:
+                    return None
+                if s.grown_at < 0:  # read-ahead begins here
+                    s.grown_at = s.next_offset
+                elif s.next_offset - s.grown_at >= s.window // 2:
+                    # Half a window read since it last grew: the reader keeps up, so double.
                     s.window = min(cfg.max_window, s.window * 2)
+                    s.grown_at = s.next_offset
+                window = min(s.window, top)
+                if s.issued_until - s.next_offset > window - min(cfg.refill, window):
+                    return None  # (nearly) full
                 start = max(s.issued_until, s.next_offset)
-                stop = min(file_size, s.next_offset + s.window)
+                stop = min(file_size, s.next_offset + window)
                 s.issued_until = stop
                 return (start, stop) if start < stop else None
         if len(self.streams) >= cfg.max_streams:

@@ -71,7 +71,7 @@ def test_a_probe_and_the_kernels_own_read_ahead_do_not_trigger_read_ahead() -> N
     t = StreamTracker(ReadAheadConfig())  # defaults: trigger after 3 MiB in a row
     assert t.on_read(0, MiB, SIZE) is None  # the read
     assert t.on_read(MiB, 2 * MiB, SIZE) is None  # the kernel's read-ahead of it
-    assert t.on_read(2 * MiB, 3 * MiB, SIZE) == (3 * MiB, 11 * MiB)  # a reader going on
+    assert t.on_read(2 * MiB, 3 * MiB, SIZE) == (3 * MiB, 35 * MiB)  # a reader going on
 
 
 def test_random_reads_are_no_stream() -> None:
@@ -88,3 +88,22 @@ def test_random_reads_are_no_stream() -> None:
 
     assert issued(1024) <= 128 * MiB  # 256 of 1,024 blocks
     assert issued(256) <= 512 * MiB  # every block of 256 MiB: whatever lands past it is waste
+
+
+def test_the_window_is_kept_full_within_its_cap() -> None:
+    """Once the reader has used `refill` bytes of the window, that much more is
+    asked for (requests go out as the reader moves, not in waves that end
+    together); a cap (the file's share of memory) bounds what is ahead."""
+    t = StreamTracker(CFG)
+    run(t, [i * MiB for i in range(200)])  # grown to 64 MiB
+    s = t.streams[0]
+    for i in range(200, 300):
+        t.on_read(i * MiB, (i + 1) * MiB, SIZE)
+        ahead = s.issued_until - s.next_offset
+        assert s.window - CFG.refill <= ahead <= s.window, (i, ahead)
+    for i in range(300, 400):
+        t.on_read(i * MiB, (i + 1) * MiB, SIZE, cap=16 * MiB)
+    assert s.issued_until - s.next_offset <= 64 * MiB  # asked before the cap, not more
+    for i in range(400, 500):
+        t.on_read(i * MiB, (i + 1) * MiB, SIZE, cap=16 * MiB)
+        assert s.issued_until - s.next_offset <= 16 * MiB
