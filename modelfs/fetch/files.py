@@ -7,7 +7,8 @@ per content id, evicted as a whole, least recently read first.
 - `delivered`: chunks whose every byte went to the kernel (its page cache has
   them), not worth loading ahead again;
 - `in_order`: its reader follows an order other than offsets (tensors by
-  name), and its follower loads ahead for it.
+  name), and its follower loads ahead for it;
+- `touched`: when it was last read (or followed), for `FileStates.active`.
 
 Forgetting a record costs little: a stream restarts its read-ahead from the
 smallest window, and a delivered chunk may be loaded ahead once more.
@@ -33,6 +34,7 @@ class FileState:
     moved: trio.Event | None = None
     delivered: set[int] = field(default_factory=set)
     in_order: bool = False
+    touched: float = 0.0
 
     def wake(self) -> None:
         if self.moved is not None:
@@ -62,7 +64,19 @@ class FileStates:
                 old.wake()  # a follower waiting on it looks again
         else:
             self._states.move_to_end(content_id)
+        state.touched = trio.current_time()
         return state
+
+    def active(self, within: float = 1.0) -> int:
+        """How many files were touched in the last `within` seconds: the most
+        recent ones, so this stops at the first older one."""
+        since = trio.current_time() - within
+        n = 0
+        for state in reversed(self._states.values()):
+            if state.touched < since:
+                break
+            n += 1
+        return n
 
     def forget_delivered(self, content_id: str) -> None:
         state = self._states.get(content_id)

@@ -151,7 +151,6 @@ class ChunkReader:
         # Content ids of files a loader declared its reads of (`plans.py`): no stream
         # read-ahead and no whole-file prefetch for them, only what was asked.
         self.planned: set[str] = set()
-        self._reading_now: dict[str, float] = {}  # content id -> when it was last read
         self._checks = FileChecks(cache, config.chunk_size, self._buffers, self._io,
                                   self._stats, spawn=self.spawn, refetch=self._refetch,
                                   on_failed=self._content_failed)
@@ -766,15 +765,8 @@ class ChunkReader:
         state.wake()
         # Each file being read now gets an equal share of half the memory budget for
         # its read-ahead: one may run far ahead, four at once may not.
-        now = trio.current_time()
-        active = self._reading_now
-        active[cid] = now
-        if len(active) > 8:
-            for k in [k for k, t in active.items() if now - t > 1.0]:
-                del active[k]
-        sharing = sum(1 for t in active.values() if now - t <= 1.0)
         span = state.stream.on_read(offset, end, f.entry.size,
-                                    cap=self.budget.limit // (2 * max(1, sharing)))
+                                    cap=self.budget.limit // (2 * max(1, self._files.active())))
         cs = self.config.chunk_size
         count = chunk_count(f.entry.size, cs)
         if span is not None and cid not in self.planned:

@@ -71,7 +71,8 @@ WINDOW_GAIN = 0.10
 # After a step back (or an origin's refusal), the window holds this many intervals
 # (2.5 s) before it probes upward again (an origin's capacity changes).
 WINDOW_HOLD = 10
-# Throughput that fell this much under a step up says the work changed, not the step.
+# Throughput that fell this much under a step up: the work changed or the step
+# overloaded something; the window steps back without holding.
 WINDOW_CHANGED = 0.3
 WINDOW_FLOOR = 2
 
