@@ -32,6 +32,7 @@ class Flight:
     changed: trio.Event = field(default_factory=trio.Event)
     buf: bytearray | memoryview | None = None
     filled: int = 0
+    whole: bool = False  # its chunk arrived whole (`buf` may be let go once it ends)
     error: BaseException | None = None
     keep: bool = False  # hold the bytes for readers even at PREFETCH priority
     ahead: bool = False  # started ahead of a reader (not by a demand read)
@@ -74,10 +75,16 @@ class Flights:
         return flight
 
     def end(self, key: ChunkKey, flight: Flight) -> None:
-        """`flight` is over (whatever its outcome): later readers start anew."""
+        """`flight` is over (whatever its outcome): later readers start anew. Those
+        waiting now are woken and get its bytes; when none waits, nobody can ask for
+        them any more, so the view goes: one kept (by a caller holding the flight to
+        learn its outcome, see `ChunkReader.ensure_run`) keeps the chunk's buffer
+        from reuse."""
         if self._by_key.get(key) is flight:
             del self._by_key[key]
         flight.finish()
+        if not flight.waiters and flight.whole:
+            flight.buf = None
 
     @staticmethod
     async def wait(flight: Flight, need: int | None = None) -> bytearray | memoryview | None:

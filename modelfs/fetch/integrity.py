@@ -133,6 +133,7 @@ class FileChecks:
                 finally:
                     check.stepping = False
                     self._buffers.give(buf)
+                    del buf  # held here while waiting, it could not be reused
                     check.release_hashed()
                 if verdict is not None:
                     break

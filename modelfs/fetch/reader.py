@@ -340,13 +340,14 @@ class ChunkReader:
         flights.reverse()
         for i in idxs:
             # Popped: a flight kept alive keeps its chunk's buffer from being reused.
-            data = await Flights.wait(flights.pop())
-            if data is not None:
-                done(i, Got(len(data), 0))
+            flight = flights.pop()
+            data = await Flights.wait(flight)
+            if data is not None or flight.whole:  # (whole, it may have let go of `buf`)
+                done(i, Got(flight.filled, 0))
             elif stopped is None or not stopped():
                 # The run was cut (a shutdown) before this chunk: on its own.
                 done(i, await self.ensure(f, i, priority, keep=keep))
-            del data
+            del data, flight
 
     def _start_run(self, f: RemoteFile, first: int, count: int, priority: Priority,
                    keep: bool, stopped: Callable[[], bool] | None) -> list[Flight]:
@@ -354,18 +355,17 @@ class ChunkReader:
         cs, size = self.config.chunk_size, f.entry.size
         length = min(size, (first + count) * cs) - first * cs
         ticket = self.scheduler.ticket(priority, length)
+        scope = trio.CancelScope()
         flights = [self._fetches.add((f.entry.content_id, i),
                                      Flight(ticket, ahead=priority != Priority.DEMAND, keep=keep,
-                                            on_progress=self.scheduler.progress))
+                                            scope=scope, on_progress=self.scheduler.progress))
                    for i in range(first, first + count)]
-        self._nursery.start_soon(self._run_task, f, first, list(flights), stopped)
+        self._nursery.start_soon(self._run_task, f, first, list(flights), stopped, scope)
         return flights
 
     async def _run_task(self, f: RemoteFile, first: int, flights: list[Flight],
-                        stopped: Callable[[], bool] | None) -> None:
-        with trio.CancelScope() as scope:
-            for flight in flights:
-                flight.scope = scope
+                        stopped: Callable[[], bool] | None, scope: trio.CancelScope) -> None:
+        with scope:
             await self._fetch_run(f, first, flights, stopped)
 
     async def _fetch_run(self, f: RemoteFile, first: int, flights: list[Flight],
@@ -459,6 +459,7 @@ class ChunkReader:
     async def _finish(self, f: RemoteFile, idx: int, flight: Flight, block: Block) -> None:
         """A chunk of a run received whole: keep it for readers, store it, end its flight."""
         key = (f.entry.content_id, idx)
+        flight.whole = True
         try:
             self._stats.fetches += 1
             self._stats.bytes_fetched += len(block.data)

@@ -493,8 +493,24 @@ class _Buffer:
             assert not isinstance(self.data, bytearray | memoryview)
             if self._room is not None:
                 self._at += len(self._room)
+                # A view kept while the next buffer is waited for keeps the full
+                # one's buffer from reuse (`fetch.memory.LoadBuffers`).
+                self._room = None
             self._room = await self.data.next()
         return self._room[self.filled - self._at:]
+
+    async def place(self, piece: memoryview) -> int:
+        """Copy `piece` in at `filled`; its length. (A function of its own: a view of
+        the room left in a caller's frame would keep a finished chunk's buffer from
+        reuse.)"""
+        placed = len(piece)
+        while piece:
+            room = await self.room()
+            n = min(len(piece), len(room))
+            room[:n] = piece[:n]
+            piece = piece[n:]
+            self.filled += n
+        return placed
 
 
 async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: float,
@@ -513,14 +529,7 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: 
             if skip:
                 cut = min(skip, len(part))
                 part, skip = part[cut:], skip - cut
-            piece = memoryview(part)[:size - buf.filled]
-            placed = len(piece)
-            while piece:
-                room = await buf.room()
-                n = min(len(piece), len(room))
-                room[:n] = piece[:n]
-                piece = piece[n:]
-                buf.filled += n
+            placed = await buf.place(memoryview(part)[:size - buf.filled])
             if buf.progress is not None and placed:
                 buf.progress(buf.filled)
             if buf.filled >= size and resp.status_code == 200:
@@ -612,6 +621,7 @@ async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
                 continue
             except OSError as exc:  # a reset: the bytes before it were returned by then
                 raise httpx.ReadError(str(exc)) from None
+            del room  # a view of a buffer the chunk completed by this may give back
             if n == 0:
                 return
             idle = 0.0

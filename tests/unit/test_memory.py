@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import functools
 import gc
+import mmap
 import random
 import tracemalloc
 
+import pytest
 import trio
 
-from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, SchedulerConfig, prefetch_file
+from modelfs.cache.store import direct_buffer
+from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, SchedulerConfig, memory, prefetch_file
 from modelfs.fetch.memory import Block, LoadBuffers, MemoryBudget
 from modelfs.testing.origin import Origin
 from modelfs.types import RemoteFile
@@ -141,3 +144,61 @@ async def test_no_path_holds_chunk_memory_outside_the_budget(kit: Kit, origin: O
     # Quiet: every charged byte is accounted for by a room (nothing leaked).
     assert mem["used"] == mem["readers"] + mem["spare"]
     assert mem["hashing"] == 0  # every whole-file hash finished
+
+
+async def test_a_spare_still_referred_to_is_waited_for_not_overwritten_or_dropped() -> None:
+    budget = MemoryBudget(2 * (MiB + 4096), lambda: False)
+    pool = LoadBuffers(budget, MiB)
+    a, b = await pool.take(), await pool.take()
+    a_id = id(a)
+    view = memoryview(a)[:10]  # a waiter woken with a view of it, not yet run
+    pool.give(a)
+    pool.give(b)
+    del a, b
+    # A free spare is taken first; the one still viewed is never handed out.
+    first = await pool.take()
+    assert id(first) != a_id
+    async with trio.open_nursery() as n:
+        async def reader_runs() -> None:
+            nonlocal view
+            view.release()
+            view = None
+        n.start_soon(reader_runs)
+        # Full budget, one spare, still viewed: take lets the holder run and then
+        # reuses that buffer rather than shedding it and mapping a new one.
+        again = await pool.take()
+    assert id(again) == a_id and budget.used == 2 * pool.size
+
+
+async def test_a_prefetch_reuses_its_buffers(kit: Kit, origin: Origin,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh memory is what costs (the kernel zeroes it; on a VM the host may have to
+    hand it back first): a prefetch maps about a budget's worth of buffers, not one
+    per chunk. (When finished chunks' buffers were dropped while a view of them was
+    still alive, a prefetch mapped one for nearly every chunk.)"""
+    _big_file(origin, "w.safetensors", 64 * MiB + 5, 9)
+    src = kit.source()
+    f = await kit.remote_file(src, "w.safetensors")
+    limit = 16 * MiB
+    cfg = FetchConfig(chunk_size=MiB, memory_limit=limit, request_size=4 * MiB,
+                      scheduler=SchedulerConfig(max_fetches=CONNECTIONS, demand_reserve=1))
+    _, reader = kit.reader(cfg)
+    mapped: list[int] = []
+
+    def counting(size: int) -> mmap.mmap:
+        mapped.append(size)
+        return direct_buffer(size)
+
+    monkeypatch.setattr(memory, "direct_buffer", counting)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run)
+        await prefetch_file(reader, f, parallel=CONNECTIONS)
+        with trio.fail_after(10):
+            while not reader.cache.index.is_checked(f.entry.content_id):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    await src.aclose()
+    # Every chunk was fetched and the file's sha256 matched (checked above), with
+    # about one budget's worth of buffers mapped:
+    per_budget = limit // (MiB + 4096) + 1
+    assert len(mapped) <= per_budget + 4, (len(mapped), per_budget)
