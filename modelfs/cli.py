@@ -492,6 +492,10 @@ def status(config_file: str | None, control_socket: str | None, cache_dir: str |
     click.echo(f"fetch      {human_size(f['bytes_fetched'])} in {f['fetches']} fetches, "
                f"{f['in_flight']} in flight, {human_size(f['throughput_bytes_per_s'])}/s; "
                f"errors: {errors}")
+    rq = f["requests"]
+    click.echo(f"requests   {rq['demand']} demand, {rq['readahead']} read-ahead, "
+               f"{rq['prefetch']} prefetch; window {f['connections']} of "
+               f"{f['max_connections']} connections")
     jobs = ", ".join(f"{n} {s}" for s, n in st["jobs"].items()) or "none"
     click.echo(f"jobs       {jobs}")
 

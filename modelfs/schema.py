@@ -118,6 +118,11 @@ STATUS = _obj({
         "fetches": ("integer", "chunk fetches"),
         "in_flight": ("integer", "origin requests in flight now"),
         "errors": ("object", "errors by kind"),
+        "requests": (_obj({
+            "demand": ("integer", "for a read waiting on the bytes"),
+            "readahead": ("integer", "ahead of a sequential reader"),
+            "prefetch": ("integer", "for prefetch jobs and the on-open prefetch")}),
+            "origin requests sent, by what asked for them"),
         "connections": ("integer", "origin requests allowed at once now (adapted to the "
                                    "throughput, within max_connections)"),
         "max_connections": ("integer", "--max-connections: the ceiling"),

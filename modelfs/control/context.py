@@ -74,6 +74,8 @@ class ControlContext:
                       "chunk_loads": s.loads, "chunk_loads_ahead": s.loads_ahead},
             "fetch": {"bytes_fetched": s.bytes_fetched, "fetches": s.fetches,
                       "in_flight": s.in_flight, "errors": s.errors,
+                      "requests": {name.lower(): n for name, n in
+                                   self.reader.scheduler.statistics().granted.items()},
                       "connections": self.reader.scheduler.window.size,
                       "max_connections": self.reader.scheduler.config.max_fetches,
                       "throughput_bytes_per_s": round(self.throughput.rate()

@@ -47,6 +47,18 @@ class _Collector(Collector):
                                   value=s.loads_ahead)
         yield GaugeMetricFamily("modelfs_fetches_in_flight", "Origin requests in flight.",
                                 value=s.in_flight)
+        sched = ctx.reader.scheduler
+        requests = CounterMetricFamily("modelfs_origin_requests",
+                                       "Origin requests sent, by what asked for them.",
+                                       labels=["priority"])
+        for name, n in sched.statistics().granted.items():
+            requests.add_metric([name.lower()], n)
+        yield requests
+        yield GaugeMetricFamily("modelfs_connections", "Origin requests allowed at once now "
+                                "(the window, adapted to the throughput).",
+                                value=sched.window.size)
+        yield GaugeMetricFamily("modelfs_max_connections", "The window's ceiling "
+                                "(--max-connections).", value=sched.config.max_fetches)
         cumulative, total = [], 0
         for bound, count in zip(LATENCY_BUCKETS, s.latency_counts, strict=True):
             total += count

@@ -241,10 +241,20 @@ def test_status_and_metrics(mount_factory, origin: Origin, repo_data) -> None:
             if s.name.endswith("_bucket")}
     assert hist["+Inf"] == value["modelfs_fetches"] > 0
     assert "modelfs_errors" in fams and "modelfs_fetches_in_flight" in fams
+    # Origin requests by what asked for them, and the connection window.
+    requests = st["fetch"]["requests"]
+    assert set(requests) == {"demand", "readahead", "prefetch"}
+    assert requests["demand"] + requests["readahead"] > 0  # the read above
+    by_priority = {s.labels["priority"]: s.value for s in fams["modelfs_origin_requests"].samples
+                   if s.name.endswith("_total")}
+    assert by_priority == {k: float(v) for k, v in requests.items()}
+    assert value["modelfs_connections"] == st["fetch"]["connections"] > 0
+    assert value["modelfs_max_connections"] == st["fetch"]["max_connections"]
     # The CLI shows the same.
     out = subprocess.run([sys.executable, "-m", "modelfs", "status", "--control-socket",
                           str(m.socket)], capture_output=True, text=True, check=True).stdout
     assert f"org/model@v1 -> {origin.commit_of('org/model', 'v1')[:12]}" in out
+    assert f"{requests['demand']} demand, {requests['readahead']} read-ahead" in out
     # The socket is the owner's only.
     assert (os.stat(m.socket).st_mode & 0o777) == 0o600
 
