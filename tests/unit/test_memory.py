@@ -176,7 +176,7 @@ async def test_a_prefetch_reuses_its_buffers(kit: Kit, origin: Origin,
     hand it back first): a prefetch maps about a budget's worth of buffers, not one
     per chunk. (When finished chunks' buffers were dropped while a view of them was
     still alive, a prefetch mapped one for nearly every chunk.)"""
-    _big_file(origin, "w.safetensors", 64 * MiB + 5, 9)
+    _big_file(origin, "w.safetensors", 96 * MiB + 5, 9)
     src = kit.source()
     f = await kit.remote_file(src, "w.safetensors")
     limit = 16 * MiB
@@ -201,4 +201,4 @@ async def test_a_prefetch_reuses_its_buffers(kit: Kit, origin: Origin,
     # Every chunk was fetched and the file's sha256 matched (checked above), with
     # about one budget's worth of buffers mapped:
     per_budget = limit // (MiB + 4096) + 1
-    assert len(mapped) <= per_budget + 4, (len(mapped), per_budget)
+    assert len(mapped) <= per_budget + 10, (len(mapped), per_budget)
