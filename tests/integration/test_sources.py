@@ -111,7 +111,15 @@ def status(m: Any) -> dict[str, Any]:
 
 
 def fetched(m: Any) -> int:
-    return int(status(m)["fetch"]["bytes_fetched"])
+    """Origin bytes so far, once no fetch is in flight: a read returns as its bytes
+    arrive, and its fetch counts them a moment later, when the request ends."""
+    last: dict[str, Any] = {}
+
+    def settled() -> bool:
+        last.update(status(m)["fetch"])
+        return bool(last["in_flight"] == 0)
+    wait_for(settled, what="fetches in flight to end")
+    return int(last["bytes_fetched"])
 
 
 def test_tree_sizes_ranged_reads_and_mmap(backend: Backend, mount_factory: Any) -> None:
