@@ -36,7 +36,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from run import REPO, ModelfsMount, Origin, drop_caches, ensure_tools, machine_line, timed, write_docs_block
+from run import (
+    MODELFS,
+    REPO,
+    ModelfsMount,
+    Origin,
+    drop_caches,
+    ensure_tools,
+    machine_line,
+    timed,
+    write_docs_block,
+)
 from run import cat as cat_file
 
 from modelfs.testing.s3 import ADMIN, S3Server
@@ -96,7 +106,7 @@ def main() -> None:
                          f"snapshot_download({REPO!r}, cache_dir={str(d)!r})"] for d in nodes]
 
                 def prefetch(d: Path, *extra: str) -> list[str]:
-                    return ["modelfs", "prefetch", REPO, "--endpoint", origin.url,
+                    return [*MODELFS, "prefetch", REPO, "--endpoint", origin.url,
                             "--cache-dir", str(d), "--cache-size", "unlimited",
                             "--control-socket", str(d / "none.sock"), *extra]
                 cases = [

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loaders import write_shard
-from run import Result, drop_caches, is_mounted, machine_line, sh, timed, write_docs_block
+from run import MODELFS, Result, drop_caches, is_mounted, machine_line, sh, timed, write_docs_block
 
 from modelfs.testing.s3 import ADMIN, S3Server
 
@@ -195,7 +195,7 @@ class Bench:
         cache = self.fresh("modelfs-cache")
         drop_caches()
         self.add("repo: modelfs prefetch", self.repo_bytes, timed(lambda: sh(
-            "modelfs", "prefetch", f"bench/repo=s3://{BUCKET}/{REPO}", "--cache-dir", str(cache),
+            *MODELFS, "prefetch", f"bench/repo=s3://{BUCKET}/{REPO}", "--cache-dir", str(cache),
             "--cache-size", "unlimited", "--control-socket", str(self.work / "none.sock"),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
 
