@@ -220,7 +220,14 @@ class Mount:
             cmd += ["--control-socket", str(self.socket)]
         self.cmd = cmd
         self.env = {**os.environ, **(env or {})}
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.remove_socket_dir()
+            raise
+
+    def remove_socket_dir(self) -> None:
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     def start(self) -> None:
         """Start the daemon (again, after `kill`); returns once the mount appears."""
@@ -283,7 +290,7 @@ class Mount:
             self.proc.wait()
             raise
         finally:
-            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self.remove_socket_dir()
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
@@ -323,6 +330,7 @@ def mount_factory(tmp_path: Path, origin: Origin) -> Iterator:
         elif is_mounted(m.path):  # a daemon that died (or was killed) left its mount
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
             failures.append(f"{m.path} was left mounted by a dead daemon")
+        m.remove_socket_dir()
         assert not is_mounted(m.path)
     if failures:
         pytest.fail("\n".join(failures))

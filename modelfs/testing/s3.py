@@ -16,6 +16,7 @@ import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -50,6 +51,7 @@ class S3Server:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._sock_dir: Path | None = None
         self._ports = [_free_pair() for _ in range(4)]  # master, volume, filer, s3
         config = {"identities": [
             {"name": "admin", "credentials": [{"accessKey": ADMIN[0], "secretKey": ADMIN[1]}],
@@ -74,13 +76,21 @@ class S3Server:
         master, volume, filer, s3 = self._ports
         data = self.root / "data"
         data.mkdir(exist_ok=True)
-        cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+        # weed's local sockets default to /tmp/seaweedfs-*-PORT.sock and outlive a
+        # killed server: a short directory of its own (socket paths are limited to
+        # 107 bytes), removed by `stop()`.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="weed-", dir="/tmp"))
+        logs = self.root / "logs"  # glog's files, /tmp by default
+        logs.mkdir(exist_ok=True)
+        cmd = [weed, f"-logdir={logs}", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3", f"-s3.port={s3}", f"-s3.config={self.root / 's3.json'}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                # Volume slots, not disk: each bucket takes volumes of its own, and a
                # count derived from free disk runs out after a few dozen buckets.
-               "-master.volumeSizeLimitMB=256", "-volume.max=1000"]
+               "-master.volumeSizeLimitMB=256", "-volume.max=1000",
+               f"-filer.localSocket={self._sock_dir / 'filer.sock'}",
+               f"-s3.localSocket={self._sock_dir / 's3.sock'}"]
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=self.root)
@@ -122,6 +132,13 @@ class S3Server:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
+        # The gRPC sockets have fixed names in /tmp, by the gRPC port (ours + 10000).
+        for name, port in zip(("master", "volume", "filer", "s3"), self._ports, strict=True):
+            with contextlib.suppress(OSError):
+                os.unlink(f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock")
 
     def __enter__(self) -> S3Server:
         return self.start()
