@@ -19,7 +19,9 @@ Every transaction is short and synchronous; callers never hold one across an
 `await`. LMDB allows several processes (daemon, `modelfs prefetch`, `modelfs
 cache`) at once: write transactions are serialised by LMDB, so `usage` stays
 exact. Access times are kept in memory and written in batches (`touch`,
-`flush_access`): a read never pays for a write transaction.
+`flush_access`): a read never pays for a write transaction. Chunk records
+stored by several threads at once share a commit (`put_chunk`), so a burst of
+chunks pays for one fsync, not one each.
 
 The map grows by doubling when full (`MapFullError`) and follows another
 process's growth (`MapResizedError`); both need every transaction of this
@@ -131,6 +133,18 @@ def _name(source: str, repo: str, rev: str) -> bytes:
     return f"{source}\0{repo}\0{rev}".encode()
 
 
+class _Put:
+    """A chunk record waiting for the next group commit (`Index.put_chunk`)."""
+
+    __slots__ = ("done", "error", "orphans", "rec")
+
+    def __init__(self, rec: tuple[str, int, int, str, int, int, int, int]) -> None:
+        self.rec = rec
+        self.orphans: list[str] = []
+        self.error: BaseException | None = None
+        self.done = False
+
+
 class _Guard:
     """Shared for transactions, exclusive for a map resize (which LMDB allows
     only while this process has no transaction open)."""
@@ -231,6 +245,9 @@ class Index:
                                f"{_DAMAGED_HINT}") from None
         self.path = path
         self._guard = _Guard()
+        self._queued: list[_Put] = []
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
         self._touched: dict[bytes, float] = {}
         try:
             names = set(DB_NAMES)
@@ -420,15 +437,40 @@ class Index:
 
         Returns the digests of blobs this made unused (the key pointed at other
         bytes before): the caller deletes their files.
-        """
-        rec = (content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id, checksum)
 
-        def put(txn: lmdb.Transaction) -> list[str]:
-            orphans = self._insert(txn, rec, time.time())
+        Group commit: puts from several threads that arrive while a commit is
+        under way go into the next transaction together, so a burst of chunks pays
+        for one fsync instead of one each (they queue on LMDB's writer lock anyway).
+        """
+        entry = _Put((content_id, chunk_size, index, digest, disk_bytes, raw_size, codec_id,
+                      checksum))
+        with self._queue_lock:
+            self._queued.append(entry)
+        with self._commit_lock:
+            if not entry.done:  # else a commit that ran while this thread waited took it
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                self._commit_puts(batch)
+        if entry.error is not None:
+            raise entry.error
+        return entry.orphans
+
+    def _commit_puts(self, batch: list[_Put]) -> None:
+        now = time.time()
+
+        def put(txn: lmdb.Transaction) -> list[list[str]]:
+            orphans = [self._insert(txn, e.rec, now) for e in batch]
             self._write_touches(txn)
             return orphans
 
-        return self._write(put)
+        try:
+            results = self._write(put)
+        except BaseException as exc:
+            for e in batch:
+                e.error, e.done = exc, True
+            return
+        for e, orphans in zip(batch, results, strict=True):
+            e.orphans, e.done = orphans, True
 
     def put_chunks(self, records: list[tuple[str, int, int, str, int, int, int, int]]) -> None:
         """Record many stored chunks in one transaction, as `put_chunk` takes them

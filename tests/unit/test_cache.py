@@ -157,6 +157,46 @@ def test_whole_file_mismatch_drops_the_file(tmp_path: Path) -> None:
     cache.index.close()
 
 
+def test_chunk_puts_from_many_threads_share_commits_and_each_gets_its_own_result(
+        tmp_path: Path) -> None:
+    import threading
+
+    ix = Index(tmp_path / "ix")
+    ix.put_chunk("c" * 64, 1024, 0, "0" * 64, 4096, 1024)  # to be replaced below
+    commits: list[int] = []
+    commit = ix._commit_puts
+
+    def slow_commit(batch: list) -> None:  # the first commit holds the others back
+        commits.append(len(batch))
+        time.sleep(0.05 if len(commits) == 1 else 0)
+        commit(batch)
+
+    ix._commit_puts = slow_commit  # type: ignore[method-assign]
+    results: dict[int, list[str]] = {}
+
+    def put(i: int) -> None:
+        results[i] = ix.put_chunk("c" * 64, 1024, i, f"{i + 1:064x}", 4096, 1024)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(commits) == 16 and len(commits) < 16  # grouped, each put once
+    assert results[0] == ["0" * 64] and all(results[i] == [] for i in range(1, 16))
+    assert all(ix.get_chunk("c" * 64, 1024, i) == f"{i + 1:064x}" for i in range(16))
+    assert ix.usage() == 16 * 4096
+
+    def no_space(fn: object) -> None:  # an error reaches the puts of the batch
+        raise OSError(28, "No space left on device")
+
+    ix._commit_puts = commit  # type: ignore[method-assign]
+    ix._write = no_space  # type: ignore[method-assign,assignment]
+    with pytest.raises(OSError):
+        ix.put_chunk("c" * 64, 1024, 99, "f" * 64, 4096, 1024)
+    ix.close()
+
+
 def test_index_map_grows_and_follows_another_process(tmp_path: Path) -> None:
     ix = Index(tmp_path / "ix", map_size=256 << 10)
     for i in range(200):  # ~2 MiB of listings through a 256 KiB map
