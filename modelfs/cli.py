@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import trio
 
+from . import _startup  # noqa: F401  (first: before anything imports httpx)
 from .cache import check_cache_dir
 from .cli_cache import cache_group, human_size
 from .config import (

@@ -4,54 +4,62 @@ On a terminal: a bar per active file plus a total with throughput and ETA.
 Elsewhere (logs, CI): one line when a file starts, finishes, fails or is paused.
 With `json_lines`: every item update as one JSON object per line, then the job.
 The same display serves a job run in-process and one followed through the daemon.
+rich is imported only for a terminal: it is ~45 ms of a `modelfs prefetch` start.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import IO, Any
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import IO, TYPE_CHECKING, Any
 
 from .schema import ItemDoc, JobDoc
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class JobProgress:
     def __init__(self, stream: IO[str], *, json_lines: bool = False) -> None:
         self._stream = stream
         self._json = json_lines
-        self._console = Console(file=stream)
-        self._tty = self._console.is_terminal and not json_lines
-        self._progress = Progress(
-            TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=self._console, transient=False)
+        self._progress: Progress | None = None
+        if not json_lines and stream.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}", justify="left"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=stream),
+                transient=False)
         self._tasks: dict[tuple[str, str, str], TaskID] = {}
         self._total: TaskID | None = None
         self._seen: dict[tuple[str, str, str], ItemDoc | dict[str, Any]] = {}
         self._t0 = time.monotonic()
 
     def __enter__(self) -> JobProgress:
-        if self._tty:
+        if self._progress is not None:
             self._progress.start()
             self._total = self._progress.add_task("total", total=0)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._tty:
+        if self._progress is not None:
             self._progress.stop()
 
     def _line(self, text: str) -> None:
-        self._console.print(text, highlight=False, markup=False, soft_wrap=True)
+        if self._progress is not None:  # above the bars
+            self._progress.console.print(text, highlight=False, markup=False, soft_wrap=True)
+        else:
+            self._stream.write(text + "\n")
+            self._stream.flush()
 
     def update(self, item: ItemDoc | dict[str, Any]) -> None:
         key = (item["repo"], item["revision"], item["path"])
@@ -64,7 +72,7 @@ class JobProgress:
             return
         state = item["state"]
         moved = before is None or before["state"] != state
-        if not self._tty:
+        if self._progress is None:
             if moved and state != "queued":
                 err = f": {item['error']}" if item["error"] else ""
                 self._line(f"{state} {item['repo']}/{item['path']} ({item['bytes']} bytes){err}")
@@ -83,8 +91,7 @@ class JobProgress:
                 del self._tasks[key]
         if moved and state in ("failed", "paused", "cancelled"):
             err = f": {item['error']}" if item["error"] else ""
-            self._progress.console.print(f"{state} {item['repo']}/{item['path']}{err}",
-                                         highlight=False, markup=False)
+            self._line(f"{state} {item['repo']}/{item['path']}{err}")
 
     def finish(self, job: JobDoc | dict[str, Any]) -> None:
         """The job's last word: its state and totals."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -147,3 +149,40 @@ def test_only_a_full_object_sha256_is_believed() -> None:
     assert _full_sha256({"x-amz-checksum-sha256": "not base64!"}) is None
     assert _full_sha256({"x-amz-checksum-sha256": base64.b64encode(b"short").decode()}) is None
     assert _full_sha256({}) is None
+
+
+@pytest.mark.parametrize("case", ["keys", "keys+region", "keys+profile-file", "settings-profile"])
+def test_credentials_from_the_environment_are_what_botocores_chain_finds(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys in the environment skip botocore's session (its import is most of a
+    start) only where the chain would find the same keys and region."""
+    import botocore.session
+
+    from modelfs.remote.config import S3Config
+    from modelfs.remote.s3 import S3Auth
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws of this machine's
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
+    profile = None
+    if case == "keys+region":
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    if case in ("keys+profile-file", "settings-profile"):
+        config = tmp_path / "config"
+        config.write_text("[profile p]\nregion = ap-south-1\naws_access_key_id = file-key\n"
+                          "aws_secret_access_key = file-secret\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+        monkeypatch.setenv("AWS_PROFILE", "p")
+        profile = "p" if case == "settings-profile" else None
+    auth = S3Auth(S3Config(profile=profile))
+    fast = auth._from_environment() is not None
+    assert fast == (case in ("keys", "keys+region"))
+    creds, region = auth._find()
+    session = botocore.session.Session(profile=profile)
+    want = session.get_credentials().get_frozen_credentials()
+    assert creds.get_frozen_credentials() == want
+    assert region == session.get_config_variable("region")
+    assert want.access_key == ("file-key" if case == "settings-profile" else "env-key")
