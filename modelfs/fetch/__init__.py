@@ -1,7 +1,14 @@
 """Where cache and sources meet: chunk reads, single-flight fetches, scheduling,
 read-ahead and whole-file prefetch."""
 
-from .prefetch import WEIGHT_PATTERNS, OpenPrefetcher, PrefetchConfig, matches, prefetch_file
+from .prefetch import (
+    WEIGHT_PATTERNS,
+    OpenPrefetcher,
+    PrefetchConfig,
+    matches,
+    next_shard,
+    prefetch_file,
+)
 from .readahead import ReadAheadConfig, StreamTracker
 from .reader import ChunkReader, FetchConfig, Got
 from .scheduler import FetchScheduler, Priority, SchedulerConfig
@@ -12,6 +19,6 @@ __all__ = [
     "LATENCY_BUCKETS", "WEIGHT_PATTERNS", "ChunkReader", "FetchConfig", "FetchScheduler", "Got",
     "OpenPrefetcher",
     "PrefetchConfig", "Priority", "ReadAheadConfig", "ReaderStats", "SchedulerConfig",
-    "StreamTracker", "load_snapshot", "matches",
+    "StreamTracker", "load_snapshot", "matches", "next_shard",
     "prefetch_file",
 ]

@@ -14,6 +14,12 @@ While a file opened by a loader stays open, `follow_reader` keeps the next
 chunks in that order in memory, loading cached ones from disk ahead of the
 reader: a warm loader (cache on disk, nothing in memory) then finds its chunks
 loaded and checked.
+
+Loaders read the shards of a checkpoint one after another
+(`model-00001-of-00004.safetensors`, then `-00002-`): while one is read, the
+next is prefetched too (`next_shard`), so its fetch overlaps the loader's work
+on this one instead of starting at its open. One shard ahead at most, and only
+for a file still open after the start delay and not under a span plan.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +73,25 @@ LEAD_CHUNKS = 8
 LEAD_IDLE = 0.5
 # A move of the reader by at most this many chunks (or ranks) is "next".
 NEAR = 2
+# Requests of a next shard's prefetch (`next_shard`): it takes what the shard
+# being read leaves of the window, not the window.
+AHEAD_PARALLEL = 2
 # Files whose loader order (parsed from the header) is kept for the next open.
 ORDERS_KEPT = 256
+
+
+_SHARD = re.compile(r"(.*?)(\d+)-of-(\d+)(\.[^/]+)")
+
+
+def next_shard(name: str) -> str | None:
+    """The name of the shard a loader reads after `name` (`model-00002-of-00004.safetensors`
+    after `model-00001-of-00004.safetensors`), or None: not a shard, or the last."""
+    m = _SHARD.fullmatch(name)
+    if m is None:
+        return None
+    prefix, number, total, ext = m.groups()
+    n = int(number) + 1
+    return f"{prefix}{n:0{len(number)}d}-of-{total}{ext}" if n <= int(total) else None
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -96,7 +120,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         progress: Callable[[int, Got], None] | None = None,
                         order: ChunkOrder | None = None,
                         stopped: Callable[[], bool] | None = None,
-                        keep: bool = False) -> None:
+                        keep: bool = False, grow: bool = True) -> None:
     """Fetch every missing chunk of `f`. `progress(n, got)` is called for every
     chunk with its size, and the bytes of it fetched from the origin or the shared
     tier (`NOTHING`: already cached), so progress always reaches the file size.
@@ -106,7 +130,8 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     are counted (a pause that loses nothing and refetches nothing). With `keep`,
     fetched chunks are also held in memory for a reader of the file (see
     `ChunkReader.ensure`), and the prefetch stays within `LEAD_CHUNKS` of that
-    reader while it reads.
+    reader while it reads. Without `grow`, it keeps to `parallel` requests (else
+    it adds workers as the connection window grows).
 
     Planning costs what is cached and the runs of `order`, not the file's size:
     the chunks still to fetch are a `Frontier` of ranks."""
@@ -200,7 +225,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             workers = min(parallel, missing)
             for _ in range(workers):
                 nursery.start_soon(worker)
-            if workers and reader.scheduler.config.adaptive and not keep:
+            if workers and reader.scheduler.config.adaptive and not keep and grow:
                 outer.start_soon(more_workers, nursery)
         outer.cancel_scope.cancel()  # the workers are done: so is adding them
 
@@ -262,14 +287,17 @@ class OpenPrefetcher:
         # ORDERS_KEPT: a reopen needs no header read. Reading it again would load
         # its chunk from disk while the loader reads the mount's page cache.
         self._orders: OrderedDict[str, ChunkOrder] = OrderedDict()
+        self._ahead: set[str] = set()  # next shards being prefetched
 
-    def on_open(self, f: RemoteFile) -> None:
+    def on_open(self, f: RemoteFile, following: RemoteFile | None = None) -> None:
+        """`f` was opened; `following`: the shard after it in the same directory
+        (`next_shard`), prefetched too while `f` is read."""
         cid = f.entry.content_id
         self._open[cid] = self._open.get(cid, 0) + 1
         if cid in self._running or not matches(f.entry.path, self._config.on_open):
             return
         self._running.add(cid)
-        self._reader.spawn(self._run, f)
+        self._reader.spawn(self._run, f, following)
 
     def on_release(self, f: RemoteFile) -> None:
         cid = f.entry.content_id
@@ -279,7 +307,7 @@ class OpenPrefetcher:
         else:
             self._open.pop(cid, None)
 
-    async def _run(self, f: RemoteFile) -> None:
+    async def _run(self, f: RemoteFile, following: RemoteFile | None = None) -> None:
         cid = f.entry.content_id
         try:
             cs = self._reader.config.chunk_size
@@ -291,6 +319,8 @@ class OpenPrefetcher:
                     return  # closed again already: a probe, not a loader
             if cid in self._reader.planned:
                 return  # its loader said what it reads (a span plan): only that
+            if following is not None:
+                self._start_ahead(following)
             order = self._orders.get(cid)
             if order is None:
                 order = await loader_order(self._reader, f, self._config.max_header_size) \
@@ -315,3 +345,26 @@ class OpenPrefetcher:
                 log.error("background prefetch of %s failed", f.name, exc_info=exc)
         finally:
             self._running.discard(f.entry.content_id)
+
+    def _start_ahead(self, f: RemoteFile) -> None:
+        cid = f.entry.content_id
+        if cid in self._running or cid in self._ahead or cid in self._reader.planned \
+                or not matches(f.entry.path, self._config.on_open):
+            return
+        self._ahead.add(cid)
+        self._reader.spawn(self._run_ahead, f)
+
+    async def _run_ahead(self, f: RemoteFile) -> None:
+        """Prefetch the next shard whole (in runs, as `modelfs prefetch` does); its
+        own open later joins what is in flight and finds the rest cached."""
+        try:
+            await prefetch_file(self._reader, f, parallel=AHEAD_PARALLEL, grow=False)
+            log.info("prefetched %s ahead of its loader (%d bytes)", f.name, f.entry.size)
+        except* Exception as group:
+            exc = group.exceptions[0]
+            if isinstance(exc, ModelfsError):
+                log.warning("prefetch of %s ahead of its loader stopped: %s", f.name, exc)
+            else:
+                log.error("prefetch of %s ahead of its loader failed", f.name, exc_info=exc)
+        finally:
+            self._ahead.discard(f.entry.content_id)

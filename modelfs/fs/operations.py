@@ -21,10 +21,10 @@ import pyfuse3
 import trio
 
 from ..errors import ModelfsError
-from ..fetch import ChunkReader, OpenPrefetcher
+from ..fetch import ChunkReader, OpenPrefetcher, next_shard
 from ..types import RemoteFile
 from .config import FsConfig
-from .tree import ROOT_INODE, StaticFile, Tree
+from .tree import ROOT_INODE, Node, StaticFile, Tree
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,16 @@ class Operations(pyfuse3.Operations):
         a.st_blocks = -(-a.st_size // 512)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
+
+    def _next_shard(self, node: Node) -> RemoteFile | None:
+        """The shard a loader reads after `node`'s, in the same directory (same repo
+        version), for the prefetcher; None if there is none."""
+        name = next_shard(node.name)
+        after = self._tree.child(node.parent, name) if name is not None else None
+        if after is None or not isinstance(after.file, RemoteFile) \
+                or not isinstance(node.file, RemoteFile) or after.file.commit != node.file.commit:
+            return None
+        return after.file
 
     def _node_or_enoent(self, inode: int) -> None:
         if self._tree.get(inode) is None:
@@ -282,7 +292,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(node.file, RemoteFile):
             self._reader.reopened(node.file)
             if self._prefetcher is not None:
-                self._prefetcher.on_open(node.file)
+                self._prefetcher.on_open(node.file, self._next_shard(node))
         # An inode never changes content, so its pages may stay cached.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 

@@ -130,6 +130,37 @@ def test_opening_a_cached_file_loads_its_chunks_ahead_of_the_reader(
     assert origin.data_requests() == []
 
 
+def test_the_next_shard_is_prefetched_while_one_is_read(mount_factory, origin: Origin) -> None:
+    """Loaders read a checkpoint's shards in turn: while one is open and read, the
+    next one (only) is fetched whole; a quick probe of a shard starts none."""
+    shards = {f"model-{i:05d}-of-00003.safetensors": os.urandom(3 * MiB + 100 * i)
+              for i in (1, 2, 3)}
+    for name, data in shards.items():
+        origin.put_file("org/sharded", "main", name, data)
+    names = list(shards)
+    m = mount_factory(["org/sharded"], "--prefetch-on-open=*.safetensors")
+
+    def fetched(name: str) -> set[int]:
+        spans = [[int(x) for x in r.range.removeprefix("bytes=").split("-")]
+                 for r in origin.data_requests(f"/cdn/{sha256(shards[name])}")]
+        return {c for a, b in spans for c in range(a // CHUNK, b // CHUNK + 1)}
+
+    with open(m.p(f"org/sharded/{names[2]}"), "rb") as f:  # a probe of the last shard
+        f.read(8)
+    with open(m.p(f"org/sharded/{names[0]}"), "rb", buffering=0) as f:
+        assert f.read(10) == shards[names[0]][:10]
+        deadline = time.monotonic() + 30
+        want = set(range(-(-len(shards[names[1]]) // CHUNK)))
+        while fetched(names[1]) != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fetched(names[1]) == want
+    time.sleep(0.5)
+    assert fetched(names[2]) <= {0, 1}  # what the probe read, nothing ahead of the next one
+    origin.reset_stats()
+    assert m.p(f"org/sharded/{names[1]}").read_bytes() == shards[names[1]]
+    assert fetched(names[1]) == set()  # all of it from the cache
+
+
 def test_sequential_read_is_fetched_ahead_in_parallel(mount_factory, origin: Origin,
                                                       repo_data) -> None:
     m = mount_factory(["org/model"])
