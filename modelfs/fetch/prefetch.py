@@ -17,9 +17,11 @@ loaded and checked.
 
 Loaders read the shards of a checkpoint one after another
 (`model-00001-of-00004.safetensors`, then `-00002-`): while one is read, the
-next is prefetched too (`next_shard`), so its fetch overlaps the loader's work
-on this one instead of starting at its open. One shard ahead at most, and only
-for a file still open after the start delay and not under a span plan.
+next is prefetched (`next_shard`) with `AHEAD_PARALLEL` requests, and with the
+whole connection window once this one is fetched, so its fetch overlaps the
+loader's work on this one instead of starting at its open. One shard ahead at
+most, and only for a file opened by a loader (still open after the start
+delay) and not under a span plan.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ LEAD_CHUNKS = 8
 LEAD_IDLE = 0.5
 # A move of the reader by at most this many chunks (or ranks) is "next".
 NEAR = 2
-# Requests of a next shard's prefetch (`next_shard`): it takes what the shard
-# being read leaves of the window, not the window.
+# Requests of a next shard's prefetch (`next_shard`) while the shard being read is
+# fetched: a share of the window that leaves that one's fetch its own.
 AHEAD_PARALLEL = 2
 # Files whose loader order (parsed from the header) is kept for the next open.
 ORDERS_KEPT = 256
@@ -130,7 +132,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     are counted (a pause that loses nothing and refetches nothing). With `keep`,
     fetched chunks are also held in memory for a reader of the file (see
     `ChunkReader.ensure`), and the prefetch stays within `LEAD_CHUNKS` of that
-    reader while it reads. Without `grow`, it keeps to `parallel` requests (else
+    reader while it reads. Without `grow` it keeps to `parallel` requests (else
     it adds workers as the connection window grows).
 
     Planning costs what is cached and the runs of `order`, not the file's size:
@@ -287,7 +289,7 @@ class OpenPrefetcher:
         # ORDERS_KEPT: a reopen needs no header read. Reading it again would load
         # its chunk from disk while the loader reads the mount's page cache.
         self._orders: OrderedDict[str, ChunkOrder] = OrderedDict()
-        self._ahead: set[str] = set()  # next shards being prefetched
+        self._ahead: set[tuple[str, bool]] = set()  # next shards being prefetched
 
     def on_open(self, f: RemoteFile, following: RemoteFile | None = None) -> None:
         """`f` was opened; `following`: the shard after it in the same directory
@@ -319,8 +321,8 @@ class OpenPrefetcher:
                     return  # closed again already: a probe, not a loader
             if cid in self._reader.planned:
                 return  # its loader said what it reads (a span plan): only that
-            if following is not None:
-                self._start_ahead(following)
+            if following is not None and not cached:
+                self._start_ahead(following, AHEAD_PARALLEL)  # beside this one's fetch
             order = self._orders.get(cid)
             if order is None:
                 order = await loader_order(self._reader, f, self._config.max_header_size) \
@@ -336,6 +338,8 @@ class OpenPrefetcher:
                     await prefetch_file(self._reader, f, parallel=self._config.per_file,
                                         order=order, keep=True)
                     log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
+                if following is not None and cid in self._open:
+                    self._start_ahead(following, None)  # this one is fetched: all for the next
         except* Exception as group:
             # Demand reads retry whatever is still missing; a prefetch never ends the mount.
             exc = group.exceptions[0]
@@ -346,19 +350,26 @@ class OpenPrefetcher:
         finally:
             self._running.discard(f.entry.content_id)
 
-    def _start_ahead(self, f: RemoteFile) -> None:
+    def _start_ahead(self, f: RemoteFile, requests: int | None) -> None:
+        """Prefetch `f`, the next shard: with `requests` at a time beside the fetch of
+        the shard being read, or (None) as many as the connection window gives once
+        that one is fetched (a second prefetch of the same file; the chunks the
+        first has in flight are joined, not fetched twice)."""
         cid = f.entry.content_id
-        if cid in self._running or cid in self._ahead or cid in self._reader.planned \
+        key = (cid, requests is None)
+        if cid in self._running or key in self._ahead or cid in self._reader.planned \
                 or not matches(f.entry.path, self._config.on_open):
             return
-        self._ahead.add(cid)
-        self._reader.spawn(self._run_ahead, f)
+        self._ahead.add(key)
+        self._reader.spawn(self._run_ahead, f, requests, key)
 
-    async def _run_ahead(self, f: RemoteFile) -> None:
+    async def _run_ahead(self, f: RemoteFile, requests: int | None,
+                         key: tuple[str, bool]) -> None:
         """Prefetch the next shard whole (in runs, as `modelfs prefetch` does); its
         own open later joins what is in flight and finds the rest cached."""
         try:
-            await prefetch_file(self._reader, f, parallel=AHEAD_PARALLEL, grow=False)
+            await prefetch_file(self._reader, f, parallel=requests or self._config.per_file,
+                                grow=requests is None)
             log.info("prefetched %s ahead of its loader (%d bytes)", f.name, f.entry.size)
         except* Exception as group:
             exc = group.exceptions[0]
@@ -367,4 +378,4 @@ class OpenPrefetcher:
             else:
                 log.error("prefetch of %s ahead of its loader failed", f.name, exc_info=exc)
         finally:
-            self._ahead.discard(f.entry.content_id)
+            self._ahead.discard(key)
