@@ -199,6 +199,7 @@ async def test_a_prefetch_reuses_its_buffers(kit: Kit, origin: Origin,
         nursery.cancel_scope.cancel()
     await src.aclose()
     # Every chunk was fetched and the file's sha256 matched (checked above), with
-    # about one budget's worth of buffers mapped:
+    # one to two budgets' worth of buffers mapped (14-29 seen, the most under a
+    # whole test run's load), where dropping busy spares mapped 48-54:
     per_budget = limit // (MiB + 4096) + 1
-    assert len(mapped) <= per_budget + 10, (len(mapped), per_budget)
+    assert len(mapped) <= 2 * per_budget + 6, (len(mapped), per_budget)
