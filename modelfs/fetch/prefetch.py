@@ -16,12 +16,13 @@ reader: a warm loader (cache on disk, nothing in memory) then finds its chunks
 loaded and checked.
 
 Loaders read the shards of a checkpoint one after another
-(`model-00001-of-00004.safetensors`, then `-00002-`): while one is read, the
-next is prefetched (`next_shard`) with `AHEAD_PARALLEL` requests, and with the
-whole connection window once this one is fetched, so its fetch overlaps the
-loader's work on this one instead of starting at its open. One shard ahead at
-most, and only for a file opened by a loader (still open after the start
-delay) and not under a span plan.
+(`model-00001-of-00004.safetensors`, then `-00002-`): once one has been read
+in order for `SEQUENTIAL_BYTES`, the next is prefetched (`next_shard`) with
+`AHEAD_PARALLEL` requests, and with the whole connection window once this one
+is fetched, so its fetch overlaps the loader's work on this one instead of
+starting at its open. One shard ahead at most, and only for a reader that reads
+in order (a random reader wants no next shard), still open after the start
+delay and not under a span plan.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ NEAR = 2
 # Requests of a next shard's prefetch (`next_shard`) while the shard being read is
 # fetched: a share of the window that leaves that one's fetch its own.
 AHEAD_PARALLEL = 2
+# Bytes read in offset order (one sequential stream, `ChunkReader.streamed`) that
+# make a reader a loader, for the next shard. Counting moves forward instead
+# misread fio's random reads (each block once), which run forward in short
+# stretches near their end, and missed loaders behind the kernel's read-ahead.
+SEQUENTIAL_BYTES = 64 << 20
 # Files whose loader order (parsed from the header) is kept for the next open.
 ORDERS_KEPT = 256
 
@@ -247,7 +253,7 @@ async def follow_reader(reader: ChunkReader, f: RemoteFile, order: ChunkOrder,
     one, makes it load nothing."""
     cs = reader.config.chunk_size
     last: tuple[int, int] | None = None  # chunk, rank
-    in_order = False
+    by_loader = False
     try:
         while is_open():
             end = reader.last_read_end(f)
@@ -259,9 +265,9 @@ async def follow_reader(reader: ChunkReader, f: RemoteFile, order: ChunkOrder,
                     by_order = 0 <= at - last[1] <= NEAR
                     by_offset = 0 <= here[0] - last[0] <= NEAR
                     if by_order != by_offset:
-                        in_order = by_order
-                        reader.follow_order(f, in_order)
-                    if in_order and by_order:
+                        by_loader = by_order
+                        reader.follow_order(f, by_loader)
+                    if by_loader and by_order:
                         for idx in order.window(at + 1, LEAD_CHUNKS):
                             reader.load_ahead(f, idx)
                 last = here
@@ -321,8 +327,6 @@ class OpenPrefetcher:
                     return  # closed again already: a probe, not a loader
             if cid in self._reader.planned:
                 return  # its loader said what it reads (a span plan): only that
-            if following is not None and not cached:
-                self._start_ahead(following, AHEAD_PARALLEL)  # beside this one's fetch
             order = self._orders.get(cid)
             if order is None:
                 order = await loader_order(self._reader, f, self._config.max_header_size) \
@@ -331,15 +335,17 @@ class OpenPrefetcher:
                 if len(self._orders) > ORDERS_KEPT:
                     self._orders.popitem(last=False)
             self._orders.move_to_end(cid)
+            fetched = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(follow_reader, self._reader, f, order,
                                    lambda: cid in self._open)
+                if following is not None:
+                    nursery.start_soon(self._next_when_read_in_order, f, following, fetched)
                 if not cached:
                     await prefetch_file(self._reader, f, parallel=self._config.per_file,
                                         order=order, keep=True)
                     log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
-                if following is not None and cid in self._open:
-                    self._start_ahead(following, None)  # this one is fetched: all for the next
+                fetched.set()
         except* Exception as group:
             # Demand reads retry whatever is still missing; a prefetch never ends the mount.
             exc = group.exceptions[0]
@@ -349,6 +355,27 @@ class OpenPrefetcher:
                 log.error("background prefetch of %s failed", f.name, exc_info=exc)
         finally:
             self._running.discard(f.entry.content_id)
+
+    async def _next_when_read_in_order(self, f: RemoteFile, following: RemoteFile,
+                                       fetched: trio.Event) -> None:
+        """While `f` stays open: once its reader has read `SEQUENTIAL_BYTES` in order
+        (or the whole file, if smaller): a loader, not a random reader, which would
+        not want the next shard: prefetch the next shard beside this one's fetch,
+        and with the whole window once this one is fetched."""
+        cid = f.entry.content_id
+        enough = min(SEQUENTIAL_BYTES, f.entry.size // 2)
+        while cid in self._open and self._reader.streamed(f) < enough:
+            with trio.move_on_after(LEAD_IDLE):
+                await self._reader.reader_moved(f)
+        if cid not in self._open:
+            return
+        if not fetched.is_set():
+            self._start_ahead(following, AHEAD_PARALLEL)
+        while cid in self._open and not fetched.is_set():
+            with trio.move_on_after(LEAD_IDLE):
+                await fetched.wait()
+        if fetched.is_set() and cid in self._open:
+            self._start_ahead(following, None)
 
     def _start_ahead(self, f: RemoteFile, requests: int | None) -> None:
         """Prefetch `f`, the next shard: with `requests` at a time beside the fetch of

@@ -108,6 +108,13 @@ class StreamTracker:
             return None
         return s.next_offset, s.next_offset + s.window
 
+    def streamed(self) -> int:
+        """The most bytes one stream that proved sequential has read (0: none has):
+        how far a reader has read in order. Any stream, not the latest: a header
+        read at offset 0 after a loader's stream starts a stream of its own."""
+        return max((s.read for s in self.streams if s.sequential(self.config.trigger)),
+                   default=0)
+
     def position(self) -> int | None:
         """Where the most recent stream is reading (for prefetch ordering)."""
         return self.streams[-1].next_offset if self.streams else None

@@ -273,6 +273,12 @@ class ChunkReader:
         state = self._files.get(f.entry.content_id)
         return state.stream.position() if state else None
 
+    def streamed(self, f: RemoteFile) -> int:
+        """How much one reader of the file has read in offset order (0 for random
+        readers)."""
+        state = self._files.get(f.entry.content_id)
+        return state.stream.streamed() if state else 0
+
     def last_read_end(self, f: RemoteFile) -> int | None:
         """Where the latest read of `f` ended (unlike `position`, also after a jump
         back within a stream)."""

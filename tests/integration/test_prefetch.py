@@ -130,35 +130,48 @@ def test_opening_a_cached_file_loads_its_chunks_ahead_of_the_reader(
     assert origin.data_requests() == []
 
 
-def test_the_next_shard_is_prefetched_while_one_is_read(mount_factory, origin: Origin) -> None:
-    """Loaders read a checkpoint's shards in turn: while one is open and read, the
-    next one (only) is fetched whole; a quick probe of a shard starts none."""
-    shards = {f"model-{i:05d}-of-00003.safetensors": os.urandom(3 * MiB + 100 * i)
-              for i in (1, 2, 3)}
-    for name, data in shards.items():
-        origin.put_file("org/sharded", "main", name, data)
-    names = list(shards)
-    m = mount_factory(["org/sharded"], "--prefetch-on-open=*.safetensors")
+def test_the_next_shard_is_prefetched_while_one_is_read_in_order(mount_factory,
+                                                                  origin: Origin) -> None:
+    """Loaders read a checkpoint's shards in turn: while one is read in order, the
+    next one (only) is fetched whole. A random reader of a shard, or a quick probe,
+    starts none."""
+    repos = {repo: {f"model-{i:05d}-of-00003.safetensors": os.urandom(20 * MiB + 100 * i)
+                    for i in (1, 2, 3)} for repo in ("org/loaded", "org/random")}
+    for repo, shards in repos.items():
+        for name, data in shards.items():
+            origin.put_file(repo, "main", name, data)
+    names = list(repos["org/loaded"])
+    m = mount_factory(list(repos), "--prefetch-on-open=*.safetensors")
 
-    def fetched(name: str) -> set[int]:
+    def fetched(repo: str, name: str) -> set[int]:
         spans = [[int(x) for x in r.range.removeprefix("bytes=").split("-")]
-                 for r in origin.data_requests(f"/cdn/{sha256(shards[name])}")]
+                 for r in origin.data_requests(f"/cdn/{sha256(repos[repo][name])}")]
         return {c for a, b in spans for c in range(a // CHUNK, b // CHUNK + 1)}
 
-    with open(m.p(f"org/sharded/{names[2]}"), "rb") as f:  # a probe of the last shard
+    first = repos["org/random"][names[0]]
+    with open(m.p(f"org/random/{names[0]}"), "rb", buffering=0) as f:
+        for c in (5, 0, 17, 2, 16, 1, 9, 4):  # a random reader
+            f.seek(c * CHUNK + 10)
+            assert f.read(4096) == first[c * CHUNK + 10:c * CHUNK + 4106]
+        time.sleep(1.0)
+    assert fetched("org/random", names[1]) == set()
+
+    with open(m.p(f"org/loaded/{names[2]}"), "rb") as f:  # a probe of the last shard
         f.read(8)
-    with open(m.p(f"org/sharded/{names[0]}"), "rb", buffering=0) as f:
-        assert f.read(10) == shards[names[0]][:10]
+    with open(m.p(f"org/loaded/{names[0]}"), "rb", buffering=0) as f:
+        assert b"".join(iter(lambda: f.read(MiB), b"")) == repos["org/loaded"][names[0]]
         deadline = time.monotonic() + 30
-        want = set(range(-(-len(shards[names[1]]) // CHUNK)))
-        while fetched(names[1]) != want and time.monotonic() < deadline:
+        want = set(range(-(-len(repos["org/loaded"][names[1]]) // CHUNK)))
+        while fetched("org/loaded", names[1]) != want and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert fetched(names[1]) == want
+        assert fetched("org/loaded", names[1]) == want
     time.sleep(0.5)
-    assert fetched(names[2]) <= {0, 1}  # what the probe read, nothing ahead of the next one
+    # What the probe read, and nothing ahead of the next shard.
+    assert fetched("org/loaded", names[2]) <= {0, 1}
     origin.reset_stats()
-    assert m.p(f"org/sharded/{names[1]}").read_bytes() == shards[names[1]]
-    assert fetched(names[1]) == set()  # all of it from the cache
+    second = repos["org/loaded"][names[1]]
+    assert m.p(f"org/loaded/{names[1]}").read_bytes() == second
+    assert fetched("org/loaded", names[1]) == set()  # all of it from the cache
 
 
 def test_sequential_read_is_fetched_ahead_in_parallel(mount_factory, origin: Origin,
