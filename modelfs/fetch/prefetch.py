@@ -16,13 +16,14 @@ reader: a warm loader (cache on disk, nothing in memory) then finds its chunks
 loaded and checked.
 
 Loaders read the shards of a checkpoint one after another
-(`model-00001-of-00004.safetensors`, then `-00002-`): once one has been read
-in order for `SEQUENTIAL_BYTES`, the next is prefetched (`next_shard`) with
-`AHEAD_PARALLEL` requests, and with the whole connection window once this one
-is fetched, so its fetch overlaps the loader's work on this one instead of
-starting at its open. One shard ahead at most, and only for a reader that reads
-in order (a random reader wants no next shard), still open after the start
-delay and not under a span plan.
+(`model-00001-of-00004.safetensors`, then `-00002-`): once one has been read in
+order for `SEQUENTIAL_BYTES` and is fetched whole, the next is prefetched
+(`next_shard`), so its fetch overlaps the loader's work on this one instead of
+starting at its open. Not sooner: on an origin where the daemon's CPU is the
+limit, fetching the next shard beside this one slowed this one's reader. One
+shard ahead at most, and only for a reader that reads in order (a random reader
+wants no next shard), still open after the start delay and not under a span
+plan.
 """
 
 from __future__ import annotations
@@ -76,9 +77,6 @@ LEAD_CHUNKS = 8
 LEAD_IDLE = 0.5
 # A move of the reader by at most this many chunks (or ranks) is "next".
 NEAR = 2
-# Requests of a next shard's prefetch (`next_shard`) while the shard being read is
-# fetched: a share of the window that leaves that one's fetch its own.
-AHEAD_PARALLEL = 2
 # Bytes read in offset order (one sequential stream, `ChunkReader.streamed`) that
 # make a reader a loader, for the next shard. Counting moves forward instead
 # misread fio's random reads (each block once), which run forward in short
@@ -128,7 +126,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
                         progress: Callable[[int, Got], None] | None = None,
                         order: ChunkOrder | None = None,
                         stopped: Callable[[], bool] | None = None,
-                        keep: bool = False, grow: bool = True) -> None:
+                        keep: bool = False) -> None:
     """Fetch every missing chunk of `f`. `progress(n, got)` is called for every
     chunk with its size, and the bytes of it fetched from the origin or the shared
     tier (`NOTHING`: already cached), so progress always reaches the file size.
@@ -138,8 +136,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
     are counted (a pause that loses nothing and refetches nothing). With `keep`,
     fetched chunks are also held in memory for a reader of the file (see
     `ChunkReader.ensure`), and the prefetch stays within `LEAD_CHUNKS` of that
-    reader while it reads. Without `grow` it keeps to `parallel` requests (else
-    it adds workers as the connection window grows).
+    reader while it reads.
 
     Planning costs what is cached and the runs of `order`, not the file's size:
     the chunks still to fetch are a `Frontier` of ranks."""
@@ -233,7 +230,7 @@ async def prefetch_file(reader: ChunkReader, f: RemoteFile, *, parallel: int,
             workers = min(parallel, missing)
             for _ in range(workers):
                 nursery.start_soon(worker)
-            if workers and reader.scheduler.config.adaptive and not keep and grow:
+            if workers and reader.scheduler.config.adaptive and not keep:
                 outer.start_soon(more_workers, nursery)
         outer.cancel_scope.cancel()  # the workers are done: so is adding them
 
@@ -295,7 +292,7 @@ class OpenPrefetcher:
         # ORDERS_KEPT: a reopen needs no header read. Reading it again would load
         # its chunk from disk while the loader reads the mount's page cache.
         self._orders: OrderedDict[str, ChunkOrder] = OrderedDict()
-        self._ahead: set[tuple[str, bool]] = set()  # next shards being prefetched
+        self._ahead: set[str] = set()  # next shards being prefetched
 
     def on_open(self, f: RemoteFile, following: RemoteFile | None = None) -> None:
         """`f` was opened; `following`: the shard after it in the same directory
@@ -358,45 +355,33 @@ class OpenPrefetcher:
 
     async def _next_when_read_in_order(self, f: RemoteFile, following: RemoteFile,
                                        fetched: trio.Event) -> None:
-        """While `f` stays open: once its reader has read `SEQUENTIAL_BYTES` in order
-        (or the whole file, if smaller): a loader, not a random reader, which would
-        not want the next shard: prefetch the next shard beside this one's fetch,
-        and with the whole window once this one is fetched."""
+        """While `f` stays open: once its reader has read `SEQUENTIAL_BYTES` of it in
+        order (or half of it, if smaller; a loader, not a random reader, which would
+        not want the next shard) and it is fetched whole, prefetch the next shard."""
         cid = f.entry.content_id
         enough = min(SEQUENTIAL_BYTES, f.entry.size // 2)
         while cid in self._open and self._reader.streamed(f) < enough:
             with trio.move_on_after(LEAD_IDLE):
                 await self._reader.reader_moved(f)
-        if cid not in self._open:
-            return
-        if not fetched.is_set():
-            self._start_ahead(following, AHEAD_PARALLEL)
         while cid in self._open and not fetched.is_set():
             with trio.move_on_after(LEAD_IDLE):
                 await fetched.wait()
-        if fetched.is_set() and cid in self._open:
-            self._start_ahead(following, None)
+        if cid in self._open:
+            self._start_ahead(following)
 
-    def _start_ahead(self, f: RemoteFile, requests: int | None) -> None:
-        """Prefetch `f`, the next shard: with `requests` at a time beside the fetch of
-        the shard being read, or (None) as many as the connection window gives once
-        that one is fetched (a second prefetch of the same file; the chunks the
-        first has in flight are joined, not fetched twice)."""
+    def _start_ahead(self, f: RemoteFile) -> None:
         cid = f.entry.content_id
-        key = (cid, requests is None)
-        if cid in self._running or key in self._ahead or cid in self._reader.planned \
+        if cid in self._running or cid in self._ahead or cid in self._reader.planned \
                 or not matches(f.entry.path, self._config.on_open):
             return
-        self._ahead.add(key)
-        self._reader.spawn(self._run_ahead, f, requests, key)
+        self._ahead.add(cid)
+        self._reader.spawn(self._run_ahead, f)
 
-    async def _run_ahead(self, f: RemoteFile, requests: int | None,
-                         key: tuple[str, bool]) -> None:
+    async def _run_ahead(self, f: RemoteFile) -> None:
         """Prefetch the next shard whole (in runs, as `modelfs prefetch` does); its
         own open later joins what is in flight and finds the rest cached."""
         try:
-            await prefetch_file(self._reader, f, parallel=requests or self._config.per_file,
-                                grow=requests is None)
+            await prefetch_file(self._reader, f, parallel=self._config.per_file)
             log.info("prefetched %s ahead of its loader (%d bytes)", f.name, f.entry.size)
         except* Exception as group:
             exc = group.exceptions[0]
@@ -405,4 +390,4 @@ class OpenPrefetcher:
             else:
                 log.error("prefetch of %s ahead of its loader failed", f.name, exc_info=exc)
         finally:
-            self._ahead.discard(key)
+            self._ahead.discard(f.entry.content_id)
