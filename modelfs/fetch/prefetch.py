@@ -296,7 +296,7 @@ class OpenPrefetcher:
 
     def on_open(self, f: RemoteFile, following: RemoteFile | None = None) -> None:
         """`f` was opened; `following`: the shard after it in the same directory
-        (`next_shard`), prefetched too while `f` is read."""
+        (`next_shard`), prefetched once `f` is read in order and fetched whole."""
         cid = f.entry.content_id
         self._open[cid] = self._open.get(cid, 0) + 1
         if cid in self._running or not matches(f.entry.path, self._config.on_open):
