@@ -344,12 +344,7 @@ class OpenPrefetcher:
                     log.info("prefetched %s (%d bytes)", f.name, f.entry.size)
                 fetched.set()
         except* Exception as group:
-            # Demand reads retry whatever is still missing; a prefetch never ends the mount.
-            exc = group.exceptions[0]
-            if isinstance(exc, ModelfsError):
-                log.warning("background prefetch of %s stopped: %s", f.name, exc)
-            else:
-                log.error("background prefetch of %s failed", f.name, exc_info=exc)
+            _stopped(f"background prefetch of {f.name}", group.exceptions[0])
         finally:
             self._running.discard(f.entry.content_id)
 
@@ -384,10 +379,15 @@ class OpenPrefetcher:
             await prefetch_file(self._reader, f, parallel=self._config.per_file)
             log.info("prefetched %s ahead of its loader (%d bytes)", f.name, f.entry.size)
         except* Exception as group:
-            exc = group.exceptions[0]
-            if isinstance(exc, ModelfsError):
-                log.warning("prefetch of %s ahead of its loader stopped: %s", f.name, exc)
-            else:
-                log.error("prefetch of %s ahead of its loader failed", f.name, exc_info=exc)
+            _stopped(f"prefetch of {f.name} ahead of its loader", group.exceptions[0])
         finally:
             self._ahead.discard(f.entry.content_id)
+
+
+def _stopped(what: str, exc: BaseException) -> None:
+    """A background prefetch that stopped: demand reads retry whatever is still
+    missing, and a prefetch never ends the mount, so it is only logged."""
+    if isinstance(exc, ModelfsError):
+        log.warning("%s stopped: %s", what, exc)
+    else:
+        log.error("%s failed", what, exc_info=exc)
