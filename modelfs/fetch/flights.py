@@ -78,13 +78,27 @@ class Flights:
         """`flight` is over (whatever its outcome): later readers start anew. Those
         waiting now are woken and get its bytes; when none waits, nobody can ask for
         them any more, so the view goes: one kept (by a caller holding the flight to
-        learn its outcome, see `ChunkReader.ensure_run`) keeps the chunk's buffer
-        from reuse."""
+        learn its outcome, see `outcome`) keeps the chunk's buffer from reuse."""
         if self._by_key.get(key) is flight:
             del self._by_key[key]
         flight.finish()
         if not flight.waiters and flight.whole:
             flight.buf = None
+
+    @staticmethod
+    async def outcome(flight: Flight) -> bool:
+        """Wait for `flight` to end, for its outcome only: True when its chunk arrived
+        whole, False when it ended with nothing; a failure is raised. Not counted as
+        waiting for its bytes, so a flight ending with no other waiter lets go of its
+        buffer at once: the buffer is then reused by the next chunk, not left
+        referred to until this task runs again (a busy event loop may take a few
+        ms, and a chunk arrives every few ms; a new buffer costs fresh pages)."""
+        await flight.done.wait()
+        if flight.error is None:
+            return flight.whole or flight.buf is not None
+        if isinstance(flight.error, Exception):
+            raise flight.error
+        return False
 
     @staticmethod
     async def wait(flight: Flight, need: int | None = None) -> bytearray | memoryview | None:

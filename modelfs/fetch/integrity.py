@@ -24,6 +24,7 @@ import trio
 
 from ..cache import ChunkCache, FileHasher
 from ..errors import IntegrityError, ModelfsError
+from ..threads import run_letting_go
 from ..types import RemoteFile
 from .memory import Block, LoadBuffers
 from .stats import ReaderStats
@@ -85,7 +86,7 @@ class FileChecks:
         if known is None:
             return
         hasher, expected, kind = known
-        await trio.to_thread.run_sync(hasher.update, data, limiter=self._io)
+        await run_letting_go(hasher.update, data, limiter=self._io)
         if (digest := hasher.hexdigest()) != expected:
             self._mark_bad(f, digest, expected, kind)
             raise IntegrityError(self._bad[f.entry.content_id])
@@ -128,8 +129,7 @@ class FileChecks:
                 buf = await self._buffers.take()
                 check.stepping = True
                 try:
-                    verdict = await trio.to_thread.run_sync(check.hasher.step, buf,
-                                                            limiter=self._io)
+                    verdict = await run_letting_go(check.hasher.step, buf, limiter=self._io)
                 finally:
                     check.stepping = False
                     self._buffers.give(buf)

@@ -42,6 +42,7 @@ from ..cache import ChunkCache
 from ..chunks import ChunkKey, Piece, chunk_count, chunk_extent, pieces
 from ..errors import IntegrityError, ModelfsError, RemoteStale, RemoteUnavailable
 from ..remote.config import RECEIVE_HELD
+from ..threads import run_letting_go
 from ..types import RemoteFile
 from .files import FileStates
 from .flights import Flight, Flights
@@ -347,13 +348,12 @@ class ChunkReader:
         for i in idxs:
             # Popped: a flight kept alive keeps its chunk's buffer from being reused.
             flight = flights.pop()
-            data = await Flights.wait(flight)
-            if data is not None or flight.whole:  # (whole, it may have let go of `buf`)
+            if await Flights.outcome(flight):
                 done(i, Got(flight.filled, 0))
             elif stopped is None or not stopped():
                 # The run was cut (a shutdown) before this chunk: on its own.
                 done(i, await self.ensure(f, i, priority, keep=keep))
-            del data, flight
+            del flight
 
     def _start_run(self, f: RemoteFile, first: int, count: int, priority: Priority,
                    keep: bool, stopped: Callable[[], bool] | None) -> list[Flight]:
@@ -531,8 +531,8 @@ class ChunkReader:
         try:
             buf = await self._buffers.take()
             try:
-                loaded = await trio.to_thread.run_sync(self.cache.load, digest, False, buf,
-                                                       limiter=self._io)
+                loaded = await run_letting_go(lambda b: self.cache.load(digest, False, b),
+                                              buf, limiter=self._io)
             except BaseException:
                 self._buffers.give(buf)
                 raise
@@ -726,9 +726,10 @@ class ChunkReader:
                 # A file with a known sha256 is checked whole (`FileChecks`), and a content
                 # id of S3, plain HTTP and file:// names one immutable version: their
                 # chunks are named by position, which saves hashing each one.
-                await trio.to_thread.run_sync(self.cache.put, content_id,
-                                              self.config.chunk_size, idx, data,
-                                              f.entry.versioned, True, limiter=self._io)
+                cs, versioned = self.config.chunk_size, f.entry.versioned
+                await run_letting_go(
+                    lambda d: self.cache.put(content_id, cs, idx, d, versioned, True),
+                    data, limiter=self._io)
                 if single:
                     await trio.to_thread.run_sync(self.cache.index.set_checked, content_id)
         except (OSError, ModelfsError) as exc:

@@ -40,6 +40,7 @@ from ..errors import (
     RemoteUnavailable,
 )
 from ..redaction import redact, secret_forms
+from ..threads import run_letting_go
 from ..types import ReadInto, printable
 from .config import RECEIVE_BYTES, HttpConfig
 
@@ -624,8 +625,9 @@ async def _receive_raw(fd: int, buf: _Buffer, idle_limit: float,
             step = min(RAW_STEP, max(RAW_FIRST - buf.filled, buf.filled))
             room = room[:min(len(room), buf.length - buf.filled, step)]
             try:
-                n = await trio.to_thread.run_sync(sock.recv_into, room, len(room),
-                                                  socket.MSG_WAITALL, limiter=limiter)
+                n = await run_letting_go(
+                    lambda r: sock.recv_into(r, len(r), socket.MSG_WAITALL), room,
+                    limiter=limiter)
             except BlockingIOError:  # nothing within RAW_WAIT
                 idle += RAW_WAIT
                 if idle >= idle_limit:

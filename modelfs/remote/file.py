@@ -38,8 +38,8 @@ from ..errors import (
     RemoteStale,
     RemoteUnavailable,
 )
+from ..threads import run_abandonable
 from ..types import FileEntry, ReadInto, RepoRef, Snapshot, printable
-from ._thread import run_abandonable
 from .config import FileSourceConfig
 from .listing import LOGGED_SKIPS, Listings, bad_size_reason, clean_listing
 

@@ -45,9 +45,9 @@ from ..errors import (
     RemoteProtocolError,
     RemoteStale,
 )
+from ..threads import run_abandonable
 from ..types import FileEntry, ReadInto, RepoRef, Snapshot, printable
 from ._http import Expect, HttpClient
-from ._thread import run_abandonable
 from .config import S3Config
 from .listing import Listings, bad_size_reason, clean_listing
 

@@ -10,12 +10,15 @@ import gc
 import mmap
 import random
 import tracemalloc
+from collections.abc import Awaitable
 
 import pytest
 import trio
 
 from modelfs.cache.store import direct_buffer
+from modelfs.errors import RemoteUnavailable
 from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, SchedulerConfig, memory, prefetch_file
+from modelfs.fetch.flights import Flight, Flights
 from modelfs.fetch.memory import Block, LoadBuffers, MemoryBudget
 from modelfs.testing.origin import Origin
 from modelfs.types import RemoteFile
@@ -203,3 +206,39 @@ async def test_a_prefetch_reuses_its_buffers(kit: Kit, origin: Origin,
     # whole test run's load), where dropping busy spares mapped 48-54:
     per_budget = limit // (MiB + 4096) + 1
     assert len(mapped) <= 2 * per_budget + 6, (len(mapped), per_budget)
+
+
+async def test_a_flight_awaited_for_its_outcome_lets_go_of_its_bytes_when_it_ends() -> None:
+    """A prefetch waits on each chunk of a run only to learn that it arrived; the
+    chunk's buffer must be free for the next chunk as soon as the flight ends, not
+    when that waiter runs again. One waiting for the bytes keeps them."""
+    flights = Flights()
+    outcomes: list[bool] = []
+    got: list[object] = []
+    async with trio.open_nursery() as nursery:
+        quiet, reading = Flight(), Flight()
+        for key, flight in ((("c", 0), quiet), (("c", 1), reading)):
+            flights.add(key, flight)
+            flight.buf = memoryview(bytearray(8))
+        nursery.start_soon(lambda: _append(outcomes, Flights.outcome(quiet)))
+        nursery.start_soon(lambda: _append(got, Flights.wait(reading)))
+        await trio.testing.wait_all_tasks_blocked()
+        for key, flight in ((("c", 0), quiet), (("c", 1), reading)):
+            flight.whole = True
+            flights.end(key, flight)
+        assert quiet.buf is None  # before its waiter has run again
+        assert reading.buf is not None
+    assert outcomes == [True]
+    assert isinstance(got[0], memoryview) and len(got[0]) == 8
+    # A flight that ended with nothing, or failed:
+    cut, failed = Flight(), Flight()
+    cut.finish()
+    failed.error = RemoteUnavailable("origin down")
+    failed.finish()
+    assert await Flights.outcome(cut) is False
+    with pytest.raises(RemoteUnavailable):
+        await Flights.outcome(failed)
+
+
+async def _append(out: list[object], result: Awaitable[object]) -> None:
+    out.append(await result)
