@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import mmap
 import os
 import stat
@@ -126,6 +127,7 @@ class ChunkStore:
             self._chunks.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(parents=True, exist_ok=True)
             self._prefix = f"{os.getpid()}."
+            self._seq = itertools.count()  # temp names of `_put_direct`
             self._drop_stale_temps()
         except OSError as exc:
             raise CacheError(f"cache dir {root}: {exc.strerror or exc}") from None
@@ -154,28 +156,76 @@ class ChunkStore:
         final = self.path_for(digest)
         packed = codec.compress_chunk(data, compression)
         body = data if packed is None else packed
-        final.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=self._prefix)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if not self._write_direct(f.fileno(), body, aligned=packed is None and aligned):
-                    f.write(body)
-                    f.flush()
-                blocks = os.fstat(f.fileno()).st_blocks
-            os.rename(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # st_blocks right after a write may not count delayed allocation yet; the
-        # file's size rounded up to 4 KiB is what it will take.
-        disk = max(blocks * 512, -(-len(body) // 4096) * 4096)
+        if packed is None and aligned and self._put_direct(body, final):
+            disk = len(body)  # whole blocks, written through
+        else:
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=self._prefix)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    if not self._write_direct(f.fileno(), body):
+                        f.write(body)
+                        f.flush()
+                    blocks = os.fstat(f.fileno()).st_blocks
+                self._rename(tmp, final)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            # st_blocks right after a write may not count delayed allocation yet; the
+            # file's size rounded up to 4 KiB is what it will take.
+            disk = max(blocks * 512, -(-len(body) // 4096) * 4096)
         return Stored(digest, disk, CODEC_RAW if packed is None else CODEC_ZSTD,
                       checksum(data, xxh3=True))
 
-    def _write_direct(self, fd: int, body: bytes | bytearray | memoryview, *,
-                      aligned: bool = False) -> bool:
-        """Write a whole-block chunk with O_DIRECT, from `body` itself when it is
-        `aligned`, else from a page-aligned per-thread copy: it skips the page
+    def _put_direct(self, body: bytes | bytearray | memoryview, final: Path) -> bool:
+        """Write a page-aligned chunk of whole blocks with O_DIRECT from its own
+        buffer: four system calls (open, write, close, rename). A store runs in a
+        worker thread that takes the GIL back after each call, which waits for a
+        busy event loop, so each call saved is time saved (the generic path takes
+        eight). False when not possible here: the caller takes the generic path."""
+        n = len(body)
+        if not self._direct or n == 0 or n % DIRECT_ALIGN or n > DIRECT_MAX:
+            return False
+        tmp = self._tmp / f"{self._prefix}{next(self._seq)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT,
+                         0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct = False  # e.g. tmpfs: no O_DIRECT
+            return False
+        try:
+            view = memoryview(body)
+            done = 0
+            try:
+                while done < n:
+                    done += os.write(fd, view[done:])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or done:
+                    raise
+                self._direct = False  # the file system refuses O_DIRECT writes
+                tmp.unlink()
+                return False
+            finally:
+                view.release()
+                os.close(fd)
+            self._rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
+
+    def _rename(self, tmp: str | Path, final: Path) -> None:
+        """Move a written chunk into place, making its directory the first time."""
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            final.parent.mkdir(exist_ok=True)
+            os.rename(tmp, final)
+
+    def _write_direct(self, fd: int, body: bytes | bytearray | memoryview) -> bool:
+        """Write a whole-block chunk with O_DIRECT, from a page-aligned per-thread
+        copy of `body` (see `_put_direct` for one already aligned): it skips the page
         cache, which on a cold stream holds the bytes already (as the mount's
         file pages) and costs a second copy, page
         allocations and writeback (1 GiB of 4 MiB chunks, this VM: 1.49 s buffered
@@ -184,14 +234,11 @@ class ChunkStore:
         n = len(body)
         if not self._direct or n == 0 or n % DIRECT_ALIGN or n > DIRECT_MAX:
             return False
-        if aligned:
-            source: memoryview = memoryview(body)
-        else:
-            buf = getattr(self._local, "direct", None)
-            if buf is None or len(buf) < n:
-                buf = self._local.direct = direct_buffer(n)
-            buf[:n] = body
-            source = memoryview(buf)
+        buf = getattr(self._local, "direct", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.direct = direct_buffer(n)
+        buf[:n] = body
+        source = memoryview(buf)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
