@@ -71,13 +71,15 @@ class FetchConfig:
     chunks in one ranged GET);
     `memory_limit` bounds every chunk buffer the daemon holds (fetches in flight,
     chunks kept for readers or for a whole-file hash, load buffers);
-    `io_threads` bounds the threads that hash, store and load chunks;
+    `io_threads` bounds the threads that hash, store and load chunks (a store
+    spends most of its ~20 ms waiting for the disk and the index commit, so more
+    threads than cores: 16 rather than 8 made an S3 prefetch 5% faster);
     `read_deadline` is the longest a read waits for the origin before it fails
     with EIO (the origin's own deadlines are the HTTP client's)."""
 
     chunk_size: int = 4 << 20
     request_size: int = DEFAULT_REQUEST_SIZE
-    io_threads: int = 8
+    io_threads: int = 16
     read_deadline: float = 60.0
     memory_limit: int = DEFAULT_MEMORY_LIMIT
     readahead: ReadAheadConfig = field(default_factory=ReadAheadConfig)
