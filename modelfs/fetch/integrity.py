@@ -31,6 +31,9 @@ from .stats import ReaderStats
 
 log = logging.getLogger(__name__)
 
+# Chunks read back from disk at once, beside the one being hashed.
+READ_AHEAD = 2
+
 
 @dataclass(slots=True, eq=False)
 class _Check:
@@ -127,13 +130,18 @@ class FileChecks:
                 await check.wake.wait()
                 check.wake = trio.Event()
                 buf = await self._buffers.take()
+                # Buffers to read the next chunks back into while one is hashed, if
+                # the budget has room for them now (see `FileHasher.step`).
+                ahead = [b for b in (self._buffers.try_take() for _ in range(READ_AHEAD)) if b]
                 check.stepping = True
                 try:
-                    verdict = await run_letting_go(check.hasher.step, buf, limiter=self._io)
+                    verdict = await run_letting_go(lambda bufs: check.hasher.step(*bufs),
+                                                   [buf, *ahead], limiter=self._io)
                 finally:
                     check.stepping = False
-                    self._buffers.give(buf)
-                    del buf  # held here while waiting, it could not be reused
+                    for b in (buf, *ahead):
+                        self._buffers.give(b)
+                    del buf, ahead, b  # held here while waiting, they could not be reused
                     check.release_hashed()
                 if verdict is not None:
                     break

@@ -168,6 +168,16 @@ class LoadBuffers:
         await trio.lowlevel.cancel_shielded_checkpoint()
         return buf
 
+    def try_take(self) -> mmap.mmap | None:
+        """A spare buffer, or a new one if the budget has room now; None rather than
+        wait or reclaim (for a buffer that only speeds something up)."""
+        buf = self._free_spare()
+        if buf is None and self._budget.used + self.size <= self._budget.limit:
+            self._budget.used += self.size
+            self._budget.peak = max(self._budget.peak, self._budget.used)
+            buf = direct_buffer(self._length)
+        return buf
+
     def _free_spare(self) -> mmap.mmap | None:
         """The most recently given spare that nothing else refers to (its pages are
         the likeliest to be warm), taken out of the spares."""

@@ -8,12 +8,14 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from modelfs.cache import CacheConfig, ChunkCache, ChunkStore, FileCheck, Index
+from modelfs.cache.chunk_cache import FileHasher
 from modelfs.cache.index import CODEC_RAW, CODEC_ZSTD
 from modelfs.cache.store import checksum, direct_buffer
 from modelfs.types import FileEntry, Snapshot
@@ -394,3 +396,44 @@ def _vm_flags(addr: int) -> list[str]:
             elif line.startswith("VmFlags:") and span[0] <= addr < span[1]:
                 return line.split()[1:]
     raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_the_whole_file_hash_reads_chunks_back_ahead_of_itself(
+        tmp_path: Path, ahead: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks stored before the hash reaches them are read back from disk, the next
+    ones meanwhile in other threads when the hasher has buffers for them; held and
+    not-yet-stored chunks mix with those, and the digest is that of the file."""
+    cs = 64 << 10
+    cache = _cache(tmp_path, compression="never")
+    data = _chunk(5, 20 * cs + 123)
+    entry = FileEntry("w.bin", len(data), "cid", hashlib.sha256(data).hexdigest())
+    part = [data[i * cs:(i + 1) * cs] for i in range(21)]
+    readers: list[str] = []
+    read_back = FileHasher._read_back
+
+    def counting(self: FileHasher, idx: int, buf: object) -> object:
+        readers.append(threading.current_thread().name)
+        return read_back(self, idx, buf)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FileHasher, "_read_back", counting)
+    for i in (*range(0, 9), *range(10, 21)):  # chunk 9 not stored yet
+        cache.put("cid", cs, i, part[i], positional=True)
+    hasher = FileHasher(cache, entry, cs)
+    bufs = [direct_buffer(cs + 1) for _ in range(1 + ahead)]
+    hasher.offer(1, part[1])  # held in memory: not read back
+    assert hasher.step(*bufs) is None
+    assert hasher.position == 9
+    cache.put("cid", cs, 9, part[9], positional=True)
+    assert hasher.step(*bufs) is True
+    assert hasher.digest == entry.sha256 and cache.index.is_checked("cid")
+    elsewhere = [n for n in readers if n.startswith("modelfs-read-back")]
+    assert bool(elsewhere) == bool(ahead), readers
+    assert readers.count(threading.current_thread().name) + len(elsewhere) >= 20 - 1
+    # A chunk whose bytes are not the file's: the file fails and loses its chunks.
+    other = FileEntry("w.bin", len(data), "cid2", entry.sha256)
+    for i in range(21):
+        cache.put("cid2", cs, i, part[i] if i != 13 else _chunk(6, cs), positional=True)
+    assert FileHasher(cache, other, cs).step(*bufs) is False
+    assert cache.index.file_chunks("cid2", cs) == {}
+    cache.index.close()
