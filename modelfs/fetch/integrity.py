@@ -131,7 +131,7 @@ class FileChecks:
                 check.wake = trio.Event()
                 buf = await self._buffers.take()
                 # Buffers to read the next chunks back into while one is hashed, if
-                # the budget has room for them now (see `FileHasher.step`).
+                # spare ones are free now (see `FileHasher.step`).
                 ahead = [b for b in (self._buffers.try_take() for _ in range(READ_AHEAD)) if b]
                 check.stepping = True
                 try:

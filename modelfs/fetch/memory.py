@@ -169,14 +169,11 @@ class LoadBuffers:
         return buf
 
     def try_take(self) -> mmap.mmap | None:
-        """A spare buffer, or a new one if the budget has room now; None rather than
-        wait or reclaim (for a buffer that only speeds something up)."""
-        buf = self._free_spare()
-        if buf is None and self._budget.used + self.size <= self._budget.limit:
-            self._budget.used += self.size
-            self._budget.peak = max(self._budget.peak, self._budget.used)
-            buf = direct_buffer(self._length)
-        return buf
+        """A spare buffer nothing else refers to, or None: never a new one (for a
+        buffer that only speeds something up). A buffer mapped for that and left
+        untouched would come back as the most recent spare, and the next fetch would
+        take it and fault in fresh pages rather than reuse warm ones."""
+        return self._free_spare()
 
     def _free_spare(self) -> mmap.mmap | None:
         """The most recently given spare that nothing else refers to (its pages are
