@@ -124,7 +124,7 @@ class FileHasher:
         else None.
 
         With `ahead` buffers, the chunks after the one being hashed are read back
-        meanwhile, one per buffer, in `_READ_AHEAD` threads. Chunks fetched by many
+        meanwhile, one per buffer, in `_read_ahead_pool` threads. Chunks fetched by many
         requests at once are stored far ahead of the hash, so most of a file is read
         back after its last byte arrived: one at a time, a read and a hash each
         (4 MiB: ~4 and ~2 ms), this made the check end 0.2-0.3 s after the last byte
