@@ -9,8 +9,10 @@ import functools
 import gc
 import mmap
 import random
+import sys
 import tracemalloc
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -21,6 +23,7 @@ from modelfs.fetch import FetchConfig, Priority, ReadAheadConfig, SchedulerConfi
 from modelfs.fetch.flights import Flight, Flights
 from modelfs.fetch.memory import Block, LoadBuffers, MemoryBudget
 from modelfs.testing.origin import Origin
+from modelfs.threads import run_letting_go
 from modelfs.types import RemoteFile
 
 from .conftest import Kit, MiB
@@ -207,6 +210,30 @@ async def test_a_prefetch_reuses_its_buffers(kit: Kit, origin: Origin,
     per_budget = limit // (MiB + 4096) + 1
     assert len(mapped) <= 2 * per_budget + 6, (len(mapped), per_budget)
 
+
+
+async def test_a_buffer_handed_to_a_worker_thread_is_not_held_by_the_job_after_the_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """trio's worker thread keeps its job (the function and its arguments) until after
+    it has handed the result back; on a busy event loop the caller may run on before
+    that, find the chunk's buffer still referred to, and map a new one. Here the job
+    is kept alive the same way, past the result, and must not refer to the buffer."""
+    buf = direct_buffer(MiB)
+    alone = sys.getrefcount(buf)
+    seen: list[int] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def keeping_the_job(sync_fn: Callable[..., object], *args: object,
+                              **kw: Any) -> object:
+        result = await run_sync(sync_fn, *args, **kw)
+        seen.append(sys.getrefcount(buf))  # `sync_fn` and `args` are still alive here
+        return result
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", keeping_the_job)
+    assert await run_letting_go(lambda b: len(b), memoryview(buf)[:4096]) == 4096
+    # The plain call, for contrast, holds the view in its arguments:
+    assert await trio.to_thread.run_sync(len, memoryview(buf)[:4096]) == 4096
+    assert seen == [alone, alone + 1]
 
 async def test_a_flight_awaited_for_its_outcome_lets_go_of_its_bytes_when_it_ends() -> None:
     """A prefetch waits on each chunk of a run only to learn that it arrived; the
