@@ -40,6 +40,8 @@ from .store import ChunkStore
 log = logging.getLogger(__name__)
 
 _pool: ThreadPoolExecutor | None = None
+# Chunks being read back ahead of a hash: index -> (the read, the buffer it fills).
+_Reading = dict[int, tuple[Future[bytes | bytearray | memoryview | None], mmap.mmap]]
 _pool_lock = threading.Lock()
 
 
@@ -130,7 +132,7 @@ class FileHasher:
         (4 MiB: ~4 and ~2 ms), this made the check end 0.2-0.3 s after the last byte
         of a 512 MiB shard."""
         free = [buf, *ahead]
-        reading: dict[int, tuple[Future[bytes | bytearray | memoryview | None], mmap.mmap]] = {}
+        reading: _Reading = {}
         try:
             while self._next < self._n:
                 idx = self._next
@@ -164,9 +166,7 @@ class FileHasher:
             self._cache.drop_content(self._entry.content_id)
         return ok
 
-    def _read_ahead(self, start: int, free: list[mmap.mmap],
-                    reading: dict[int, tuple[Future[bytes | bytearray | memoryview | None],
-                                             mmap.mmap]]) -> None:
+    def _read_ahead(self, start: int, free: list[mmap.mmap], reading: _Reading) -> None:
         """Start reading back the chunks from `start` on that are not held, one per
         free buffer but the last (which the next read back in place needs)."""
         idx = start
