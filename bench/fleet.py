@@ -16,10 +16,13 @@ of its own:
 and then a cold `cat` of one shard on a fresh mount, from the origin and from the
 tier the last run filled (the last column then holds the runs).
 
-It prints the time until the last node is done and the origin's egress (bytes
-nginx sent, from its access log) against the repo's size. All N nodes share this
-machine's cores and disk, so times grow with N for every case: compare the
-cases at one N.
+It prints the time until the last node is done, the CPU time the whole machine
+spent meanwhile (every process: the nodes, nginx, the S3 server) with how many of
+its cores that kept busy, and the origin's egress (bytes nginx sent, from its
+access log) against the repo's size. All N nodes share this machine's cores and
+disk, so times grow with N for every case: compare the cases at one N. Cores
+busy near the machine's count say the case was bound by this machine's CPU: its
+CPU-seconds over the core count is the least time it could take here.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ from run import cat as cat_file
 from modelfs.testing.s3 import ADMIN, S3Server
 
 BUCKET = "fleet-bench"
+
+
+def machine_cpu() -> float:
+    """CPU-seconds this machine has spent busy since boot, over all its cores and
+    processes (`/proc/stat`: user, nice, system, irq and softirq time)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def run_all(cmds: list[list[str]], env: dict[str, str], log: Path) -> float:
@@ -120,12 +132,13 @@ def main() -> None:
                         shutil.rmtree(d, ignore_errors=True)
                         d.mkdir(parents=True)
                     drop_caches()
-                    before = origin.bytes_sent()
+                    before, cpu = origin.bytes_sent(), machine_cpu()
                     seconds = run_all(cmds, env, work / "fleet.log")
+                    cpu = machine_cpu() - cpu
                     time.sleep(0.5)  # the access log's last lines
                     egress = origin.bytes_sent() - before
-                    rows.append(f"| {name} | {n} | {seconds:.2f} | {egress / 2**30:.2f} | "
-                                f"{egress / repo_bytes:.2f}x |")
+                    rows.append(f"| {name} | {n} | {seconds:.2f} | {cpu:.1f} ({cpu / seconds:.1f}) | "
+                                f"{egress / 2**30:.2f} | {egress / repo_bytes:.2f}x |")
                     print(rows[-1], flush=True)
                 for d in nodes:
                     shutil.rmtree(d, ignore_errors=True)
@@ -147,12 +160,13 @@ def main() -> None:
                         m.close()
             for where, times in cat.items():
                 rows.append(f"| cold cat of one shard, from the {where} | 1 | "
-                            f"{sorted(times)[1]:.2f} | | {', '.join(f'{t:.2f}' for t in times)} |")
+                            f"{sorted(times)[1]:.2f} | | | {', '.join(f'{t:.2f}' for t in times)} |")
                 print(rows[-1], flush=True)
     finally:
         origin.stop()
-    table = "\n".join(["| case | nodes | s to warm all | origin GiB | egress / repo |",
-                       "| --- | --- | --- | --- | --- |", *rows])
+    table = "\n".join([f"| case | nodes | s to warm all | machine CPU-s (cores busy, of "
+                        f"{os.cpu_count()}) | origin GiB | egress / repo |",
+                        "| --- | --- | --- | --- | --- | --- |", *rows])
     print(table)
     if args.write_docs:
         head = (f"{machine_line('bench/fleet.py')}; repo of {repo_bytes / 2**20:.0f} MiB"

@@ -62,6 +62,16 @@ LEASE_WAIT = 30.0
 LEASE_POLL = 0.1
 
 
+def framed(data: bytes) -> tuple[bytes, str]:
+    """A chunk's object (its bytes, then their sha256) and the object's own sha256
+    in hex, which a signed PUT carries: both from one pass over the bytes (the
+    object's hash goes on from the state after the chunk's)."""
+    h = hashlib.sha256(data)
+    digest = h.digest()
+    h.update(digest)
+    return data + digest, h.hexdigest()
+
+
 @dataclass(slots=True)
 class TierStats:
     hits: int = 0
@@ -310,11 +320,12 @@ class SharedTier:
         if not self.writable:
             self.stats.writes_skipped += 1
             return
-        body = await trio.to_thread.run_sync(lambda: data + hashlib.sha256(data).digest())
+        body, signed = await trio.to_thread.run_sync(framed, data)
         what = f"shared cache {self.url}: chunk {idx} of {content_id[:16]}"
         try:
             await self._http.put(self._url(content_id, chunk_size, idx), body, what=what,
-                                 auth_msg=f"shared cache {self.url}: access denied")
+                                 auth_msg=f"shared cache {self.url}: access denied",
+                                 headers={"X-Amz-Content-SHA256": signed})
         except RemoteAuthError as exc:
             self._refused(exc, "a write")
             return

@@ -186,3 +186,39 @@ def test_credentials_from_the_environment_are_what_botocores_chain_finds(
     assert creds.get_frozen_credentials() == want
     assert region == session.get_config_variable("region")
     assert want.access_key == ("file-key" if case == "settings-profile" else "env-key")
+
+
+async def test_a_put_whose_body_hash_is_known_is_signed_as_botocore_signs_it_by_hashing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared tier hashes a chunk's object in a worker thread (`framed`: the
+    chunk, its digest, and the object's own sha256 from one pass) and hands that
+    hash to the signer, which then signs without hashing the body itself. The
+    request must come out as botocore signs it when it hashes the body: same
+    X-Amz-Content-SHA256, same signature."""
+    from modelfs.remote.config import S3Config
+    from modelfs.remote.s3 import S3Auth
+    from modelfs.remote.tier import framed
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    chunk = os.urandom(1 << 20)
+    body, signed = framed(chunk)
+    assert body == chunk + hashlib.sha256(chunk).digest()
+    assert signed == hashlib.sha256(body).hexdigest()
+    auth = S3Auth(S3Config(region="us-east-1", profile=None))
+    url = "http://127.0.0.1:9/bucket/prefix/chunks/abc"
+    for _ in range(3):  # both within one second of the signer's clock
+        hashed = httpx.Request("PUT", url, content=body)
+        told = httpx.Request("PUT", url, content=body, headers={"X-Amz-Content-SHA256": signed})
+        await auth.sign(hashed)
+        await auth.sign(told)
+        if hashed.headers["X-Amz-Date"] == told.headers["X-Amz-Date"]:
+            break
+    assert hashed.headers["X-Amz-Content-SHA256"] == signed
+    assert told.headers["X-Amz-Content-SHA256"] == signed
+    assert told.headers["Authorization"] == hashed.headers["Authorization"]
+    # A wrong hash is signed as given (the store checks it against the body).
+    wrong = httpx.Request("PUT", url, content=body, headers={"X-Amz-Content-SHA256": "0" * 64})
+    await auth.sign(wrong)
+    assert wrong.headers["X-Amz-Content-SHA256"] == "0" * 64
