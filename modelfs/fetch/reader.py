@@ -701,7 +701,7 @@ class ChunkReader:
                 data = None if digest is None else await trio.to_thread.run_sync(
                     self.cache.load, digest, False, None, limiter=self._io)
                 if data is not None:
-                    await tier.put(content_id, cs, idx, bytes(data))
+                    await tier.put(content_id, cs, idx, data)
                 del data
             except (OSError, ModelfsError) as exc:
                 log.warning("could not read chunk %d of %s back for the shared cache (%s)",

@@ -62,14 +62,14 @@ LEASE_WAIT = 30.0
 LEASE_POLL = 0.1
 
 
-def framed(data: bytes) -> tuple[bytes, str]:
+def framed(data: bytes | memoryview) -> tuple[bytes, str]:
     """A chunk's object (its bytes, then their sha256) and the object's own sha256
     in hex, which a signed PUT carries: both from one pass over the bytes (the
-    object's hash goes on from the state after the chunk's)."""
+    object's hash goes on from the state after the chunk's), and one copy."""
     h = hashlib.sha256(data)
     digest = h.digest()
     h.update(digest)
-    return data + digest, h.hexdigest()
+    return b"".join((data, digest)), h.hexdigest()
 
 
 @dataclass(slots=True)
@@ -315,7 +315,8 @@ class SharedTier:
         self.stats.bytes_read += length
         return True, False
 
-    async def put(self, content_id: str, chunk_size: int, idx: int, data: bytes) -> None:
+    async def put(self, content_id: str, chunk_size: int, idx: int,
+                  data: bytes | memoryview) -> None:
         """Write a chunk fetched from the origin; a failure is counted and logged once."""
         if not self.writable:
             self.stats.writes_skipped += 1
