@@ -108,6 +108,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="modelfs-fleet-s3-") as s3dir, \
                 S3Server(Path(s3dir)) as s3:
             s3.client().create_bucket(Bucket=BUCKET)
+            # SeaweedFS makes a bucket's volumes at its first write: not in a case's time.
+            s3.client().put_object(Bucket=BUCKET, Key="warm-up", Body=b"x")
             env = {**os.environ, **s3.env(ADMIN), "HF_ENDPOINT": origin.url,
                    "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                    "HF_HUB_DISABLE_XET": "1"}

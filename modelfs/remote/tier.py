@@ -56,10 +56,12 @@ BACKOFF = 30.0
 # Tier requests: one attempt each, this quick (a LAN store answers in milliseconds).
 TIMEOUT = 5.0
 # A lease older than this is its dead node's; a node waits at most LEASE_WAIT for a
-# chunk another node claimed, looking every LEASE_POLL seconds.
+# chunk another node claimed, looking first after LEASE_POLL seconds, then after
+# half as long again each time, up to LEASE_POLL_MAX (`claim_or_wait`).
 LEASE_TTL = 20.0
 LEASE_WAIT = 30.0
 LEASE_POLL = 0.1
+LEASE_POLL_MAX = 0.5
 
 
 def framed(data: bytes | memoryview) -> tuple[bytes, str]:
@@ -204,19 +206,35 @@ class SharedTier:
             self._slow(exc, "a lease")
             return False
         self.stats.lease_waits += 1
+        # Every look costs a signed request of this node and work of the store's,
+        # and a warming node waits on many chunks at once: 8 nodes looking every
+        # 0.1 s (and asking each lease's age each time) kept the store and
+        # themselves busy with it. So the looks slow down as a wait goes on, and
+        # the claim's age is asked at the start and then only once it could be
+        # stale.
+        stale_at = await self._stale_at(name)
+        poll = LEASE_POLL
         with trio.move_on_after(LEASE_WAIT):
-            while True:
-                await trio.sleep(LEASE_POLL)
+            while stale_at is not None:
+                await trio.sleep(poll)
+                poll = min(poll * 1.5, LEASE_POLL_MAX)
                 found, missing = await self.get(content_id, chunk_size, idx, into, count=False)
                 if found:
                     self.stats.lease_wait_hits += 1
                     return True
                 if not missing:  # damaged, or the tier failing: fetch it here
                     return False
-                age = await self._lease_age(name)
-                if age is None or age > LEASE_TTL:
-                    return False
+                if trio.current_time() >= stale_at:
+                    stale_at = await self._stale_at(name)
         return False
+
+    async def _stale_at(self, name: str) -> float | None:
+        """When (trio's clock) lease `name` goes stale, by its age now; None if it
+        is stale or its age cannot be found (the waiter fetches the chunk itself)."""
+        age = await self._lease_age(name)
+        if age is None or age > LEASE_TTL:
+            return None
+        return trio.current_time() + LEASE_TTL - age
 
     def _refused(self, exc: ModelfsError, doing: str) -> None:
         """The store refused a write: read from it still, write nothing for BACKOFF."""

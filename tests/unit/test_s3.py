@@ -223,3 +223,66 @@ async def test_a_put_whose_body_hash_is_known_is_signed_as_botocore_signs_it_by_
     wrong = httpx.Request("PUT", url, content=body, headers={"X-Amz-Content-SHA256": "0" * 64})
     await auth.sign(wrong)
     assert wrong.headers["X-Amz-Content-SHA256"] == "0" * 64
+
+
+async def test_a_node_waiting_on_another_nodes_claim_looks_less_often_and_asks_its_age_rarely(
+        s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tiers on one real S3 server stand for two nodes. B misses a chunk A has
+    claimed and waits for A's write: its looks at the tier slow down as the wait
+    goes on (0.1 s, then half as long again each time, up to 0.5 s), and the
+    lease's age is asked once at the start, not at every look. A claim that goes
+    stale meanwhile (its node died) is found when it could have, and B fetches
+    the chunk itself."""
+    import trio
+
+    from modelfs.remote import tier as tier_mod
+    from modelfs.remote.config import S3Config
+    from modelfs.remote.s3 import S3Auth
+    from modelfs.testing.s3 import ADMIN
+
+    for k, v in s3_server.env(ADMIN).items():
+        monkeypatch.setenv(k, v)
+    s3_server.client(ADMIN).create_bucket(Bucket="lease-waits")
+    config = S3Config(endpoint=s3_server.endpoint, region="us-east-1")
+    url = "s3://lease-waits/tier/"
+    a = tier_mod.SharedTier(url, config, S3Auth(config))
+    b = tier_mod.SharedTier(url, config, S3Auth(config))
+    await a.ready()
+    await b.ready()
+    assert a.leases and b.leases
+    looks = {"get": 0, "head": 0}
+
+    def counting(name: str, call):  # type: ignore[no-untyped-def]
+        async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            looks[name] += 1
+            return await call(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(b._http, "get_range", counting("get", b._http.get_range))
+    monkeypatch.setattr(b._http, "head", counting("head", b._http.head))
+    cs = 1 << 20
+    data = os.urandom(cs)
+    got = bytearray(cs)
+    assert await a.claim_or_wait("content-1", cs, 0, memoryview(bytearray(cs))) is False
+    found: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        async def wait() -> None:
+            found.append(await b.claim_or_wait("content-1", cs, 0, memoryview(got)))
+        nursery.start_soon(wait)
+        await trio.sleep(2.5)
+        await a.put("content-1", cs, 0, data)
+    assert found == [True] and bytes(got) == data
+    # Looks at about 0.1, 0.25, 0.48, 0.81, 1.3, 1.8, 2.3, 2.8 s (every 0.1 s: 25).
+    assert 6 <= looks["get"] <= 10, looks
+    assert looks["head"] == 1, looks
+
+    # A claim whose node died: stale after LEASE_TTL (short here), found then.
+    monkeypatch.setattr(tier_mod, "LEASE_TTL", 1.5)
+    looks.update(get=0, head=0)
+    assert await a.claim_or_wait("content-2", cs, 0, memoryview(bytearray(cs))) is False
+    start = trio.current_time()
+    assert await b.claim_or_wait("content-2", cs, 0, memoryview(got)) is False
+    assert 1.4 <= trio.current_time() - start <= 3.5
+    assert looks["head"] == 2, looks  # at the start, and once it could be stale
+    await a.aclose()
+    await b.aclose()
