@@ -314,6 +314,9 @@ class HttpClient:
                 resp = await self._client.send(req, stream=True)
                 try:
                     await self._check(resp, what, auth_msg)
+                    # The answer's (small) body read to its end keeps the connection:
+                    # one closed unread is closed, and a store of chunks is written often.
+                    await _read_prefix(resp, ERROR_BODY)
                 finally:
                     await resp.aclose()
             except httpx.TransportError as exc:
@@ -332,13 +335,15 @@ class HttpClient:
             if if_none_match:
                 extra["If-None-Match"] = if_none_match
             try:
+                # Read to its end (a HEAD answer has no body), so h11 sees the answer
+                # end and the connection is kept; closed unread, it would be closed.
                 resp = await self._send("HEAD", url, extra)
-                await resp.aclose()
+                await resp.aread()
                 hops = 0
                 while self._redirects_to_follow(resp) and hops < self._config.max_redirects:
                     nxt = await self._redirect(resp, what, same_host=False)
                     resp = await self._send("HEAD", nxt, extra)
-                    await resp.aclose()
+                    await resp.aread()
                     hops += 1
             except httpx.TransportError as exc:
                 raise _Retry(self._describe(exc)) from None

@@ -286,3 +286,43 @@ async def test_a_node_waiting_on_another_nodes_claim_looks_less_often_and_asks_i
     assert looks["head"] == 2, looks  # at the start, and once it could be stale
     await a.aclose()
     await b.aclose()
+
+
+async def test_writes_leases_and_heads_to_the_tier_keep_their_connection(
+        s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT's or a HEAD's answer is read to its end, so the connection serves the
+    next request: a node writing chunks and leases to the tier does not open a
+    connection per request (a connection closed with its answer unread is closed)."""
+    import httpcore._backends.trio as trio_backend
+
+    from modelfs.remote import tier as tier_mod
+    from modelfs.remote.config import S3Config
+    from modelfs.remote.s3 import S3Auth
+    from modelfs.testing.s3 import ADMIN
+
+    connects = []
+    connect = trio_backend.TrioBackend.connect_tcp
+
+    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        connects.append(args)
+        return await connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(trio_backend.TrioBackend, "connect_tcp", counted)
+    for k, v in s3_server.env(ADMIN).items():
+        monkeypatch.setenv(k, v)
+    s3_server.client(ADMIN).create_bucket(Bucket="kept-connections")
+    config = S3Config(endpoint=s3_server.endpoint, region="us-east-1")
+    tier = tier_mod.SharedTier("s3://kept-connections/t/", config, S3Auth(config))
+    await tier.ready()  # a probe lease, claimed twice
+    cs = 1 << 20
+    data = os.urandom(cs)
+    got = bytearray(cs)
+    for idx in range(3):
+        await tier.put("content", cs, idx, data)  # PUT
+        assert await tier.get("content", cs, idx, memoryview(got)) == (True, False)
+        assert bytes(got) == data
+    assert await tier.claim_or_wait("content", cs, 7, memoryview(got)) is False  # lease PUT
+    assert await tier._claim(tier_mod.position_name("content", cs, 7)) is False  # 412
+    assert await tier._lease_age(tier_mod.position_name("content", cs, 7)) is not None  # HEAD
+    assert len(connects) == 1, connects
+    await tier.aclose()
