@@ -190,8 +190,12 @@ class LoadBuffers:
     def give(self, buf: mmap.mmap) -> None:
         """`buf` (charged) is not needed any more: kept for the next chunk. Spares
         are the first thing the budget's reclaim lets go, so keeping every one
-        costs nothing another buffer needs; a fresh one costs page faults."""
+        costs nothing another buffer needs; a fresh one costs page faults.
+        A `take` waiting for room is woken: the spare is room for it (a hash step
+        giving its buffers back woke nobody, and a fetch waiting on them slept
+        until its deadline when nothing else moved)."""
         self._spare.append(buf)
+        self._budget.wake()
 
     def shed(self) -> bool:
         """Let one spare buffer go, one still referred to first (it cannot be

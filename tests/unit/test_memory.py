@@ -84,6 +84,26 @@ async def test_a_load_buffer_is_reused_through_reclaim_not_reallocated() -> None
     assert id(again) == first_id and budget.used == 3 * pool.size
 
 
+async def test_a_buffer_given_back_wakes_a_take_waiting_for_room() -> None:
+    # As a hash step does: buffers taken for a while (nothing can shed them), given
+    # back when done. A fetch that found no room meanwhile takes one at once.
+    pool = LoadBuffers(MemoryBudget(2 * (MiB + 4096), lambda: pool.shed()), MiB)
+    held = [await pool.take(), await pool.take()]
+    got: list[mmap.mmap] = []
+    async with trio.open_nursery() as n:
+        async def fetch() -> None:
+            got.append(await pool.take())
+        n.start_soon(fetch)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        for buf in held:
+            pool.give(buf)
+        del buf, held
+        await trio.testing.wait_all_tasks_blocked()  # the fetch ran, if it was woken
+        assert len(got) == 1
+    assert pool._budget.used == 2 * pool.size
+
+
 def _big_file(origin: Origin, name: str, size: int, seed: int) -> bytes:
     data = random.Random(seed).randbytes(size)
     origin.put_file("org/model", "main", name, data)
