@@ -284,7 +284,9 @@ async def test_a_node_waiting_on_another_nodes_claim_looks_less_often_and_asks_i
     start = trio.current_time()
     assert await b.claim_or_wait("content-2", cs, 0, memoryview(got)) is False
     assert 1.4 <= trio.current_time() - start <= 3.5
-    assert looks["head"] == 2, looks  # at the start, and once it could be stale
+    # At the start, and once it could be stale: the store's dates are whole seconds,
+    # so an age read a moment early can show it live once more (asked every look: 7).
+    assert 2 <= looks["head"] <= 3, looks
     await a.aclose()
     await b.aclose()
 
