@@ -94,6 +94,18 @@ class S3Server:
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=self.root)
+        try:
+            self._wait_ready()
+        except BaseException:
+            # A server that did not come up is stopped here: `with S3Server(...)`
+            # never reaches `__exit__` when `__enter__` raises, and a fixture whose
+            # setup failed has no teardown; the process would outlive the tests.
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -104,11 +116,9 @@ class S3Server:
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    self.stop()
                     raise RuntimeError("the S3 server did not answer within 60s") from None
                 time.sleep(0.1)
         self._wait_writable()
-        return self
 
     def _wait_writable(self) -> None:
         """The S3 port answers before a volume is ready to take writes."""

