@@ -20,8 +20,8 @@ import re
 import socket
 import ssl
 import struct
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import urljoin, urlsplit
@@ -542,7 +542,7 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: 
     """
     size = buf.length
     fd = _raw_socket(resp, size - buf.filled) if skip == 0 else None
-    async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as body:
+    async with _body(resp, resp.aiter_raw()) as body:
         async for part in body:
             if skip:
                 cut = min(skip, len(part))
@@ -557,18 +557,32 @@ async def _read_body(resp: httpx.Response, buf: _Buffer, skip: int, idle_limit: 
         else:
             return
         # Cut short: a whole-file 200 with all we need, or a body whose rest is read
-        # straight off the socket. Either way the connection is closed (h11 never saw
-        # the body end), then the generators run to their end (they end with an error
-        # at once), so none is left half-consumed for the garbage collector.
-        try:
-            if fd is not None and buf.filled < size:
-                await _receive_raw(fd, buf, idle_limit, limiter)
-        finally:
+        # straight off the socket (the connection is closed after: h11 never saw the
+        # body end).
+        if fd is not None and buf.filled < size:
+            await _receive_raw(fd, buf, idle_limit, limiter)
+
+
+@asynccontextmanager
+async def _body(resp: httpx.Response,
+                parts: AsyncIterator[bytes]) -> AsyncIterator[AsyncGenerator[bytes, None]]:
+    """Iterate a body; left before its end (a break, an error, a deadline while the
+    bytes waited for a buffer), the response is closed and httpx's nested
+    generators are run to their end (they end with an error at once). Closing
+    only the outer one leaves the inner ones half-consumed for the garbage
+    collector, and trio warns when it collects them."""
+    body = cast(AsyncGenerator[bytes, None], parts)
+    try:
+        yield body
+    finally:
+        if getattr(body, "ag_frame", None) is not None:  # not at its end
             with trio.CancelScope(shield=True):
                 await resp.aclose()
-                with contextlib.suppress(httpx.HTTPError, httpcore.ReadError):
+                with contextlib.suppress(httpx.HTTPError, httpx.StreamError,
+                                         httpcore.ReadError):
                     async for _ in body:
                         pass
+                await body.aclose()
 
 
 # Bodies at least this large are received in worker threads (`_receive_raw`).
@@ -714,7 +728,7 @@ async def _read_prefix(resp: httpx.Response, cap: int) -> bytes:
     is closed with the response). A body that breaks off gives what came."""
     parts, size = [], 0
     try:
-        async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_bytes())) as body:
+        async with _body(resp, resp.aiter_bytes()) as body:
             async for part in body:
                 parts.append(part)
                 size += len(part)
@@ -732,7 +746,7 @@ async def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
         raise ListingRejected(f"{what}: answer of {clen} bytes is larger than "
                               f"max_response_size ({cap})")
     parts, size = [], 0
-    async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_bytes())) as body:
+    async with _body(resp, resp.aiter_bytes()) as body:
         async for part in body:
             size += len(part)
             if size > cap:

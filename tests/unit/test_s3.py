@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from modelfs.errors import (
     ListingRejected,
@@ -367,3 +368,31 @@ def test_a_test_s3_server_that_does_not_come_up_is_stopped(tmp_path: Path, monke
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_a_long_error_answer_is_read_in_part_and_leaves_no_generator(
+        origin: Origin) -> None:
+    """Only the start of a store's error answer is read (to explain it); httpx's
+    generators are then run to their end, not left to the garbage collector (trio
+    warns about one, and under `-W error` that fails whatever runs then)."""
+    import gc
+    import warnings
+
+    from modelfs.remote.config import S3Config
+    from modelfs.types import RepoRef
+
+    src = S3Source("s3://bucket/models/", S3Config(endpoint=origin.url, anonymous=True,
+                                                   http=HttpConfig(retries=0)), None)
+    denied = (b"<Error><Code>AccessDenied</Code><Message>" + b"no " * 400_000
+              + b"</Message></Error>")
+    origin.script("/bucket/", denied, status=403)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(Exception, match="bucket"):
+                await src.resolve(RepoRef("org/m"))
+            gc.collect()
+            await trio.testing.wait_all_tasks_blocked()
+        assert [str(w.message) for w in caught if "garbage collected" in str(w.message)] == []
+    finally:
+        await src.aclose()
