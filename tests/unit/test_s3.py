@@ -5,10 +5,12 @@ tests/integration/test_sources.py.)"""
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import httpx
@@ -375,9 +377,6 @@ async def test_a_long_error_answer_is_read_in_part_and_leaves_no_generator(
     """Only the start of a store's error answer is read (to explain it); httpx's
     generators are then run to their end, not left to the garbage collector (trio
     warns about one, and under `-W error` that fails whatever runs then)."""
-    import gc
-    import warnings
-
     from modelfs.remote.config import S3Config
     from modelfs.types import RepoRef
 
