@@ -113,9 +113,12 @@ class SharedTier:
         # bounded by request_deadline (the client raises RemoteUnavailable past it).
         http = replace(config.http, retries=0, timeout=TIMEOUT, request_deadline=TIMEOUT * 2,
                        proxy=None, trust_env=False)
+        # A chunk read off the socket costs its connection here (`keep_raw=False`):
+        # kept, 8 nodes warming 1 GiB on one SeaweedFS asked more of it at once than
+        # it answered within TIMEOUT, and chunks went to the origin (docs/fleet.md).
         self._http = HttpClient(http, auth_host=None, token=None,
                                 sign=auth.sign if auth is not None else None,
-                                explain=explain, follow_redirects=False)
+                                explain=explain, follow_redirects=False, keep_raw=False)
         self._base = bucket_url(config, self._bucket, config.region or "us-east-1")
         self._skip_until = 0.0
         self._no_writes_until = 0.0

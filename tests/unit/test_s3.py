@@ -302,8 +302,8 @@ async def test_writes_leases_and_heads_to_the_tier_keep_their_connection(
     """A PUT's or a HEAD's answer is read to its end, so the connection serves the
     next request: a node writing chunks and leases to the tier does not open a
     connection per request (a connection closed with its answer unread is closed).
-    The chunks are smaller than `RAW_MIN`: a larger body is read off the socket
-    around h11, which costs its connection (docs/fleet.md)."""
+    A chunk of `RAW_MIN` or more is read off the socket around h11, and on the tier
+    that costs its connection (kept, a fleet overran the store: docs/fleet.md)."""
     import httpcore._backends.trio as trio_backend
 
     from modelfs.remote import tier as tier_mod
@@ -337,6 +337,14 @@ async def test_writes_leases_and_heads_to_the_tier_keep_their_connection(
         assert await tier._claim(tier_mod.position_name("content", cs, 7)) is False  # 412
         assert await tier._lease_age(tier_mod.position_name("content", cs, 7)) is not None
         assert len(connects) == 1, connects
+        big = os.urandom(RAW_MIN * 2)
+        await tier.put("content", len(big), 0, big)
+        got = bytearray(len(big))
+        for _ in range(2):
+            assert await tier.get("content", len(big), 0, memoryview(got)) == (True, False)
+            assert bytes(got) == big
+        assert await tier._lease_age(tier_mod.position_name("content", cs, 7)) is not None
+        assert len(connects) == 3, connects  # each large read closed its connection
     finally:
         await tier.aclose()
 
