@@ -3,6 +3,9 @@ it as the mount sees them, and chunk readers over fresh caches."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -74,3 +77,17 @@ async def kit(origin: Origin, tmp_path: Path) -> AsyncIterator[Kit]:
     k = Kit(origin, tmp_path)
     yield k
     await k.aclose()
+
+
+@contextlib.asynccontextmanager
+async def generators_left() -> AsyncIterator[list[str]]:
+    """The async generators left half-consumed inside the block, as trio's warnings
+    about collecting them (filled on exit): under `-W error` each one fails
+    whatever test runs when it is collected."""
+    left: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield left
+        gc.collect()
+        await trio.testing.wait_all_tasks_blocked()
+    left += [str(w.message) for w in caught if "garbage collected" in str(w.message)]

@@ -4,8 +4,6 @@ failures to store."""
 
 from __future__ import annotations
 
-import gc
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from modelfs.fetch.reader import NOTHING
 from modelfs.remote.config import RECEIVE_HELD
 from modelfs.testing.origin import Origin
 
-from .conftest import Kit, MiB
+from .conftest import Kit, MiB, generators_left
 
 
 async def test_reader_single_flight_and_cache(kit: Kit, origin: Origin, repo_data, tmp_path: Path) -> None:
@@ -289,13 +287,9 @@ async def test_a_body_read_given_up_mid_way_leaves_no_generator_for_the_collecto
             await trio.sleep_forever()
             raise AssertionError
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    async with generators_left() as left:
         with trio.move_on_after(0.5) as cut:
             await f.source.read(f.repo_id, f.commit, f.entry, 0, length, into=NoRoom())
         assert cut.cancelled_caught
-        gc.collect()
-        await trio.testing.wait_all_tasks_blocked()
-    left = [str(w.message) for w in caught if "garbage collected" in str(w.message)]
     assert left == []
     await src.aclose()

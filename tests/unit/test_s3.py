@@ -5,12 +5,10 @@ tests/integration/test_sources.py.)"""
 from __future__ import annotations
 
 import base64
-import gc
 import hashlib
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
 import httpx
@@ -29,6 +27,8 @@ from modelfs.remote.config import HttpConfig
 from modelfs.remote.s3 import S3Source, _full_sha256, explain
 from modelfs.testing import s3 as s3_testing
 from modelfs.testing.origin import Origin
+
+from .conftest import generators_left
 
 WHAT = "org/m: s3://bucket/models/"
 
@@ -240,7 +240,6 @@ async def test_a_node_waiting_on_another_nodes_claim_looks_less_often_and_asks_i
     lease's age is asked once at the start, not at every look. A claim that goes
     stale meanwhile (its node died) is found when it could have, and B fetches
     the chunk itself."""
-    import trio
 
     from modelfs.remote import tier as tier_mod
     from modelfs.remote.config import S3Config
@@ -394,12 +393,9 @@ async def test_a_long_error_answer_is_read_in_part_and_leaves_no_generator(
               + b"</Message></Error>")
     origin.script("/bucket/", denied, status=403)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        async with generators_left() as left:
             with pytest.raises(Exception, match="bucket"):
                 await src.resolve(RepoRef("org/m"))
-            gc.collect()
-            await trio.testing.wait_all_tasks_blocked()
-        assert [str(w.message) for w in caught if "garbage collected" in str(w.message)] == []
+        assert left == []
     finally:
         await src.aclose()
